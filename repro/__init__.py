@@ -1,0 +1,1 @@
+"""splitrepro harness: run scenarios in fresh interpreters and classify the outcome."""

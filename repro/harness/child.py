@@ -1,0 +1,86 @@
+"""Entry point of every scenario child: ``python -m repro.harness.child ...``.
+
+Runs one scenario function (``--func module:name``) or one user script (``--script PATH``)
+and writes the result file atomically. Status values in the result file:
+``pass``, ``fail`` (AssertionError / ScenarioFailure), ``error`` (any other exception),
+``exit`` (the code called ``sys.exit(n)`` with n != 0: a deliberate exit, not a crash),
+``running`` (partial, rewritten while the scenario runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import runpy
+import sys
+import traceback
+
+
+def _error_info(exc: BaseException) -> dict:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="repro.harness.child")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--func", help="module:function of a scenario")
+    what.add_argument("--script", help="path of a user script to run as __main__")
+    ap.add_argument("--scenario", default="")
+    ap.add_argument("--variant", default="")
+    ap.add_argument("--kind", default="fix")
+    ap.add_argument("--params", default="{}", help="JSON object")
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--workdir", default=".")
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("script_args", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+
+    from repro.harness.context import Context, ScenarioFailure
+
+    ctx = Context(
+        scenario=args.scenario or (os.path.basename(args.script) if args.script else args.func),
+        variant=args.variant,
+        kind=args.kind,
+        params=json.loads(args.params),
+        workdir=args.workdir,
+        result_path=args.result,
+        timeout=args.timeout,
+    )
+    try:
+        if args.func:
+            module_name, _, func_name = args.func.partition(":")
+            fn = getattr(importlib.import_module(module_name), func_name)
+            fn(ctx)
+        else:
+            extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+            sys.argv = [args.script, *extra]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+            runpy.run_path(args.script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+        if code in (None, 0):
+            ctx._finish("pass")
+            return 0
+        ctx._state["exit_code"] = code if isinstance(code, int) else 1
+        ctx._finish("exit", {"type": "SystemExit", "message": str(code), "traceback": ""})
+        return code if isinstance(code, int) else 1
+    except (ScenarioFailure, AssertionError) as exc:
+        ctx._finish("fail", _error_info(exc))
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - every escape is evidence
+        ctx._finish("error", _error_info(exc))
+        return 1
+    ctx._finish("pass")
+    return 0
+
+
+if __name__ == "__main__":
+    # Leave through os._exit once the result is on disk only if the interpreter's own
+    # shutdown could hang (it can: non-daemon threads); normal exit otherwise.
+    sys.exit(main())

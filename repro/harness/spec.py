@@ -1,0 +1,231 @@
+"""The scenario contract: outcomes, variants, scenarios, and the view of a build that
+expectations are written against.
+
+Nothing here imports torch: the harness parent loads the whole catalogue through this module.
+
+A scenario is a module-level function ``fn(ctx)`` run in a fresh interpreter (see
+``repro.harness.context``) plus a declarative spec::
+
+    @scenario(
+        name="fork_after_threads",
+        seed="002",
+        claims=("002-fork",),
+        variants=[
+            hazard("fork", params={"method": "fork"}, expect=gomp_fork_hang),
+            fix("spawn", params={"method": "spawn"}),
+        ],
+    )
+    def fork_after_threads(ctx): ...
+
+``expect`` is an Outcome, a collection of Outcomes, or a callable taking a :class:`Build`
+and returning either of those or ``(outcomes, reason)``. Fix variants default to PASS.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+
+class Outcome(str, enum.Enum):
+    PASS = "PASS"  # the scenario ran to the end and its own checks held
+    FAIL = "FAIL"  # the scenario's own check failed (AssertionError / ctx.fail)
+    ERROR = "ERROR"  # an exception escaped the scenario (traceback in evidence)
+    CRASH = "CRASH"  # killed by a signal, aborted, or exited without writing a result
+    HANG = "HANG"  # the whole process tree is quiescent in untimed blocking waits
+    TIMEOUT = "TIMEOUT"  # still busy (or in timed waits) at the hard deadline
+    SKIP = "SKIP"  # not applicable on this build (requirement missing)
+
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.value
+
+
+KINDS = ("hazard", "fix", "load", "probe")
+
+
+def _as_outcomes(value: Any) -> frozenset[Outcome]:
+    if isinstance(value, (Outcome, str)):
+        return frozenset({Outcome(value)})
+    return frozenset(Outcome(v) for v in value)
+
+
+class Build:
+    """What an expectation sees: the build fingerprint plus the variant's environment.
+
+    ``fp`` is the dict produced by :func:`repro.harness.fingerprint.collect` in a child
+    interpreter; ``env`` is the environment the variant sets for its child.
+    """
+
+    def __init__(self, fp: Mapping[str, Any], env: Mapping[str, str] | None = None):
+        self.fp = dict(fp)
+        self.env = dict(env or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fp.get(key)
+
+    @property
+    def python(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in str(self.fp.get("python", "0.0.0")).split(".")[:3] if p.isdigit())
+
+    @property
+    def torch(self) -> str | None:
+        return self.fp.get("torch")
+
+    @property
+    def linux(self) -> bool:
+        return self.fp.get("system") == "Linux"
+
+    @property
+    def cpus(self) -> int:
+        return int(self.fp.get("cpu_count") or 1)
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.fp.get("cuda"))
+
+    @property
+    def openmp(self) -> set[str]:
+        """OpenMP runtimes loaded after ``import torch`` (threadpoolctl prefixes: libgomp, libiomp, libomp)."""
+        return set(self.fp.get("openmp_runtimes") or ())
+
+    @property
+    def gomp(self) -> bool:
+        """torch's intra-op pool runs on GNU libgomp (the PyPI Linux wheels)."""
+        return self.fp.get("torch_parallel_backend") == "OpenMP" and "libgomp" in self.openmp
+
+    @property
+    def mkl_build(self) -> bool:
+        """pip's dynamic MKL (mkl, intel-openmp, mkl-service) is installed beside torch."""
+        return bool(self.fp.get("mkl_pip"))
+
+    @property
+    def intra_threads(self) -> int:
+        """Intra-op threads a fresh child would get: OMP_NUM_THREADS from the variant's env
+        when set, else torch's default on this build."""
+        value = self.env.get("OMP_NUM_THREADS")
+        if value and value.strip().isdigit():
+            return int(value)
+        return int(self.fp.get("torch_num_threads") or 1)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Build(python={self.fp.get('python')}, torch={self.torch}, openmp={sorted(self.openmp)}, env={self.env})"
+
+
+Expectation = Any  # Outcome | Iterable[Outcome] | Callable[[Build], ...]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str = "fix"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    expect: Expectation = Outcome.PASS
+    timeout: float | None = None  # None: the scenario's timeout
+    markers: tuple[str, ...] = ()  # extra pytest markers, e.g. "slow", "cuda"
+    requires: Callable[[Build], str | None] | None = None  # returns a skip reason, or None
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"variant {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+
+    def expected(self, build: Build) -> tuple[frozenset[Outcome], str]:
+        """The outcomes this variant may show on ``build``, and why."""
+        value = self.expect
+        reason = ""
+        if callable(value) and not isinstance(value, (Outcome, str)):
+            value = value(build)
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str) and not isinstance(value[0], str):
+            value, reason = value
+        return _as_outcomes(value), reason
+
+    def skip_reason(self, build: Build) -> str | None:
+        return self.requires(build) if self.requires else None
+
+
+def hazard(name: str, **kw: Any) -> Variant:
+    """The broken pattern. Its ``expect`` must say where it reproduces (required)."""
+    if "expect" not in kw:
+        raise TypeError(f"hazard variant {name!r} needs an explicit expect=")
+    return Variant(name, kind="hazard", **kw)
+
+
+def fix(name: str, **kw: Any) -> Variant:
+    """A fix: must PASS on every build unless ``expect`` says otherwise."""
+    return Variant(name, kind="fix", **kw)
+
+
+def load(name: str, **kw: Any) -> Variant:
+    """A load/benchmark variant: PASS, with figures in its metrics."""
+    return Variant(name, kind="load", **kw)
+
+
+def probe(name: str, **kw: Any) -> Variant:
+    """An observation run (records what a build does; expectation usually PASS)."""
+    return Variant(name, kind="probe", **kw)
+
+
+@dataclass
+class Scenario:
+    name: str
+    func: str  # "module:qualname", imported in the child
+    variants: list[Variant]
+    seed: str | None = None  # seed document number, e.g. "002"
+    claims: tuple[str, ...] = ()  # claim ids from docs/HAZARDS.md, e.g. "002-fork"
+    doc: str = ""
+    timeout: float = 60.0  # hard deadline per variant, seconds
+    serial: bool = False  # load scenarios: never run beside other scenarios
+    markers: tuple[str, ...] = ()
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.variants)
+        raise KeyError(f"scenario {self.name!r} has no variant {name!r} (known: {known})")
+
+    def timeout_for(self, variant: Variant) -> float:
+        return float(variant.timeout if variant.timeout is not None else self.timeout)
+
+
+REGISTRY: dict[str, Scenario] = {}
+
+
+def scenario(
+    *,
+    name: str,
+    variants: Iterable[Variant],
+    seed: str | None = None,
+    claims: Iterable[str] = (),
+    timeout: float = 60.0,
+    serial: bool = False,
+    markers: Iterable[str] = (),
+) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as a scenario. ``fn`` must be importable at module level."""
+
+    def deco(fn: Callable) -> Callable:
+        if fn.__qualname__ != fn.__name__:
+            raise TypeError(f"scenario {name!r}: {fn.__qualname__} must be a module-level function")
+        vs = list(variants)
+        names = [v.name for v in vs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scenario {name!r}: duplicate variant names {names}")
+        if name in REGISTRY and REGISTRY[name].func != f"{fn.__module__}:{fn.__name__}":
+            raise ValueError(f"scenario name {name!r} registered twice")
+        REGISTRY[name] = Scenario(
+            name=name,
+            func=f"{fn.__module__}:{fn.__name__}",
+            variants=vs,
+            seed=seed,
+            claims=tuple(claims),
+            doc=inspect.cleandoc(fn.__doc__ or ""),
+            timeout=timeout,
+            serial=serial,
+            markers=tuple(markers),
+        )
+        return fn
+
+    return deco
