@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", required=True)
     ap.add_argument("--workdir", default=".")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--deadline", type=float, default=None, help="absolute time.monotonic() deadline of the parent")
     ap.add_argument("script_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         result_path=args.result,
         timeout=args.timeout,
+        deadline=args.deadline,
     )
     try:
         if args.func:

@@ -40,6 +40,7 @@ class Context:
         workdir: str | os.PathLike,
         result_path: str | os.PathLike | None,
         timeout: float,
+        deadline: float | None = None,
     ) -> None:
         self.scenario = scenario
         self.variant = variant
@@ -48,6 +49,9 @@ class Context:
         self.workdir = Path(workdir)
         self.timeout = float(timeout)
         self.started = time.monotonic()
+        # Absolute CLOCK_MONOTONIC deadline of the parent (shared by all processes on the
+        # machine); without one, the deadline is counted from this context's start.
+        self.deadline = float(deadline) if deadline else self.started + self.timeout
         self._result_path = Path(result_path) if result_path else None
         self._state: dict[str, Any] = {
             "status": "running",
@@ -56,6 +60,7 @@ class Context:
             "observations": [],
             "stage": None,
             "stages": [],
+            "t0_monotonic": self.started,
         }
         self._flush()
 
@@ -83,7 +88,7 @@ class Context:
 
     def remaining(self) -> float:
         """Seconds left before the parent's hard deadline (use for inner timeouts)."""
-        return max(0.0, self.timeout - (time.monotonic() - self.started))
+        return max(0.0, self.deadline - time.monotonic())
 
     # -- checks --------------------------------------------------------------------
     def fail(self, message: str) -> None:

@@ -138,7 +138,9 @@ class Variant:
         reason = ""
         if callable(value) and not isinstance(value, (Outcome, str)):
             value = value(build)
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str) and not isinstance(value[0], str):
+        # (outcomes, reason): the second item is free text, not an outcome name. (Outcome is a
+        # str subclass, so "is the first item a str" cannot tell the two shapes apart.)
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str) and value[1] not in Outcome._value2member_map_:
             value, reason = value
         return _as_outcomes(value), reason
 

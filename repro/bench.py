@@ -1,0 +1,342 @@
+"""Benchmarks: the load scenarios, serially, with warm-ups and repetitions, in fresh processes.
+
+    python -m repro bench [NAME[:VARIANT] ...] [--repeat N] [--warmup N] [--json F] [--markdown F]
+
+Without names it runs every variant of kind ``load`` in the catalogue. Each run is one fresh
+interpreter started by the harness (:func:`repro.harness.runner.run_variant`), one at a time.
+Repetitions go round-robin over the selected variants (warm-ups first), so slow drift of the
+machine touches every variant alike; the ratios a scenario reports are measured inside one run,
+side by side, and the table gives their median with min and max over the repetitions.
+
+Figures are read from each run's metrics (see :mod:`repro.figures` for the shapes understood);
+a target is judged on the median. ``--suite`` also times the full default test suite
+(``python -m pytest``) once; otherwise the suite's wall time is taken from a matrix cell file
+(``results/cells/py<X.Y>-<build>.json``) when one is there, with its date.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from repro import figures as _figures
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = "splitrepro.bench/1"
+
+
+# -- selection ----------------------------------------------------------------------------------
+def select(catalogue: dict[str, Any], names: list[str]) -> list[tuple[Any, Any]]:
+    """(scenario, variant) pairs: every load variant, or those named (NAME or NAME:VARIANT)."""
+    if not names:
+        return [(sc, v) for sc in catalogue.values() for v in sc.variants if v.kind == "load"]
+    chosen: list[tuple[Any, Any]] = []
+    for name in names:
+        scen, _, var = name.partition(":")
+        if scen not in catalogue:
+            raise SystemExit(f"unknown scenario {scen!r}; known: {', '.join(catalogue)}")
+        sc = catalogue[scen]
+        if var:
+            chosen.append((sc, sc.variant(var)))
+        else:
+            loads = [v for v in sc.variants if v.kind == "load"]
+            chosen.extend((sc, v) for v in (loads or sc.variants))
+    seen, unique = set(), []
+    for sc, v in chosen:
+        if (sc.name, v.name) not in seen:
+            seen.add((sc.name, v.name))
+            unique.append((sc, v))
+    return unique
+
+
+# -- statistics -------------------------------------------------------------------------------------
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per figure over the repetitions: median, min, max, n, and the target judged on the median."""
+    values: dict[str, list[float]] = {}
+    meta: dict[str, _figures.Figure] = {}
+    for run in runs:
+        if run.get("outcome") != "PASS":
+            continue  # a failed run's partial figures are not a measurement
+        for fig in _figures.extract(run.get("metrics") or {}):
+            values.setdefault(fig.name, []).append(fig.value)
+            meta.setdefault(fig.name, fig)
+            if fig.target and not meta[fig.name].target:
+                meta[fig.name].target = fig.target
+            if fig.key:
+                meta[fig.name].key = True
+    out = []
+    for name, vals in values.items():
+        fig = meta[name]
+        median = statistics.median(vals)
+        out.append(
+            {
+                "name": name,
+                "unit": fig.unit,
+                "median": median,
+                "min": min(vals),
+                "max": max(vals),
+                "n": len(vals),
+                "target": fig.target,
+                "ok": _figures.meets(median, fig.target),
+                "key": fig.key,
+            }
+        )
+    out.sort(key=lambda f: (not f["key"], f["target"] is None, f["name"]))
+    return out
+
+
+# -- the machine ----------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    except OSError:
+        pass
+    return info
+
+
+def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
+    path = ROOT / "results" / "cells" / f"py{python}-{build}.json"
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    args = data.get("pytest", {}).get("args") or []
+    if any(a in ("-k", "-m") or a.startswith(("-k", "-m")) for a in args):
+        return None  # a partial run says nothing about the full suite
+    return {
+        "wall_seconds": data.get("wall_seconds"),
+        "exitstatus": data.get("pytest", {}).get("exitstatus"),
+        "tests": data.get("pytest", {}).get("tests"),
+        "source": str(path.relative_to(ROOT)),
+        "date": data.get("started"),
+    }
+
+
+def time_suite(timeout: float) -> dict[str, Any]:
+    """The full default suite (``python -m pytest``) once, timed from outside."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
+    return {
+        "wall_seconds": round(time.monotonic() - t0, 1),
+        "exitstatus": proc.returncode,
+        "summary": tail[0] if tail else "",
+        "source": "measured by this run (python -m pytest)",
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+# -- running -------------------------------------------------------------------------------------------
+def run(
+    cases: list[tuple[Any, Any]], *, repeat: int, warmup: int, timeout: float | None, log=print
+) -> list[dict[str, Any]]:
+    from repro.harness.fingerprint import get_fingerprint
+    from repro.harness.runner import run_variant
+    from repro.harness.spec import Build
+
+    fp = get_fingerprint(sys.executable)
+    records = [{"scenario": sc.name, "variant": v.name, "warmups": [], "runs": []} for sc, v in cases]
+    total = (warmup + repeat) * len(cases)
+    done = 0
+    for rep in range(warmup + repeat):
+        phase = "warmup" if rep < warmup else f"rep {rep - warmup + 1}/{repeat}"
+        for (sc, v), rec in zip(cases, records):
+            res = run_variant(sc, v, timeout=timeout, build=Build(fp, v.env))
+            done += 1
+            entry = {
+                "outcome": res.outcome,
+                "ok": res.ok,
+                "seconds": res.seconds,
+                "metrics": res.metrics,
+            }
+            if not res.ok:
+                entry["summary"] = res.summary()
+            (rec["warmups"] if rep < warmup else rec["runs"]).append(entry)
+            log(f"[{done}/{total}] {sc.name}:{v.name} {phase}: {res.outcome} in {res.seconds:.1f}s")
+    for rec in records:
+        rec["outcomes"] = sorted({r["outcome"] for r in rec["runs"]})
+        rec["all_ok"] = all(r["ok"] for r in rec["runs"])
+        rec["figures"] = summarise(rec["runs"])
+        rec["run_seconds"] = {
+            "median": statistics.median([r["seconds"] for r in rec["runs"]]) if rec["runs"] else None,
+        }
+    return records
+
+
+def missed_targets(report: dict[str, Any]) -> list[str]:
+    out = []
+    for rec in report["cases"]:
+        for f in rec["figures"]:
+            if f["ok"] is False:
+                out.append(
+                    f"{rec['scenario']}:{rec['variant']} {f['name']} = "
+                    f"{_figures.fmt_value(f['median'], f['unit'])} (target {f['target']})"
+                )
+        if not rec["all_ok"]:
+            out.append(f"{rec['scenario']}:{rec['variant']} did not pass every repetition ({', '.join(rec['outcomes'])})")
+    return out
+
+
+# -- rendering -----------------------------------------------------------------------------------------
+def render_markdown(report: dict[str, Any]) -> str:
+    m, fp = report["machine"], report["fingerprint"]
+    out = ["# Benchmarks", ""]
+    out.append(
+        f"Measured {report['date']} with `{report['command']}`: {report['repeat']} repetitions after "
+        f"{report['warmup']} warm-up per variant, round-robin, one fresh interpreter per run, nothing else run beside. "
+        "Figures are medians with min–max over the repetitions; ratios were measured side by side inside each run."
+    )
+    out.append("")
+    out.append(
+        f"- Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, {m.get('memory_gib', '?')} GiB, {m.get('platform')}"
+    )
+    out.append(
+        f"- Versions: Python {fp.get('python')}, torch {fp.get('torch')}, transformers {fp.get('transformers')}, "
+        f"numpy {fp.get('numpy')}; build `{fp.get('build')}`, parallel backend {fp.get('torch_parallel_backend')}, "
+        f"OpenMP {', '.join(fp.get('openmp_runtimes') or []) or '–'}, {fp.get('torch_num_threads')} intra-op threads"
+    )
+    out.append("")
+    missed = report["missed"]
+    out.append("## Targets")
+    out.append("")
+    rows = [(rec, f) for rec in report["cases"] for f in rec["figures"] if f["target"]]
+    if rows:
+        out.append("| scenario:variant | figure | median | min – max | target | met |")
+        out.append("|---|---|---|---|---|---|")
+        for rec, f in rows:
+            out.append(
+                f"| `{rec['scenario']}:{rec['variant']}` | {f['name']} | {_figures.fmt_value(f['median'], f['unit'])} | "
+                f"{_figures.fmt_value(f['min'], f['unit'])} – {_figures.fmt_value(f['max'], f['unit'])} | {f['target']} | "
+                f"{'yes' if f['ok'] else '**MISSED**'} |"
+            )
+    else:
+        out.append("No figure in these runs carries a target.")
+    out.append("")
+    if missed:
+        out.append("**Targets missed or runs that did not pass:**")
+        out.append("")
+        out.extend(f"- {line}" for line in missed)
+    else:
+        out.append("Every target met; every repetition passed.")
+    out.append("")
+    suite = report.get("suite")
+    if suite:
+        out.append("## Full default suite")
+        out.append("")
+        out.append(
+            f"Wall time {suite.get('wall_seconds')} s on {m.get('cpus')} CPUs (exit status {suite.get('exitstatus')}; "
+            f"{suite.get('source')}, {suite.get('date')})."
+        )
+        out.append("")
+    out.append("## All figures")
+    for rec in report["cases"]:
+        out.append("")
+        out.append(
+            f"### `{rec['scenario']}:{rec['variant']}` — {', '.join(rec['outcomes']) or 'no run'}, "
+            f"median run {rec['run_seconds']['median']} s"
+        )
+        out.append("")
+        if not rec["figures"]:
+            out.append("No figures recorded.")
+            continue
+        out.append("| figure | median | min | max | n | target |")
+        out.append("|---|---|---|---|---|---|")
+        for f in rec["figures"]:
+            out.append(
+                f"| {f['name']} | {_figures.fmt_value(f['median'], f['unit'])} | {_figures.fmt_value(f['min'], f['unit'])} | "
+                f"{_figures.fmt_value(f['max'], f['unit'])} | {f['n']} | {f['target'] or ''} |"
+            )
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m repro bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", metavar="NAME[:VARIANT]", help="scenarios (default: every load variant)")
+    ap.add_argument("--repeat", type=int, default=3, help="measured repetitions per variant (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up runs per variant (default 1)")
+    ap.add_argument("--timeout", type=float, default=None, help="per-run deadline (default: the scenario's)")
+    ap.add_argument("--json", dest="json_out", default="results/bench.json")
+    ap.add_argument("--markdown", default=None, help="write the table here too (e.g. docs/BENCHMARKS.md)")
+    ap.add_argument("--suite", action="store_true", help="also time the full default suite (python -m pytest)")
+    ap.add_argument("--suite-timeout", type=float, default=3600.0)
+    ap.add_argument("--list", action="store_true", help="list what would run and exit")
+    args = ap.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0:
+        ap.error("--repeat must be >= 1 and --warmup >= 0")
+
+    from repro.harness.fingerprint import get_fingerprint
+    from repro.scenarios import load_catalogue
+
+    cases = select(load_catalogue(), args.names)
+    if args.list:
+        for sc, v in cases:
+            print(f"{sc.name}:{v.name}")
+        return 0
+    if not cases:
+        print("no load scenarios in the catalogue", file=sys.stderr)
+        return 2
+    fp = get_fingerprint(sys.executable)
+    t0 = time.monotonic()
+    records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout)
+    pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
+    suite = time_suite(args.suite_timeout) if args.suite else suite_from_cell(pyver, str(fp.get("build") or "bundled"))
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "command": "python -m repro bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+        "wall_seconds": round(time.monotonic() - t0, 1),
+        "machine": machine_info(),
+        "fingerprint": {k: v for k, v in fp.items() if k not in ("parallel_info", "threadpools", "executable")},
+        "cases": records,
+        "suite": suite,
+    }
+    report["missed"] = missed_targets(report)
+    text = render_markdown(report)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text)
+    print(text)
+    return 1 if any(not rec["all_ok"] for rec in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""``python -m repro`` — list, run, script, env, report (plus subcommands other modules register).
+
+The CLI process is a harness parent: it never imports torch, numpy or transformers.
+Exit status of ``run`` and ``script``: 0 exactly when every observed outcome is the expected one.
+
+Other modules add subcommands in one of two ways:
+
+* :data:`DELEGATED`: ``name -> "module:main"``; ``python -m repro NAME ARGS...`` imports the
+  module only then and calls ``main(ARGS)`` (its own argparse). ``bench`` and ``matrix`` work so.
+* :data:`SUBCOMMANDS`: ``name -> registrar`` (or ``"module:function"``), where
+  ``registrar(sub)`` adds a parser to the argparse subparsers and sets ``handler=fn(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DELEGATED: dict[str, tuple[str, str]] = {
+    "bench": ("repro.bench:main", "timed load scenarios (see python -m repro bench --help)"),
+    "matrix": ("repro.matrix:main", "merge per-cell results into one matrix report (see python -m repro matrix --help)"),
+}
+SUBCOMMANDS: dict[str, Callable[[Any], None] | str] = {}
+
+
+def _catalogue():
+    from repro.scenarios import load_catalogue
+
+    return load_catalogue()
+
+
+def _select(catalogue, names: list[str], all_: bool, kinds: list[str] | None) -> list[tuple[Any, Any]]:
+    chosen = []
+    if all_ or not names:
+        if not all_:
+            raise SystemExit("run: name a scenario (NAME or NAME:VARIANT) or pass --all")
+        for sc in catalogue.values():
+            chosen.extend((sc, v) for v in sc.variants)
+    for name in names:
+        sname, _, vname = name.partition(":")
+        if sname not in catalogue:
+            raise SystemExit(f"unknown scenario {sname!r}; known: {', '.join(catalogue)}")
+        sc = catalogue[sname]
+        if vname:
+            try:
+                chosen.append((sc, sc.variant(vname)))
+            except KeyError as exc:
+                raise SystemExit(str(exc.args[0])) from None
+        else:
+            chosen.extend((sc, v) for v in sc.variants)
+    if kinds:
+        chosen = [(s, v) for s, v in chosen if v.kind in kinds]
+    return chosen
+
+
+def cmd_list(args) -> int:
+    cat = _catalogue()
+    if args.json:
+        rows = [
+            {"scenario": s.name, "variant": v.name, "kind": v.kind, "seed": s.seed, "claims": list(s.claims),
+             "timeout": s.timeout_for(v), "serial": s.serial, "env": dict(v.env), "params": dict(v.params), "doc": v.doc or s.doc.split("\n")[0]}
+            for s in cat.values() for v in s.variants
+        ]
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    for s in cat.values():
+        head = s.doc.splitlines()[0] if s.doc else ""
+        print(f"{s.name}  (seed {s.seed or '-'}; claims {', '.join(s.claims) or '-'}; timeout {s.timeout:g}s{'; serial' if s.serial else ''})")
+        if head:
+            print(f"    {head}")
+        for v in s.variants:
+            extra = f"  env {dict(v.env)}" if v.env else ""
+            print(f"    {s.name}:{v.name:<28} {v.kind:<7}{extra}")
+    return 0
+
+
+def _line(r, i: int | None = None, n: int | None = None) -> str:
+    prefix = f"[{i}/{n}] " if i is not None else ""
+    mark = "ok " if r.ok else "BAD"
+    where = r.where()
+    text = f"{prefix}{mark} {r.id:<45} {r.kind:<7} {r.outcome:<8} expected {'/'.join(r.expected):<10} {r.seconds:7.2f}s"
+    if where and r.outcome in ("HANG", "TIMEOUT", "CRASH", "ERROR", "FAIL"):
+        text += f"  @ {where}"
+    return text
+
+
+def _write_results(path: str, results, fp) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = {"fingerprint": fp, "results": [r.to_dict() for r in results]}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _write_report(path: str, results) -> None:
+    from repro.harness.report import render
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(render(results))
+
+
+def cmd_run(args) -> int:
+    from repro.harness.fingerprint import get_fingerprint
+    from repro.harness.runner import run_variant
+    from repro.harness.spec import Build
+
+    cat = _catalogue()
+    chosen = _select(cat, args.names, args.all, args.kind)
+    if not chosen:
+        print("nothing selected", file=sys.stderr)
+        return 2
+    fp = get_fingerprint(args.python)
+    for w in fp.get("warnings") or []:
+        print(f"warning: {w}", file=sys.stderr)
+    total = len(chosen) * args.repeat
+    results = []
+    i = 0
+    t0 = time.monotonic()
+    for sc, v in chosen:
+        build = Build(fp, v.env)
+        skip = v.skip_reason(build)
+        for _ in range(args.repeat):
+            i += 1
+            if skip:
+                print(f"[{i}/{total}] skip {sc.name}:{v.name}: {skip}", flush=True)
+                continue
+            if total > 1 and sys.stderr.isatty():
+                print(f"[{i}/{total}] running {sc.name}:{v.name} ...", end="\r", flush=True, file=sys.stderr)
+            r = run_variant(sc, v, timeout=args.timeout, python=args.python, build=build)
+            results.append(r)
+            if total > 1 and sys.stderr.isatty():
+                print("\r\033[K", end="", file=sys.stderr, flush=True)
+            print(_line(r, i if total > 1 else None, total if total > 1 else None), flush=True)
+            if args.verbose or not r.ok:
+                print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]), flush=True)
+            if args.json:
+                _write_results(args.json, results, fp)
+    bad = [r for r in results if not r.ok]
+    print(f"{len(results) - len(bad)}/{len(results)} as expected in {time.monotonic() - t0:.1f}s" + (f"; unexpected: {', '.join(r.id for r in bad)}" if bad else ""))
+    if args.json:
+        _write_results(args.json, results, fp)
+    if args.report:
+        _write_report(args.report, results)
+    return 0 if results and not bad else 1
+
+
+def cmd_script(args) -> int:
+    from repro.harness.runner import run_script
+
+    extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    r = run_script(args.path, timeout=args.timeout, args=extra, python=args.python, expect=args.expect, fingerprint=not args.no_fingerprint)
+    print(_line(r))
+    print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
+    if args.json:
+        _write_results(args.json, [r], r.fingerprint)
+    return 0 if r.ok else 1
+
+
+def cmd_env(args) -> int:
+    if args.here:
+        # This process is a child started for the purpose: it may import torch.
+        from repro.harness.fingerprint import collect
+
+        fp = collect()
+    else:
+        from repro.harness.fingerprint import get_fingerprint
+
+        fp = get_fingerprint(args.python, refresh=args.refresh)
+    if args.json:
+        print(json.dumps(fp, indent=1, sort_keys=True, default=str))
+        return 0
+    keys = ["python", "implementation", "executable", "platform", "cpu_count", "torch", "transformers", "numpy", "build",
+            "torch_parallel_backend", "torch_num_threads", "torch_interop_threads", "openmp_runtimes", "mkl_threading_layer",
+            "mkl_pip", "cuda", "cuda_devices"]
+    for k in keys:
+        print(f"{k:>22}: {fp.get(k)}")
+    for p in fp.get("threadpools") or []:
+        print(f"{'threadpool':>22}: {p.get('internal_api')} {p.get('prefix')} {p.get('version')} threads={p.get('num_threads')} {p.get('filepath')}")
+    for w in fp.get("warnings") or []:
+        print(f"WARNING: {w}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from repro.harness.report import load_results, render
+
+    results = load_results(args.results)
+    text = render(results, title=args.title)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output} ({len(results)} results, {sum(not r.ok for r in results)} unexpected)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m repro", description="Run splitrepro scenarios in fresh interpreters and judge them.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list scenarios and variants")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("run", help="run scenario variants (NAME or NAME:VARIANT)")
+    p.add_argument("names", nargs="*", metavar="NAME[:VARIANT]")
+    p.add_argument("--all", action="store_true", help="every variant of every scenario")
+    p.add_argument("--kind", action="append", choices=["hazard", "fix", "load", "probe"], help="only variants of this kind (repeatable)")
+    p.add_argument("--timeout", type=float, default=None, help="hard deadline per run, seconds (default: the scenario's)")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--json", metavar="FILE", help="write all results here (rewritten after each run)")
+    p.add_argument("--report", metavar="FILE.md", help="write a Markdown report")
+    p.add_argument("--python", default=sys.executable, help="interpreter to run scenarios with")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("script", help="run any Python script with the same verdicts")
+    p.add_argument("path")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--expect", action="append", default=None, choices=["PASS", "FAIL", "ERROR", "CRASH", "HANG", "TIMEOUT"], help="expected outcome (repeatable; default PASS)")
+    p.add_argument("--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the script's arguments")
+    p.set_defaults(handler=cmd_script)
+
+    p = sub.add_parser("env", help="the build fingerprint (runs in a clean child)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--refresh", action="store_true", help="ignore the cached fingerprint")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # collect in this process (used by the harness)
+    p.set_defaults(handler=cmd_env)
+
+    p = sub.add_parser("report", help="Markdown report from result JSON files")
+    p.add_argument("results", nargs="+")
+    p.add_argument("-o", "--output", default="-")
+    p.add_argument("--title", default="splitrepro results")
+    p.set_defaults(handler=cmd_report)
+
+    for name, (_target, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched in main()
+    for name, registrar in SUBCOMMANDS.items():
+        if isinstance(registrar, str):
+            mod, _, fn = registrar.partition(":")
+            try:
+                registrar = getattr(importlib.import_module(mod), fn)
+            except (ImportError, AttributeError):
+                continue  # not written yet / not installed
+        registrar(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        mod, _, fn = DELEGATED[argv[0]][0].partition(":")
+        return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "expect", "absent") is None:
+        args.expect = ["PASS"]
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

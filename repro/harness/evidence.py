@@ -1,0 +1,390 @@
+"""Evidence about a scenario's process tree, and its removal.
+
+* :class:`Tree` finds every process of a run: the root's descendants, orphans adopted by the
+  harness (it is a child subreaper), and any process whose environment carries the run's
+  ``SPLITREPRO_RUN_TOKEN`` (found even after ``setsid`` + double fork).
+* :func:`stacks` gets Python stacks of every process: ``py-spy dump --native``, then plain
+  ``py-spy dump``, then SIGUSR1 -> faulthandler file (``_site/sitecustomize.py``), saying which.
+* :func:`match_signatures` names known messages in stderr.
+* :meth:`Tree.kill_all` SIGKILLs the tree, reaps what the harness may reap, and reports survivors.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+PR_SET_CHILD_SUBREAPER = 36
+
+# name -> regex matched against stderr (and faulthandler output)
+SIGNATURES: dict[str, str] = {
+    "abseil-mutex-raw-lock-blocking": r"RAW: Lock blocking",
+    "omp-error-15-duplicate-runtime": r"OMP: Error #15",
+    "mkl-threading-layer-incompatible": r"MKL_THREADING_LAYER=INTEL is incompatible",
+    "intel-mkl-error": r"INTEL MKL ERROR",
+    "cuda-reinit-in-forked-child": r"Cannot re-initialize CUDA in forked subprocess",
+    "dataloader-worker-died": r"DataLoader worker \(pid",
+    "python-fatal-error": r"Fatal Python error",
+    "segmentation-fault": r"Segmentation fault",
+    "bus-error": r"Bus error",
+    "aborted": r"Aborted|Abort trap|SIGABRT",
+    "terminate-called": r"terminate called after throwing",
+    "out-of-memory": r"Out of memory|MemoryError|std::bad_alloc|CUDA out of memory",
+    "omp-warning": r"OMP: (Warning|Info) #\d+",
+    "libgomp-error": r"libgomp: ",
+    "resource-tracker-leak": r"resource_tracker: There appear to be \d+ leaked",
+    "too-many-open-files": r"Too many open files",
+    "broken-pipe": r"BrokenPipeError|Broken pipe",
+    "fork-with-threads-warning": r"DeprecationWarning: This process .* is multi-threaded, use of fork\(\) may lead to deadlocks",
+}
+_COMPILED = {name: re.compile(rx) for name, rx in SIGNATURES.items()}
+
+
+def match_signatures(*texts: str) -> list[str]:
+    joined = "\n".join(t for t in texts if t)
+    return [name for name, rx in _COMPILED.items() if rx.search(joined)]
+
+
+def tail(path: str | os.PathLike, limit: int = 4000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return ("…" + text) if size > limit else text
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (Linux): orphans of a run reparent here."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _has_token(pid: int, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return needle in fh.read()
+    except OSError:
+        return False
+
+
+def _starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+        return text[text.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Tree:
+    """The processes of one run."""
+
+    def __init__(self, root_pid: int, token: str):
+        self.root_pid = root_pid
+        self.token = token
+        self._needle = f"SPLITREPRO_RUN_TOKEN={token}\0".encode()
+        self._not_ours: dict[int, str | None] = {}  # pid -> starttime known not to carry the token
+        self.seen: dict[int, str] = {}  # pid -> name: every process ever seen in the tree
+        self.session = root_pid  # start_new_session: the root leads its own session
+        self.has_proc = os.path.isdir("/proc/self")
+
+    def token_scan(self) -> set[int]:
+        if not self.has_proc:
+            return set()
+        found = set()
+        me = os.getpid()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid == me:
+                continue
+            st = self._not_ours.get(pid, "")
+            if st != "" and st == _starttime(pid):
+                continue
+            if _has_token(pid, self._needle):
+                found.add(pid)
+            else:
+                self._not_ours[pid] = _starttime(pid)
+        return found
+
+    def pids(self, include_root: bool = True) -> list[int]:
+        """Live (or zombie) processes of the run, root first."""
+        found: set[int] = set()
+        try:
+            root = psutil.Process(self.root_pid)
+            if include_root:
+                found.add(self.root_pid)
+            found.update(c.pid for c in root.children(recursive=True))
+        except psutil.Error:
+            pass
+        tokened = self.token_scan()
+        found.update(tokened)
+        # descendants of token carriers that dropped the token from their environment
+        for pid in list(tokened):
+            try:
+                found.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                pass
+        if not include_root:
+            found.discard(self.root_pid)
+        for pid in found:
+            if pid not in self.seen:
+                try:
+                    self.seen[pid] = psutil.Process(pid).name()
+                except psutil.Error:
+                    self.seen[pid] = "?"
+        return sorted(found, key=lambda p: (p != self.root_pid, p))
+
+    def alive(self, include_root: bool = True) -> list[int]:
+        out = []
+        for pid in self.pids(include_root):
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.Error:
+                pass
+        return out
+
+    def describe(self, pids: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                out.append({"pid": pid, "name": p.name(), "ppid": p.ppid(), "status": p.status(), "cmdline": " ".join(p.cmdline())[:200]})
+            except psutil.Error:
+                out.append({"pid": pid, "name": self.seen.get(pid, "?"), "status": "gone"})
+        return out
+
+    def kill_all(self, root_popen: subprocess.Popen | None = None, *, timeout: float = 10.0) -> dict[str, Any]:
+        """SIGKILL every process of the run, reap what is ours to reap, report survivors."""
+        killed: list[int] = []
+        for _ in range(20):  # a process may fork between the scan and the kill: rescan
+            victims = self.alive()
+            if not victims:
+                break
+            # Freeze first so that no process reacts to another's death (EOF, SIGCHLD,
+            # respawn) or forks between our scan and our kill.
+            for pid in victims:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGSTOP)
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    if pid not in killed:
+                        killed.append(pid)
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    pass
+            # wait for the victims to die (not merely be signalled) before rescanning
+            procs = []
+            for pid in victims:
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
+            _wait_dead(procs, timeout=2.0)
+        if root_popen is not None:
+            try:
+                root_popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.reap()
+        survivors = self.alive()
+        return {"killed": killed, "survivors": self.describe(survivors)}
+
+    def reap(self) -> list[int]:
+        """waitpid() every zombie of the run that reparented to this (subreaper) process."""
+        reaped = []
+        me = os.getpid()
+        candidates = set(self.seen)
+        try:
+            for child in psutil.Process(me).children():
+                try:
+                    if child.status() == psutil.STATUS_ZOMBIE and (child.pid in self.seen or _session(child.pid) == self.session):
+                        candidates.add(child.pid)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        for pid in candidates:
+            if pid == self.root_pid:
+                continue  # the Popen object owns the root
+            try:
+                if psutil.Process(pid).ppid() != me:
+                    continue
+            except psutil.Error:
+                continue
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG)
+                if got == pid:
+                    reaped.append(pid)
+            except ChildProcessError:
+                pass
+        return reaped
+
+
+def _session(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+        return int(text[text.rindex(")") + 2 :].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
+    """Until every process is gone or a zombie (killed processes that are not our children
+    stay zombies until their parent reaps them)."""
+    end = time.monotonic() + timeout
+    pending = list(procs)
+    while pending and time.monotonic() < end:
+        still = []
+        for p in pending:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    still.append(p)
+            except psutil.Error:
+                pass
+        if not still:
+            return
+        # psutil.wait_procs returns as soon as a process goes away (it reaps our own children)
+        _, alive = psutil.wait_procs(still, timeout=0.05)
+        pending = alive
+
+
+# -- stacks ---------------------------------------------------------------------------------
+def find_py_spy() -> str | None:
+    exe = Path(sys.executable).with_name("py-spy")
+    if exe.exists():
+        return str(exe)
+    return shutil.which("py-spy")
+
+
+def stacks(pids: list[int], evidence_dir: str | os.PathLike, *, timeout: float = 20.0, native: bool = True) -> dict[str, Any]:
+    """Python (and native) stacks of each pid, in parallel; each entry says its method."""
+    out: dict[str, Any] = {}
+    spy = find_py_spy()
+    remaining = list(pids)
+    if spy:
+        attempts = (["--native"], []) if native else ([],)
+        for extra in attempts:
+            if not remaining:
+                break
+            running = {}
+            for pid in remaining:
+                running[pid] = subprocess.Popen(
+                    [spy, "dump", "--pid", str(pid), *extra],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                )
+            end = time.monotonic() + timeout
+            failed = []
+            for pid, proc in running.items():
+                try:
+                    so, se = proc.communicate(timeout=max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    so, se = proc.communicate()
+                    failed.append(pid)
+                    out.setdefault(str(pid), {})["py-spy" + " ".join(extra)] = "timed out"
+                    continue
+                text = so.decode("utf-8", "replace")
+                if proc.returncode == 0 and text.strip():
+                    out[str(pid)] = {"method": "py-spy --native" if extra else "py-spy", "text": text}
+                else:
+                    failed.append(pid)
+                    out.setdefault(str(pid), {})["py-spy" + (" --native" if extra else "") + " error"] = se.decode("utf-8", "replace").strip()[-500:]
+            remaining = failed
+    for pid in remaining:
+        entry = out.setdefault(str(pid), {})
+        text = faulthandler_dump(pid, evidence_dir)
+        if text:
+            entry.update(method="faulthandler", text=text)
+        else:
+            entry.setdefault("method", "none")
+            entry.setdefault("text", "")
+            entry["note"] = "no py-spy stack and no faulthandler output (not a Python process, or no sitecustomize)"
+    return out
+
+
+def faulthandler_dump(pid: int, evidence_dir: str | os.PathLike, timeout: float = 3.0) -> str:
+    """Ask a Python process of the run for an all-threads dump (SIGUSR1, see sitecustomize)."""
+    path = Path(evidence_dir) / f"faulthandler-{pid}.txt"
+    if not path.exists():
+        return ""  # no handler registered: SIGUSR1 would kill it rather than dump
+    before = path.stat().st_size
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return path.read_text("utf-8", "replace")
+    end = time.monotonic() + timeout
+    # The handler writes synchronously in the target; poll the file size briefly.
+    while time.monotonic() < end:
+        if path.stat().st_size > before:
+            break
+        try:
+            psutil.Process(pid).wait(timeout=0.05)  # returns early only if it dies
+            break
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.Error:
+            break
+    return path.read_text("utf-8", "replace")
+
+
+def faulthandler_files(evidence_dir: str | os.PathLike) -> dict[str, str]:
+    """Non-empty faulthandler files (fatal-signal tracebacks of crashed processes)."""
+    out = {}
+    for path in sorted(Path(evidence_dir).glob("faulthandler-*.txt")):
+        text = path.read_text("utf-8", "replace")
+        if text.strip():
+            out[path.stem.split("-", 1)[1]] = text
+    return out
+
+
+def top_frame(stack_text: str) -> str:
+    """The innermost Python frame of the main thread in a py-spy or faulthandler dump."""
+    lines = stack_text.splitlines()
+    # py-spy: 'Thread 123 (idle): "MainThread"' then frames '    fn (file:line)'
+    for i, line in enumerate(lines):
+        if line.startswith("Thread ") and "MainThread" in line:
+            for frame in lines[i + 1 :]:
+                f = frame.strip()
+                if not f or f.startswith("Thread "):
+                    break
+                if ".py:" in f or ".py)" in f:
+                    return f
+            break
+    # faulthandler: 'Current thread 0x... (most recent call first):' / 'Thread 0x...'
+    for i, line in enumerate(lines):
+        if line.startswith(("Current thread", "Thread 0x")):
+            for frame in lines[i + 1 :]:
+                f = frame.strip()
+                if f.startswith("File "):
+                    return f
+            break
+    return ""

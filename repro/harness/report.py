@@ -1,0 +1,89 @@
+"""Markdown report of results, fit for a GitHub step summary (``$GITHUB_STEP_SUMMARY``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from repro.harness.runner import Result
+
+
+def load_results(paths: Iterable[str | Path]) -> list[Result]:
+    """Results from JSON files holding one result, a list, or ``{"results": [...]}``."""
+    out: list[Result] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text("utf-8"))
+        items = data.get("results", [data]) if isinstance(data, dict) else data
+        for item in items:
+            if not isinstance(item, dict) or "outcome" not in item:
+                raise ValueError(f"{path}: not a splitrepro result file (no 'outcome')")
+            out.append(Result.from_dict(item))
+    return out
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def key_metrics(r: Result, limit: int = 4) -> str:
+    items = []
+    for k, v in list(r.metrics.items())[:limit]:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (list, dict)):
+            continue
+        items.append(f"{k}={v}")
+    if r.evidence.get("hang"):
+        items.append(f"hang decided at {r.evidence['hang'].get('detected_after_s')}s")
+    return ", ".join(items)
+
+
+def _fp_line(fp: dict[str, Any]) -> str:
+    if not fp:
+        return "(no fingerprint)"
+    return (
+        f"Python {fp.get('python')} · torch {fp.get('torch')} · transformers {fp.get('transformers')} · "
+        f"backend {fp.get('torch_parallel_backend')} · OpenMP {', '.join(fp.get('openmp_runtimes') or []) or 'none'} · "
+        f"intra-op threads {fp.get('torch_num_threads')} · CPUs {fp.get('cpu_count')} · {fp.get('system')} {fp.get('machine')} · "
+        f"build {fp.get('build')} · CUDA {fp.get('cuda')}"
+    )
+
+
+def render(results: list[Result], title: str = "splitrepro results") -> str:
+    ok = sum(r.ok for r in results)
+    lines = [f"## {title}", ""]
+    lines.append(f"**{ok}/{len(results)} as expected**" + ("" if ok == len(results) else f" — {len(results) - ok} unexpected"))
+    lines.append("")
+    fps = {json.dumps(r.fingerprint, sort_keys=True, default=str): r.fingerprint for r in results}
+    for fp in fps.values():
+        lines.append(f"- {_fp_line(fp)}")
+        for w in fp.get("warnings") or []:
+            lines.append(f"  - ⚠️ {w}")
+    lines += ["", "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mark = "✅" if r.ok else "❌"
+        lines.append(
+            f"| {_cell(r.scenario)} | {_cell(r.variant)} | {r.kind} | {'/'.join(r.expected)} | **{r.outcome}** | {mark} | {r.seconds:.2f} | {_cell(key_metrics(r))} |"
+        )
+    bad = [r for r in results if not r.ok]
+    if bad:
+        lines += ["", "### Unexpected outcomes", ""]
+        for r in bad:
+            lines.append(f"<details><summary><b>{_cell(r.id)}</b>: {r.outcome} (expected {'/'.join(r.expected)})</summary>")
+            lines.append("")
+            lines.append("```text")
+            lines.append(r.summary())
+            stacks = r.evidence.get("stacks") or {}
+            for pid, entry in list(stacks.items())[:4]:
+                lines.append(f"--- stacks of pid {pid} ({entry.get('method')}) ---")
+                lines.extend((entry.get("text") or "").splitlines()[:40])
+            lines.append("```")
+            lines.append("</details>")
+            lines.append("")
+    hazards = [r for r in results if r.kind == "hazard" and r.ok and r.outcome != "PASS"]
+    if hazards:
+        lines += ["", "### Hazards reproduced where predicted", ""]
+        for r in hazards:
+            lines.append(f"- `{r.id}`: {r.outcome} — {r.expected_reason or 'as expected'}" + (f" — {r.where()}" if r.where() else ""))
+    return "\n".join(lines) + "\n"

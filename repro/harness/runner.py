@@ -1,0 +1,496 @@
+"""Run one scenario variant, or any Python script, in a fresh interpreter and classify it.
+
+The child is ``python -m repro.harness.child ...`` started with ``subprocess.Popen`` (never a
+fork of this process), in its own session, stdin from /dev/null, stdout/stderr to files, in a
+per-run working directory, with a controlled environment. While it runs, the whole process
+tree is sampled from /proc (:mod:`repro.harness.verdict`) so that a HANG is decided about a
+second after the tree goes quiescent rather than at the deadline. On HANG/TIMEOUT/CRASH the
+evidence (:mod:`repro.harness.evidence`) is gathered, then every process of the run is killed
+and reaped; a process that survives marks the run failed.
+
+This module never imports torch, numpy or transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from repro.harness import evidence as ev
+from repro.harness.spec import Build, Outcome, Scenario, Variant
+from repro.harness.verdict import HangDetector, proc_readable
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SITE_DIR = Path(__file__).resolve().parent / "_site"
+
+SAMPLE_INTERVAL = 0.15  # seconds between samples of the tree
+HANG_WINDOW = 1.0  # seconds of quiescence that make a HANG
+
+# Inherited thread/runtime settings a run must not see unless its variant sets them.
+DROPPED_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "BLIS_", "NUMEXPR_", "SPLITREPRO_RUN_TOKEN", "SPLITREPRO_EVIDENCE_DIR")
+DROPPED_NAMES = ("GOTO_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "PYTHONSTARTUP", "PYTHONINSPECT")
+# Kept when the machine sets them: they keep old OpenBLAS builds from crashing on new CPUs.
+KEPT_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+_SUBREAPER: bool | None = None
+
+
+@dataclass
+class Result:
+    scenario: str
+    variant: str
+    kind: str
+    outcome: str
+    expected: list[str]
+    expected_reason: str = ""
+    ok: bool = False
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    observations: list[str] = field(default_factory=list)
+    stage: str | None = None
+    stages: list = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 0.0
+    started_at: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}:{self.variant}" if self.variant else self.scenario
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), indent=kw.pop("indent", 1), default=str, **kw)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def where(self) -> str:
+        """Where it stopped: stage and innermost frame, for one-line summaries."""
+        parts = []
+        if self.stage:
+            parts.append(f"stage {self.stage!r}")
+        frame = self.evidence.get("top_frame")
+        if frame:
+            parts.append(frame)
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """A few lines a human reads at a glance (used in pytest failures and the CLI)."""
+        exp = "/".join(self.expected)
+        lines = [f"{self.id} [{self.kind}]: {self.outcome} (expected {exp}) in {self.seconds:.2f}s" + ("" if self.ok else "  <-- UNEXPECTED")]
+        if self.expected_reason:
+            lines.append(f"  why expected: {self.expected_reason}")
+        if self.where():
+            lines.append(f"  where: {self.where()}")
+        term = self.evidence.get("termination", {})
+        if term.get("description"):
+            lines.append(f"  termination: {term['description']}")
+        hang = self.evidence.get("hang")
+        if hang:
+            lines.append(f"  hang: decided {hang.get('detected_after_s')}s after start, quiescent since {hang.get('onset_estimate_s')}s, window {hang.get('window_s')}s")
+        if self.error:
+            lines.append(f"  error: {self.error.get('type')}: {str(self.error.get('message'))[:300]}")
+        if self.evidence.get("signatures"):
+            lines.append(f"  signatures: {', '.join(self.evidence['signatures'])}")
+        if self.evidence.get("survivors"):
+            lines.append(f"  SURVIVORS (leak): {self.evidence['survivors']}")
+        if self.evidence.get("left_behind"):
+            lines.append(f"  left behind (killed): {[p.get('pid') for p in self.evidence['left_behind']]}")
+        for note in self.evidence.get("notes", []):
+            lines.append(f"  note: {note}")
+        if not self.ok:
+            stderr = (self.evidence.get("stderr_tail") or "").strip().splitlines()[-8:]
+            if stderr:
+                lines.append("  stderr tail:")
+                lines.extend("    " + s for s in stderr)
+            if self.evidence.get("run_dir"):
+                lines.append(f"  evidence kept in {self.evidence['run_dir']}")
+        return "\n".join(lines)
+
+
+# -- environment ------------------------------------------------------------------------
+def child_env(extra: dict[str, str] | None = None, *, token: str | None = None, evidence_dir: str | None = None) -> dict[str, str]:
+    env = {}
+    for key, value in os.environ.items():
+        if key in KEPT_NAMES or not (key.startswith(DROPPED_PREFIXES) or key in DROPPED_NAMES):
+            env[key] = value
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    path = [str(SITE_DIR), str(PROJECT_ROOT)]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    if token:
+        env["SPLITREPRO_RUN_TOKEN"] = token
+    if evidence_dir:
+        env["SPLITREPRO_EVIDENCE_DIR"] = evidence_dir
+    return env
+
+
+# -- serialisation of serial (load) scenarios -----------------------------------------------
+def lock_dir() -> Path:
+    d = Path(os.environ.get("SPLITREPRO_LOCK_DIR") or tempfile.gettempdir())
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def run_lock(serial: bool) -> Iterator[float]:
+    """LOCK_EX for serial scenarios, LOCK_SH for the rest, across processes (xdist workers).
+
+    A turnstile lock taken briefly by everyone gives a waiting serial run priority over a
+    stream of shared holders. Yields the seconds spent waiting.
+    """
+    base = lock_dir() / f"splitrepro-{os.getuid()}"
+    t0 = time.monotonic()
+    with open(f"{base}.turnstile", "a") as turn, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        try:
+            yield time.monotonic() - t0
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- public entry points ----------------------------------------------------------------
+def run_variant(
+    scenario: Scenario,
+    variant: Variant | str,
+    *,
+    timeout: float | None = None,
+    python: str = sys.executable,
+    build: Build | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> Result:
+    """Run one variant of ``scenario`` in a fresh interpreter and judge it against ``build``."""
+    if isinstance(variant, str):
+        variant = scenario.variant(variant)
+    if build is None:
+        from repro.harness.fingerprint import get_fingerprint
+
+        build = Build(get_fingerprint(python), variant.env)
+    elif dict(build.env) != dict(variant.env):
+        build = Build(build.fp, variant.env)
+    expected, reason = variant.expected(build)
+    limit = float(timeout if timeout is not None else scenario.timeout_for(variant))
+    argv = [
+        "--func", scenario.func, "--scenario", scenario.name, "--variant", variant.name,
+        "--kind", variant.kind, "--params", json.dumps(dict(variant.params), default=str),
+    ]
+    return _run(
+        argv,
+        scenario=scenario.name, variant=variant.name, kind=variant.kind,
+        expected=expected, reason=reason, timeout=limit, python=python, env=dict(variant.env),
+        params=dict(variant.params), fingerprint=build.fp, serial=scenario.serial, out_dir=out_dir,
+        window=getattr(scenario, "hang_window", None) or HANG_WINDOW,
+    )
+
+
+def run_script(
+    path: str | os.PathLike,
+    *,
+    timeout: float,
+    args: Iterable[str] = (),
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+    expect: Iterable[Outcome | str] = (Outcome.PASS,),
+    fingerprint: dict[str, Any] | bool = True,
+    out_dir: str | os.PathLike | None = None,
+    serial: bool = False,
+) -> Result:
+    """Run any Python file as ``__main__`` in a fresh interpreter, with the same verdicts.
+
+    ``fingerprint``: True collects the interpreter's fingerprint (cached), False leaves it
+    empty (no torch import at all), a dict is used as is.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"script not found: {path}")
+    if fingerprint is True:
+        from repro.harness.fingerprint import get_fingerprint
+
+        fp = get_fingerprint(python)
+    else:
+        fp = dict(fingerprint) if isinstance(fingerprint, dict) else {}
+    argv = ["--script", str(path), "--scenario", path.name, "--kind", "script", "--", *map(str, args)]
+    return _run(
+        argv, scenario=path.name, variant="", kind="script",
+        expected=frozenset(Outcome(e) for e in expect), reason="", timeout=float(timeout), python=python,
+        env=dict(env or {}), params={"args": list(map(str, args))}, fingerprint=fp, serial=serial, out_dir=out_dir,
+        window=HANG_WINDOW,
+    )
+
+
+# -- the run itself -----------------------------------------------------------------------
+def _ensure_subreaper() -> bool:
+    global _SUBREAPER
+    if _SUBREAPER is None:
+        _SUBREAPER = ev.become_subreaper()
+    return _SUBREAPER
+
+
+def _run(
+    child_args: list[str], *, scenario: str, variant: str, kind: str, expected: frozenset[Outcome], reason: str,
+    timeout: float, python: str, env: dict[str, str], params: dict[str, Any], fingerprint: dict[str, Any],
+    serial: bool, out_dir: str | os.PathLike | None, window: float,
+) -> Result:
+    subreaper = _ensure_subreaper()
+    token = uuid.uuid4().hex
+    label = f"{scenario}-{variant}".strip("-").replace("/", "_").replace(":", "_")
+    if out_dir is not None:
+        run_dir = Path(out_dir) / f"{label}-{token[:8]}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"splitrepro-{label}-"))
+    work = run_dir / "work"
+    evidence_dir = run_dir / "evidence"
+    work.mkdir()
+    evidence_dir.mkdir()
+    result_path = run_dir / "result.json"
+    stdout_path, stderr_path = run_dir / "stdout.txt", run_dir / "stderr.txt"
+
+    result = Result(
+        scenario=scenario, variant=variant, kind=kind, outcome=Outcome.ERROR.value,
+        expected=sorted(o.value for o in expected), expected_reason=reason, env=env, params=params,
+        fingerprint=fingerprint, timeout=timeout, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    notes: list[str] = []
+    if not subreaper:
+        notes.append("not a child subreaper here: orphans are found by the run-token scan only")
+    readable, why = proc_readable()
+    if not readable:
+        notes.append(why)
+
+    with run_lock(serial) as waited:
+        if waited > 0.05:
+            result.evidence["lock_wait_s"] = round(waited, 3)
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        cmd = [python, "-m", "repro.harness.child", *_split_before_dashdash(child_args),
+               "--result", str(result_path), "--workdir", str(work), "--timeout", str(timeout),
+               "--deadline", repr(deadline), *_after_dashdash(child_args)]
+        with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=se, cwd=work,
+                env=child_env(env, token=token, evidence_dir=str(evidence_dir)), start_new_session=True,
+            )
+        tree = ev.Tree(proc.pid, token)
+        detector = HangDetector(window=window, deadline=deadline)
+        verdict, elapsed = _watch(proc, tree, detector, deadline, readable)
+        result.seconds = round(elapsed, 3)
+        _finish(result, proc, tree, detector, verdict, t0, run_dir, evidence_dir, result_path, stderr_path, notes, window)
+
+    result.evidence["run_token"] = token
+    result.evidence["pids"] = sorted(tree.seen)
+    result.evidence["run_dir"] = str(run_dir)
+    result.ok = Outcome(result.outcome) in expected and not result.evidence.get("survivors")
+    if result.evidence.get("survivors"):
+        notes.append("processes survived the kill: the run counts as failed")
+    result.evidence["notes"] = notes
+    keep = out_dir is not None or not result.ok or os.environ.get("SPLITREPRO_KEEP") == "1"
+    shutil.rmtree(work, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        result.evidence.pop("run_dir", None)
+    else:
+        (run_dir / "verdict.json").write_text(result.to_json())
+    return result
+
+
+def _split_before_dashdash(args: list[str]) -> list[str]:
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _after_dashdash(args: list[str]) -> list[str]:
+    return args[args.index("--") :] if "--" in args else []
+
+
+def _watch(proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, deadline: float, readable: bool) -> tuple[str | None, float]:
+    """Wait for exit, HANG or the deadline. Returns (None | 'HANG' | 'TIMEOUT', seconds)."""
+    start = time.monotonic()
+    pidfd = None
+    poller = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+        except OSError:
+            pidfd = None
+    try:
+        while True:
+            wait = max(0.0, min(SAMPLE_INTERVAL, deadline - time.monotonic()))
+            if poller is not None:
+                poller.poll(wait * 1000)
+                if proc.poll() is not None:
+                    return None, time.monotonic() - start
+            else:
+                try:
+                    proc.wait(timeout=wait)
+                    return None, time.monotonic() - start
+                except subprocess.TimeoutExpired:
+                    pass
+            if readable:
+                detector.sample(tree.pids())
+                if detector.hung():
+                    return "HANG", time.monotonic() - start
+            if time.monotonic() >= deadline:
+                if proc.poll() is not None:
+                    return None, time.monotonic() - start
+                return "TIMEOUT", time.monotonic() - start
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _read_child_result(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _finish(result: Result, proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, verdict: str | None,
+            t0: float, run_dir: Path, evidence_dir: Path, result_path: Path, stderr_path: Path,
+            notes: list[str], window: float) -> None:
+    evd = result.evidence
+    stacks: dict[str, Any] = {}
+    if verdict in ("HANG", "TIMEOUT"):
+        detected_at = time.monotonic()
+        snap = detector.last
+        evd["threads"] = detector.table(snap)
+        if verdict == "HANG":
+            onset = (detector.quiet_since or detected_at) - t0
+            evd["hang"] = {
+                "detected_after_s": round(detected_at - t0, 3),
+                "onset_estimate_s": round(onset, 3),
+                "window_s": window,
+                "samples": detector.samples,
+            }
+        elif not detector.samples:
+            notes.append("quiescence not sampled: verdict from the deadline only")
+        alive = tree.alive()
+        t_st = time.monotonic()
+        stacks = ev.stacks(alive, evidence_dir)
+        evd["stacks_seconds"] = round(time.monotonic() - t_st, 3)
+        evd["stacks"] = stacks
+        kill = tree.kill_all(proc)
+        evd["killed"] = kill["killed"]
+        evd["survivors"] = kill["survivors"]
+        child = _read_child_result(result_path)
+        result.outcome = verdict
+    else:
+        child = _read_child_result(result_path)
+        left = tree.alive(include_root=False)
+        described = tree.describe(left)
+        kill = tree.kill_all(proc)
+        extra = [p for p in kill["killed"] if p not in left and p != proc.pid]
+        if left or extra:
+            evd["left_behind"] = described + tree.describe(extra)
+        evd["survivors"] = kill["survivors"]
+        result.outcome = _outcome_from_exit(proc.returncode, child)
+
+    rc = proc.returncode
+    stderr_tail = ev.tail(stderr_path)
+    fh = ev.faulthandler_files(evidence_dir)
+    # faulthandler files of processes we dumped on purpose are stacks, not crash reports
+    crash_fh = {pid: text for pid, text in fh.items() if pid not in stacks}
+    if crash_fh:
+        evd["faulthandler"] = crash_fh
+    evd["stderr_tail"] = stderr_tail
+    evd["signatures"] = ev.match_signatures(stderr_tail, *crash_fh.values())
+    evd["termination"] = _termination(rc, child, verdict, evd["signatures"])
+    evd["exit_code"] = rc
+    if stacks:
+        root_stack = stacks.get(str(proc.pid), {}).get("text", "")
+        frame = ev.top_frame(root_stack)
+        if not frame:
+            for entry in stacks.values():
+                frame = ev.top_frame(entry.get("text", ""))
+                if frame:
+                    break
+        evd["top_frame"] = frame
+    elif crash_fh:
+        evd["top_frame"] = ev.top_frame(next(iter(crash_fh.values())))
+    result.metrics = child.get("metrics", {})
+    result.observations = child.get("observations", [])
+    result.stage = child.get("stage")
+    result.stages = child.get("stages", [])
+    result.error = child.get("error")
+    evd["child_status"] = child.get("status", "missing")
+    if verdict == "HANG" and result.stages and child.get("t0_monotonic"):
+        # latency from entering the last stage (where the hang began, at the latest) to the verdict
+        last_stage_at = child["t0_monotonic"] + result.stages[-1][1]
+        evd["hang"]["after_last_stage_s"] = round(t0 + evd["hang"]["detected_after_s"] - last_stage_at, 3)
+
+
+def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
+    status = child.get("status")
+    if rc == 0 and status == "pass":
+        return Outcome.PASS.value
+    if status == "fail":
+        return Outcome.FAIL.value
+    if status == "error":
+        return Outcome.ERROR.value
+    if status == "exit" and rc is not None and rc > 0:
+        return Outcome.FAIL.value  # a deliberate sys.exit(n): the program's own verdict
+    return Outcome.CRASH.value  # signal, abort, exit without a final result, or rc != 0 after pass
+
+
+def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, signatures: list[str]) -> dict[str, Any]:
+    status = child.get("status", "missing")
+    if verdict:
+        return {"kind": "killed-by-harness", "signal": "SIGKILL", "description": f"killed by the harness (SIGKILL) after {verdict}"}
+    if rc is None:
+        return {"kind": "unknown", "description": "exit status unknown"}
+    if rc < 0:
+        try:
+            sig = signal.Signals(-rc)
+            name, text = sig.name, signal.strsignal(sig) or ""
+        except ValueError:
+            name, text = f"signal {-rc}", ""
+        kind = "abort" if name == "SIGABRT" else "signal"
+        desc = f"killed by {name}" + (f" ({text})" if text else "")
+        return {"kind": kind, "signal": name, "description": desc}
+    if rc == 0:
+        if status == "pass":
+            return {"kind": "exit", "code": 0, "description": "exited normally (0)"}
+        return {"kind": "exit-without-result", "code": 0, "description": f"exited 0 but the result says {status!r} (os._exit before the end?)"}
+    if status == "exit":
+        code = child.get("exit_code", rc)
+        return {"kind": "deliberate-exit", "code": rc, "deliberate": True, "description": f"deliberate exit: the program called sys.exit({code})"}
+    if status in ("fail", "error"):
+        return {"kind": "exit", "code": rc, "description": f"exited {rc} after reporting {status}"}
+    if status == "pass":
+        return {"kind": "exit-after-pass", "code": rc, "description": f"exited {rc} after the scenario passed (crash or exit at interpreter shutdown)"}
+    mkl = [s for s in signatures if s in ("intel-mkl-error", "mkl-threading-layer-incompatible")]
+    if mkl:
+        return {"kind": "deliberate-native-exit", "code": rc, "deliberate": True,
+                "description": f"deliberate exit({rc}) from native code with a message ({', '.join(mkl)}): MKL refused to run, not a crash by signal"}
+    return {"kind": "exit-without-result", "code": rc,
+            "description": f"exited with code {rc} without writing a final result (os._exit or exit() from native code; no signal)"}

@@ -1,0 +1,196 @@
+"""Generate docs/HAZARDS.md: every claim of the seeds, with a verdict per build and the scenario that shows it.
+
+    python -m repro.hazards_doc results/report.json -o docs/HAZARDS.md
+    python -m repro.hazards_doc results/cells -o docs/HAZARDS.md      # cell files merged on the fly
+
+The claims come from :mod:`repro.claims`, the scenarios that bear on each claim from the catalogue
+(``@scenario(claims=...)``), the outcomes from a merged matrix report (:mod:`repro.matrix`) or
+cell files. The verdict of a claim in a cell is read off its scenarios' variants there:
+
+* a *hazard* variant that ran and did not PASS reproduces the hazard; one that passed did not;
+* a *fix* variant holds when it passes;
+* *load* and *probe* variants contribute their key figure;
+* any outcome that disagrees with the build's prediction is called out first;
+* a claim with no scenario, or none run in a cell, is "not tested" there -- never a pass.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from repro import figures as _figures
+from repro import matrix as _matrix
+from repro.claims import CLAIMS
+
+
+def load_merged(inputs: list[str]) -> dict[str, Any]:
+    if len(inputs) == 1 and Path(inputs[0]).is_file():
+        data = json.loads(Path(inputs[0]).read_text("utf-8"))
+        if isinstance(data, Mapping) and str(data.get("schema", "")).startswith("splitrepro.matrix"):
+            return dict(data)
+    cells = [_matrix.read_cell(p) for p in _matrix.collect_paths(inputs)]
+    return _matrix.merge(cells)
+
+
+def claim_scenarios() -> dict[str, list[str]]:
+    """claim id -> scenario names that name it, from the catalogue."""
+    from repro.scenarios import load_catalogue
+
+    out: dict[str, list[str]] = {cid: [] for cid in CLAIMS}
+    for sc in load_catalogue().values():
+        for cid in sc.claims:
+            out.setdefault(cid, []).append(sc.name)
+    return out
+
+
+def _label(row: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
+    text = f"`{row['scenario']}:{row['variant']}` {entry['outcome']}"
+    key = entry.get("key_figure")
+    if key:
+        text += f" ({key['name']} {_figures.fmt_value(key['value'], key['unit'])}"
+        text += f", target {key['target']}{' met' if key['ok'] else ' missed'})" if key.get("target") else ")"
+    return text
+
+
+def verdict(rows: list[Mapping[str, Any]], cell: str) -> tuple[str, str]:
+    """(verdict, shown by) of one claim in one cell, from the rows of its scenarios."""
+    ran = [(r, r["cells"][cell]) for r in rows if cell in r["cells"] and r["cells"][cell]["status"] == _matrix.RAN]
+    if not ran:
+        skipped = [
+            r["cells"][cell]["detail"]
+            for r in rows
+            if cell in r["cells"] and r["cells"][cell]["status"] == _matrix.SKIPPED and r["cells"][cell]["detail"]
+        ]
+        reason = f" (skipped: {'; '.join(sorted(set(skipped)))})" if skipped else ""
+        return "not tested" + reason, ""
+    parts: list[str] = []
+    shown: list[str] = []
+    wrong = [(r, e) for r, e in ran if e["ok"] is False]
+    if wrong:
+        parts.append(
+            "⚠ disagrees with prediction: "
+            + ", ".join(f"{r['scenario']}:{r['variant']} {e['outcome']} (expected {'/'.join(e['expected'])})" for r, e in wrong)
+        )
+        shown.extend(_label(r, e) for r, e in wrong)
+    hazards = [(r, e) for r, e in ran if r["kind"] == "hazard"]
+    if hazards:
+        repro = [(r, e) for r, e in hazards if e["outcome"] != "PASS"]
+        if repro:
+            outcomes = "/".join(sorted({e["outcome"] for _, e in repro}))
+            parts.append(f"hazard reproduces ({outcomes}, {len(repro)} of {len(hazards)} hazard variants)")
+            shown.extend(_label(r, e) for r, e in repro if (r, e) not in wrong)
+        else:
+            parts.append(f"hazard does not reproduce ({len(hazards)} hazard variants PASS)")
+            shown.extend(_label(r, e) for r, e in hazards[:2] if (r, e) not in wrong)
+    fixes = [(r, e) for r, e in ran if r["kind"] == "fix"]
+    if fixes:
+        broken = [(r, e) for r, e in fixes if e["outcome"] != "PASS"]
+        if broken:
+            parts.append(f"fix fails ({len(broken)} of {len(fixes)})")
+            shown.extend(_label(r, e) for r, e in broken if (r, e) not in wrong)
+        else:
+            parts.append(f"fix holds ({len(fixes)} fix variants PASS)")
+            shown.extend(_label(r, e) for r, e in fixes[:2])
+    measured = [(r, e) for r, e in ran if r["kind"] in ("load", "probe")]
+    for r, e in measured:
+        if e.get("key_figure") or r["kind"] == "probe":
+            shown.append(_label(r, e))
+    if measured and not hazards and not fixes:
+        outcomes = "/".join(sorted({e["outcome"] for _, e in measured}))
+        missed = [e for _, e in measured if e.get("key_figure") and e["key_figure"].get("ok") is False]
+        parts.append(f"measured ({outcomes})" + (f"; {len(missed)} target(s) missed" if missed else ""))
+    seen: set[str] = set()
+    shown = [s for s in shown if not (s in seen or seen.add(s))]
+    return "; ".join(parts), "<br>".join(shown[:6])
+
+
+def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]]) -> str:
+    cells = [c["name"] for c in merged["cells"]]
+    out = ["# Hazards: the seeds' claims, tested per build", ""]
+    out.append(
+        "Generated by `python -m repro.hazards_doc` from `repro/claims.py`, the scenario catalogue and the matrix "
+        f"results of {merged.get('generated', '?')} ({len(cells)} cell(s): {', '.join(cells) or 'none'}). "
+        "Each claim is one of the seeds' hypotheses; the verdict says what its scenarios showed on each build. "
+        "A hazard *reproduces* when its hazard variant did not pass; a *fix holds* when its fix variants passed; "
+        "⚠ marks an outcome the build's prediction did not allow. Details of every variant: docs/matrix/."
+    )
+    out.append("")
+    if merged.get("missing_cells"):
+        out.append(f"Cells with no results: {', '.join(merged['missing_cells'])}.")
+        out.append("")
+    out.append("## Summary")
+    out.append("")
+    out.append("| claim | seed | scenarios | " + " | ".join(cells) + " |")
+    out.append("|---|---|---|" + "---|" * len(cells))
+    details = []
+    for cid, info in CLAIMS.items():
+        names = scenarios_by_claim.get(cid, [])
+        rows = [r for r in merged["rows"] if r["scenario"] in names]
+        per_cell = {c: verdict(rows, c) for c in cells}
+        short = [_short(per_cell[c][0]) for c in cells]
+        out.append(f"| {cid} | {info['seed']} | {', '.join(f'`{n}`' for n in names) or '**none**'} | " + " | ".join(short) + " |")
+        details.append((cid, info, names, per_cell))
+    out.append("")
+    for cid, info, names, per_cell in details:
+        out.append(f"## {cid}")
+        out.append("")
+        out.append(f"> {info['claim']}")
+        out.append("")
+        if not names:
+            out.append("No scenario names this claim: untested.")
+            out.append("")
+            continue
+        out.append(f"Scenarios: {', '.join(f'`{n}`' for n in names)}.")
+        out.append("")
+        out.append("| build | verdict | shown by |")
+        out.append("|---|---|---|")
+        for c in cells:
+            v, shown = per_cell[c]
+            out.append(f"| {c} | {v.replace('|', '/')} | {shown.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _short(text: str) -> str:
+    if not text:
+        return "–"
+    if text.startswith("⚠"):
+        return "⚠ unpredicted"
+    if text.startswith("not tested"):
+        return "not tested"
+    bits = []
+    if "hazard reproduces" in text:
+        bits.append("reproduces")
+    if "does not reproduce" in text:
+        bits.append("no repro")
+    if "fix holds" in text:
+        bits.append("fix holds")
+    if "fix fails" in text:
+        bits.append("fix FAILS")
+    if text.startswith("measured"):
+        bits.append("missed target" if "missed" in text else "measured")
+    return ", ".join(bits) or text[:40]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m repro.hazards_doc", description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", help="a merged report.json, or cell files / directories")
+    ap.add_argument("-o", "--output", default="docs/HAZARDS.md")
+    args = ap.parse_args(argv)
+    merged = load_merged(args.inputs)
+    text = render(merged, claim_scenarios())
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {args.output} ({len(CLAIMS)} claims, {len(merged['cells'])} cells)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

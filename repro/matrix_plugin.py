@@ -1,0 +1,272 @@
+"""pytest plugin that writes one matrix cell's results: ``pytest -p repro.matrix_plugin --repro-results F``.
+
+Every scenario variant that a test runs through :func:`repro.harness.runner.run_variant` is
+recorded with its outcome, prediction, figures and evidence summary; variants that pytest
+skipped are recorded with the skip reason; the whole catalogue is listed so that the report can
+tell a variant that did not run from one that passed. The build's fingerprint comes from a clean
+child (``python -m repro env --json``), as the harness takes it. Works under pytest-xdist: the
+results travel to the controller in the reports' ``user_properties``.
+
+The file (schema ``splitrepro.cell/1``) is what :mod:`repro.matrix` merges.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCHEMA = "splitrepro.cell/1"
+RESULT_KEY = "splitrepro_result"
+CASE_KEY = "splitrepro_case"
+# Evidence keys that are large and only useful in the run directory, not in a matrix file.
+_BULKY_EVIDENCE = ("stacks", "threads", "faulthandler")
+_MAX_TEXT = 4000
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("splitrepro-matrix")
+    group.addoption("--repro-results", default=None, help="write this cell's scenario results (JSON) to this file")
+    group.addoption("--repro-cell", default=None, help="the cell's name (default: py<X.Y>-<build>)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--repro-results", default=None)
+    if path:
+        config.pluginmanager.register(CellRecorder(config, Path(path)), "splitrepro-cell-recorder")
+
+
+def _trim(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_TEXT:
+        return "…" + value[-_MAX_TEXT:]
+    if isinstance(value, dict):
+        return {k: _trim(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trim(v) for v in value[:200]]
+    return value
+
+
+def slim_result(data: dict[str, Any]) -> dict[str, Any]:
+    """A run result without the bulky evidence (stacks stay in the run directory)."""
+    out = dict(data)
+    evidence = dict(out.get("evidence") or {})
+    for key in _BULKY_EVIDENCE:
+        if key in evidence:
+            value = evidence.pop(key)
+            evidence[f"{key}_count"] = len(value) if hasattr(value, "__len__") else 1
+    out["evidence"] = _trim(evidence)
+    out.pop("fingerprint", None)  # once per cell, not per result
+    return _trim(out)
+
+
+class CellRecorder:
+    def __init__(self, config: pytest.Config, path: Path) -> None:
+        self.config = config
+        self.path = path
+        self.is_worker = hasattr(config, "workerinput")
+        self.started = time.time()
+        self.captured: dict[str, list[dict[str, Any]]] = {}
+        self.current: str | None = None
+        self.results: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.outcomes: dict[str, str] = {}
+        self._ids: dict[str, tuple[str, str, str]] | None = None
+        self._wrap_runner()
+
+    # -- capture (in the process that runs the tests) -------------------------------------
+    def _wrap_runner(self) -> None:
+        try:
+            from repro.harness import runner
+        except ImportError:  # the harness is not there: nothing to capture
+            return
+        original = runner.run_variant
+        if getattr(original, "_splitrepro_wrapped", False):
+            return
+        recorder = self
+
+        def run_variant(*args: Any, **kwargs: Any):
+            result = original(*args, **kwargs)
+            try:
+                data = result.to_dict() if hasattr(result, "to_dict") else json.loads(result.to_json())
+                recorder.captured.setdefault(recorder.current or "", []).append(data)
+            except Exception as exc:  # noqa: BLE001 - never break the test over the record
+                print(f"splitrepro: could not record a result: {exc!r}", file=sys.stderr)
+            return result
+
+        run_variant._splitrepro_wrapped = True  # type: ignore[attr-defined]
+        run_variant.__wrapped__ = original  # type: ignore[attr-defined]
+        run_variant.__doc__ = original.__doc__
+        runner.run_variant = run_variant
+
+    def _catalogue_ids(self) -> dict[str, tuple[str, str, str]]:
+        if self._ids is None:
+            self._ids = {}
+            try:
+                from repro.scenarios import load_catalogue
+
+                for sc in load_catalogue().values():
+                    for v in sc.variants:
+                        for sep in (":", "-", "/", "."):
+                            self._ids.setdefault(f"{sc.name}{sep}{v.name}", (sc.name, v.name, v.kind))
+            except Exception:  # noqa: BLE001
+                pass
+        return self._ids
+
+    def _case(self, item: pytest.Item) -> dict[str, str] | None:
+        """Which scenario variant a test item is about, from its parameters or its id."""
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
+            return None
+        scenario = variant = kind = None
+        try:
+            from repro.harness.spec import Scenario, Variant
+        except ImportError:
+            Scenario = Variant = ()  # type: ignore[assignment]
+        for value in callspec.params.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if Scenario and isinstance(v, Scenario):
+                    scenario = v.name
+                elif Variant and isinstance(v, Variant):
+                    variant, kind = v.name, v.kind
+        if scenario and variant:
+            return {"scenario": scenario, "variant": variant, "kind": kind or ""}
+        ids = self._catalogue_ids()
+        for part in [callspec.id, *callspec.id.split("-")]:
+            if part in ids:
+                s, v, k = ids[part]
+                return {"scenario": s, "variant": v, "kind": k}
+        for value in callspec.params.values():
+            if isinstance(value, str) and value in ids:
+                s, v, k = ids[value]
+                return {"scenario": s, "variant": v, "kind": k}
+        return None
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        self.current = item.nodeid
+        try:
+            yield
+        finally:
+            self.current = None
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        for data in self.captured.pop(item.nodeid, []):
+            item.user_properties.append((RESULT_KEY, slim_result(data)))
+        if call.when == "setup":
+            case = self._case(item)
+            if case:
+                item.user_properties.append((CASE_KEY, case))
+        yield
+
+    # -- collect (in the controller, or the only process) ---------------------------------------
+    _RANK = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.is_worker:
+            return
+        if report.failed:
+            outcome = "failed" if report.when == "call" else "error"
+        else:
+            outcome = "skipped" if report.skipped else "passed"
+        prior = self.outcomes.get(report.nodeid)
+        if prior is None or self._RANK[outcome] > self._RANK[prior]:
+            self.outcomes[report.nodeid] = outcome
+        if report.skipped and report.when in ("setup", "call"):
+            case = dict(next((v for k, v in report.user_properties if k == CASE_KEY), None) or {})
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            if case:
+                case["reason"] = str(reason).removeprefix("Skipped: ")
+                case["nodeid"] = report.nodeid
+                self.skipped.append(case)
+        if report.when != "teardown":
+            return
+        for key, value in report.user_properties:
+            if key == RESULT_KEY and isinstance(value, dict):
+                value = dict(value)
+                value["nodeid"] = report.nodeid
+                self.results.append(value)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.is_worker:
+            return
+        self.write(int(exitstatus))
+
+    def write(self, exitstatus: int) -> None:
+        fingerprint: dict[str, Any] = {}
+        fingerprint_error = None
+        if self.results or os.environ.get("SPLITREPRO_CELL_FINGERPRINT", "1") != "0":
+            try:
+                from repro.harness.fingerprint import get_fingerprint
+
+                fingerprint = get_fingerprint(sys.executable)
+            except Exception as exc:  # noqa: BLE001
+                fingerprint_error = repr(exc)[:2000]
+        catalogue = []
+        try:
+            from repro.scenarios import load_catalogue
+
+            for sc in load_catalogue().values():
+                for v in sc.variants:
+                    catalogue.append(
+                        {
+                            "scenario": sc.name,
+                            "variant": v.name,
+                            "kind": v.kind,
+                            "claims": list(sc.claims),
+                            "seed": sc.seed,
+                        }
+                    )
+        except Exception as exc:  # noqa: BLE001
+            catalogue_error = repr(exc)[:2000]
+        else:
+            catalogue_error = None
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes.values():
+            counts[outcome] = counts.get(outcome, 0) + 1
+        build = fingerprint.get("build") or os.environ.get("SPLITREPRO_BUILD") or ""
+        cell = (
+            self.config.getoption("--repro-cell")
+            or os.environ.get("REPRO_CELL")
+            or (f"py{platform.python_version_tuple()[0]}.{platform.python_version_tuple()[1]}-{build or 'unknown'}")
+        )
+        data = {
+            "schema": SCHEMA,
+            "cell": cell,
+            "build": build,
+            "python": platform.python_version(),
+            "started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "wall_seconds": round(time.time() - self.started, 1),
+            "pytest": {
+                "exitstatus": exitstatus,
+                "tests": counts,
+                "args": list(self.config.invocation_params.args),
+            },
+            "fingerprint": fingerprint,
+            "fingerprint_error": fingerprint_error,
+            "catalogue": catalogue,
+            "catalogue_error": catalogue_error,
+            "results": self.results,
+            "skipped": self.skipped,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        line = (
+            f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {self.path}"
+        )
+        if tr is not None:
+            tr.write_line(line)
+        else:
+            print(line, file=sys.stderr)

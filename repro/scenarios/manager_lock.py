@@ -1,0 +1,147 @@
+"""Seed 004: is the event loop (and the manager) responsive while a model loads for seconds?
+
+The slow load is the real :class:`splitlearn.model_loader.ModelLoader` path. ``workload=io``:
+a ``pytorch`` TransformerEncoderLayer checkpoint preceded by ``load_s`` seconds of simulated
+storage I/O (a wait inside the load body standing in for reading a large file). ``workload=real``:
+a GPT-2-small-shaped checkpoint (~124M parameters, ~500 MB, from ``fixtures.models``) loaded
+through ``AutoModelForCausalLM.from_pretrained`` and warmed up -- seconds of real work that
+also competes for the GIL.
+
+While it loads, a heartbeat task on the same loop ticks every 5 ms and a client task calls
+``get_model`` on an already loaded model plus one forward pass every 10 ms. The scenario's
+check is the responsiveness criterion: heartbeat max gap < ``gap_limit_ms`` and client max
+latency < ``gap_limit_ms``.
+
+* hazard ``loop``: the load runs on the loop thread under the manager lock -> the heartbeat stops
+  for the whole load (FAIL everywhere).
+* hazard ``lock``: the load runs in an executor but is awaited under the lock -> the loop ticks,
+  but every ``get_model`` waits for the load (FAIL everywhere).
+* fix ``placeholder``: :class:`splitlearn.manager.AsyncModelManager` -> PASS.
+* fix ``placeholder_real``: the same with a real multi-second load.
+"""
+
+from __future__ import annotations
+
+from repro.harness.spec import Outcome, fix, hazard, scenario
+
+_COMMON = {"load_s": 2.5, "gap_limit_ms": 50.0, "heartbeat_ms": 5.0, "client_pause_ms": 10.0, "min_load_s": 1.0}
+
+
+@scenario(
+    name="manager_lock",
+    seed="004",
+    claims=("004-placeholder-lock",),
+    timeout=120.0,
+    serial=True,
+    variants=[
+        hazard("loop", params={**_COMMON, "pattern": "loop", "workload": "io"}, expect=Outcome.FAIL,
+               doc="load on the loop thread under the lock: the heartbeat stalls for the load time"),
+        hazard("lock", params={**_COMMON, "pattern": "lock", "workload": "io"}, expect=Outcome.FAIL,
+               doc="load in an executor awaited under the lock: get_model of another model waits for the load"),
+        fix("placeholder", params={**_COMMON, "pattern": "placeholder", "workload": "io"},
+            doc="placeholder under a short lock, load in a thread pool"),
+        fix("placeholder_real", params={**_COMMON, "pattern": "placeholder", "workload": "real"}, markers=("slow",),
+            doc="placeholder pattern with a real GPT-2-small-sized load (~124M parameters)"),
+    ],
+)
+def manager_lock(ctx) -> None:
+    """Heartbeat and get_model latency on the loop while a multi-second load runs."""
+    import asyncio
+    import time
+
+    import torch
+
+    from repro.scenarios._manager_common import (
+        Heartbeat,
+        LockedLoadManager,
+        StagedLoader,
+        client,
+        latency_summary,
+        setup_logging,
+        write_encoder_checkpoint,
+    )
+    from splitlearn.manager import AsyncModelManager
+    from splitlearn.model_loader import ModelConfig
+
+    setup_logging()
+    p = ctx.params
+    pattern, workload = p["pattern"], p["workload"]
+    limit_ms = float(p["gap_limit_ms"])
+
+    ctx.stage("prepare checkpoints")
+    resident_kw = write_encoder_checkpoint(ctx.workdir, "resident", d_model=64)
+    if workload == "io":
+        slow_kw = write_encoder_checkpoint(ctx.workdir, "slow", d_model=256)
+        slow_cfg = ModelConfig("slow", **slow_kw, metadata={"io_seconds": float(p["load_s"])})
+    elif workload == "real":
+        from fixtures.models import gpt2_small_dir
+
+        t0 = time.perf_counter()
+        path = gpt2_small_dir(sharded=True)
+        ctx.record(checkpoint_build_s=round(time.perf_counter() - t0, 3))
+        slow_cfg = ModelConfig("slow", "huggingface", str(path), warmup=True, warmup_steps=2, warmup_seq_len=64)
+    else:
+        raise ValueError(f"unknown workload {workload!r}")
+    resident_cfg = ModelConfig("resident", **resident_kw)
+    x = torch.randn(1, 16, 64)
+
+    loader = StagedLoader()
+    if pattern == "placeholder":
+        mgr = AsyncModelManager(loader, max_workers=1)
+    elif pattern in ("loop", "lock"):
+        mgr = LockedLoadManager(loader, on_loop=(pattern == "loop"))
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    ctx.observe(f"pattern={pattern} workload={workload} manager={type(mgr).__name__} torch_threads={torch.get_num_threads()}")
+
+    async def main() -> dict:
+        await mgr.load_model(resident_cfg)
+        hb = Heartbeat(p["heartbeat_ms"] / 1e3)
+        hb.start()
+        stop, first = asyncio.Event(), asyncio.Event()
+        samples: list[tuple[float, float]] = []
+        errors: list[str] = []
+        ctask = asyncio.create_task(client(mgr.get_model, ["resident"], {"resident": x}, stop,
+                                           p["client_pause_ms"] / 1e3, samples, errors, first))
+        await first.wait()  # the first forward pays one-off costs: keep it out of the figures
+        hb.reset()
+        samples.clear()
+        # Baseline: the heartbeat's and client's figures with no load running.
+        await asyncio.sleep(0.3)  # a measurement window of idle ticks, not synchronisation
+        base = {**hb.summary("idle_heartbeat"), **latency_summary(samples, "idle_client")}
+        hb.reset()
+        samples.clear()
+        ctx.stage(f"slow load ({pattern})")
+        t0 = time.perf_counter()
+        await mgr.load_model(slow_cfg)
+        t_end = time.perf_counter()
+        load_s = t_end - t0
+        stop.set()
+        await ctask  # a request that was waiting for the lock finishes: it counts too
+        await hb.stop()
+        await mgr.shutdown()
+        return {"load_s": round(load_s, 3), **base, **hb.summary(), **latency_summary(samples, "client", t0, t_end),
+                "client_errors": errors[:5], "pattern": pattern, "workload": workload}
+
+    ctx.stage("run")
+    figures = asyncio.run(main())
+    ctx.record(**figures)
+    ctx.observe(
+        f"load {figures['load_s']} s; heartbeat max gap {figures['heartbeat_max_gap_ms']} ms "
+        f"({figures['heartbeat_ticks']} ticks); get_model+forward max {figures.get('client_max_ms')} ms "
+        f"p50 {figures.get('client_p50_ms')} ms over {figures.get('client_n')} requests"
+    )
+    if figures["load_s"] < p["min_load_s"]:
+        raise RuntimeError(f"the load took {figures['load_s']} s < {p['min_load_s']} s: too short to test responsiveness")
+    if figures["client_errors"]:
+        raise RuntimeError(f"client requests failed: {figures['client_errors']}")
+    ctx.check(
+        figures["heartbeat_max_gap_ms"] < limit_ms,
+        f"event loop blocked: heartbeat max gap {figures['heartbeat_max_gap_ms']} ms >= {limit_ms} ms "
+        f"during a {figures['load_s']} s load",
+    )
+    ctx.check(
+        figures.get("client_n", 0) > 0 and figures["client_max_ms"] < limit_ms,
+        f"manager blocked: get_model+forward of another model took up to {figures.get('client_max_ms')} ms "
+        f">= {limit_ms} ms during a {figures['load_s']} s load",
+    )

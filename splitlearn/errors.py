@@ -1,0 +1,55 @@
+"""Exceptions of the split system. Importing this module imports neither torch nor transformers.
+
+Every error names what is wrong (the path, the key, the layer, the shard) so that a failed load
+can be told from a slow one: the original SplitLearnCore left its users unable to tell whether a
+load was stuck or had failed.
+"""
+
+from __future__ import annotations
+
+
+class SplitLearnError(Exception):
+    """Base class of every error raised by :mod:`splitlearn`."""
+
+
+class InvalidSplitPoints(SplitLearnError, ValueError):
+    """Split points that do not satisfy ``0 < split_point_1 < split_point_2 < n_layers``."""
+
+
+class UnknownModelType(SplitLearnError, KeyError):
+    """A model family that is not registered. The message lists the known families."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidPart(SplitLearnError, ValueError):
+    """A part name other than ``bottom``, ``trunk`` or ``top``."""
+
+
+class ModelNotFound(SplitLearnError, FileNotFoundError):
+    """The model path does not exist or holds no config / weights."""
+
+
+class MissingShard(SplitLearnError, FileNotFoundError):
+    """A shard named by ``model.safetensors.index.json`` is not on disk."""
+
+
+class CorruptWeights(SplitLearnError, ValueError):
+    """A safetensors file (or index) that is truncated, malformed, or names tensors it lacks."""
+
+
+class ConfigMismatch(SplitLearnError, ValueError):
+    """The config does not describe the weights (missing/unexpected tensors, wrong shapes, layer count)."""
+
+
+__all__ = [
+    "SplitLearnError",
+    "InvalidSplitPoints",
+    "UnknownModelType",
+    "InvalidPart",
+    "ModelNotFound",
+    "MissingShard",
+    "CorruptWeights",
+    "ConfigMismatch",
+]

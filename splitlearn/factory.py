@@ -1,0 +1,192 @@
+"""ModelFactory: build (bottom, trunk, top) from a local checkpoint.
+
+Two paths:
+
+* traditional: ``AutoModelForCausalLM.from_pretrained`` loads the whole model, its state dict
+  is split into the parts (the parts adopt the tensors, no copy), and the full model is freed;
+* incremental (low memory): a :class:`splitlearn.loading.ShardLoader` reads only the tensors a
+  requested part needs, and so only the shard files that hold them.
+
+``low_memory=None`` picks the incremental path when the checkpoint is sharded. Both paths first
+check the checkpoint against the config without reading tensor data (layer count, tensor
+names, shapes from the safetensors headers), so a config that does not match the weights is an
+error before any heavy work, never a silently half-random model.
+
+Importing this module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from typing import Any, Iterable
+
+from splitlearn._logging import stage
+from splitlearn.errors import ConfigMismatch, CorruptWeights, InvalidPart, InvalidSplitPoints, SplitLearnError
+from splitlearn.models.registry import PARTS, ModelRegistry
+
+log = logging.getLogger("splitlearn.factory")
+
+_last = threading.local()
+
+
+def validate_split_points(split_point_1: Any, split_point_2: Any, n_layers: int) -> tuple[int, int]:
+    for name, value in (("split_point_1", split_point_1), ("split_point_2", split_point_2)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidSplitPoints(f"{name} must be an int, got {value!r}")
+    if not 0 < split_point_1 < split_point_2 < n_layers:
+        raise InvalidSplitPoints(
+            f"invalid split points ({split_point_1}, {split_point_2}) for a model with {n_layers} layers: "
+            f"need 0 < split_point_1 < split_point_2 < {n_layers}"
+        )
+    return split_point_1, split_point_2
+
+
+def _layer_ranges(s1: int, s2: int, n: int) -> dict[str, tuple[int, int]]:
+    return {"bottom": (0, s1), "trunk": (s1, s2), "top": (s2, n)}
+
+
+class ModelFactory:
+    """Creates split models. See :meth:`create_split_models`."""
+
+    @staticmethod
+    def last_load_info() -> dict[str, Any] | None:
+        """What the last :meth:`create_split_models` call of this thread did: path, mode,
+        parts, ``opened_files`` (weight files opened), seconds."""
+        return getattr(_last, "info", None)
+
+    @staticmethod
+    def load_config(model_type: str, model_name_or_path: Any) -> Any:
+        from transformers import AutoConfig
+
+        from splitlearn.loading import resolve_model_dir
+
+        directory = resolve_model_dir(model_name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        except Exception as exc:
+            raise ConfigMismatch(f"cannot read the config of {directory}: {type(exc).__name__}: {exc}") from exc
+        declared = getattr(config, "model_type", None)
+        if declared != model_type:
+            raise ConfigMismatch(
+                f"{directory}/config.json declares model_type {declared!r}, but {model_type!r} was requested"
+            )
+        return config
+
+    @staticmethod
+    def create_split_models(
+        model_type: str,
+        model_name_or_path: Any,
+        split_point_1: int,
+        split_point_2: int,
+        device: Any = "cpu",
+        low_memory: bool | None = None,
+        parts: Iterable[str] = PARTS,
+        dtype: Any = None,
+    ) -> tuple[Any, Any, Any]:
+        """Return ``(bottom, trunk, top)`` in eval mode on ``device``; a part not in ``parts`` is None.
+
+        ``model_name_or_path``: a local directory written by ``save_pretrained`` (safetensors).
+        ``low_memory``: True = incremental, False = traditional, None = incremental iff sharded.
+        ``dtype``: optional torch dtype to cast the parts to (default: the checkpoint's dtype).
+        """
+        t0 = time.perf_counter()
+        if not ModelRegistry.is_registered(model_type):
+            ModelRegistry.get_model_class(model_type, "bottom")  # raises UnknownModelType listing known ones
+        model_type = model_type.lower()
+        wanted = tuple(parts)
+        unknown = [p for p in wanted if p not in PARTS]
+        if unknown or not wanted:
+            raise InvalidPart(f"parts must be a non-empty subset of {PARTS}, got {wanted!r}")
+
+        from splitlearn.loading import ShardLoader
+
+        with stage(log, "read config", model_type=model_type, path=model_name_or_path):
+            config = ModelFactory.load_config(model_type, model_name_or_path)
+        n_layers = int(config.num_hidden_layers)
+        s1, s2 = validate_split_points(split_point_1, split_point_2, n_layers)
+        ranges = _layer_ranges(s1, s2, n_layers)
+        with stage(log, "import family module", family=model_type):
+            classes = {p: ModelRegistry.get_model_class(model_type, p) for p in wanted}
+
+        loader = ShardLoader(model_name_or_path)
+        incremental = loader.is_sharded if low_memory is None else bool(low_memory)
+        mode = "incremental" if incremental else "traditional"
+        log.info(
+            "loading %s from %s: split (%d, %d) of %d layers, parts %s, %s path",
+            model_type, loader.model_dir, s1, s2, n_layers, ",".join(wanted), mode,
+        )
+        built: dict[str, Any] = {}
+        try:
+            source = loader.state_dict_view()
+            with stage(log, "check checkpoint against config"):
+                for p in wanted:
+                    classes[p].plan_from(source, config, *ranges[p])
+            if incremental:
+                for p in wanted:
+                    with stage(log, f"build {p} (incremental)", layers=ranges[p]):
+                        built[p] = classes[p].from_pretrained_split(source, config, *ranges[p])
+                opened = list(loader.opened_files)
+            else:
+                with stage(log, "validate weight files"):
+                    loader.validate_all()
+                opened = list(loader.opened_files)
+                loader.close()
+                with stage(log, "load full model (traditional)"):
+                    full = _load_full_model(loader.model_dir, config)
+                with stage(log, "split full model"):
+                    state_dict = full.state_dict()
+                    for p in wanted:
+                        built[p] = classes[p].from_pretrained_split(state_dict, config, *ranges[p])
+                    del state_dict, full
+                with stage(log, "free full model"):
+                    gc.collect()
+        finally:
+            loader.close()
+
+        import torch
+
+        for p, module in built.items():
+            with stage(log, f"move {p} to {device}"):
+                if dtype is not None:
+                    module.to(dtype=dtype)
+                module.to(torch.device(device))
+                module.eval()
+                module.load_info = {"mode": mode, "opened_files": opened, "path": str(loader.model_dir)}
+        seconds = time.perf_counter() - t0
+        _last.info = {
+            "model_type": model_type,
+            "path": str(loader.model_dir),
+            "mode": mode,
+            "sharded": loader.is_sharded,
+            "parts": wanted,
+            "split_points": (s1, s2),
+            "opened_files": opened,
+            "all_files": loader.files,
+            "seconds": round(seconds, 4),
+        }
+        log.info("loaded %s parts %s in %.2fs (%s, opened %s)", model_type, ",".join(wanted), seconds, mode, opened)
+        return built.get("bottom"), built.get("trunk"), built.get("top")
+
+
+def _load_full_model(model_dir: Any, config: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        full, info = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), config=config, local_files_only=True, dtype="auto", output_loading_info=True
+        )
+    except SplitLearnError:
+        raise
+    except Exception as exc:
+        raise CorruptWeights(f"transformers could not load {model_dir}: {type(exc).__name__}: {exc}") from exc
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head.")]
+    mismatched = list(info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        raise ConfigMismatch(f"{model_dir}: weights do not match the config: missing {missing[:6]} mismatched {mismatched[:6]}")
+    return full.eval()
+
+
+__all__ = ["ModelFactory", "validate_split_points"]

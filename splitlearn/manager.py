@@ -1,0 +1,427 @@
+"""The async model manager of seed 004: a placeholder under a short lock, the slow load in a
+thread pool, a short lock again to swap the real model in.
+
+State machine of one model id (all transitions run on the event loop thread)::
+
+    (absent) --load_model--> LOADING (LoadingPlaceholder, generation g)
+    LOADING  --worker returns, placeholder still current--> READY (ManagedModel)
+    LOADING  --worker raises / timeout / caller cancelled / unload_model--> (absent) + failure record
+    READY    --unload_model--> (absent)
+
+* ``load_model`` validates the config and estimates its memory **outside** the lock; under the
+  lock it only refuses duplicates (loading or loaded), checks memory (estimate plus the estimates
+  of loads in flight against ``psutil.virtual_memory().available``) and inserts the placeholder.
+  The load runs in a ``ThreadPoolExecutor``; the lock is taken again only to swap it in.
+* Every placeholder carries a generation number. The swap-in happens only if the placeholder in
+  the table is still that one; otherwise (timeout, cancellation, unload, a retry that replaced it)
+  the loaded model is dropped and never registered.
+* A caller that gives up (``asyncio.wait_for``, task cancellation, ``load_timeout``) removes the
+  placeholder at once, so a retry can start, and sets the load's cancel event: a load that has not
+  started is withdrawn from the pool, a running one stops at its next checkpoint (see
+  :class:`~splitlearn.model_loader.ModelLoader`), and one that finishes anyway has its result
+  dropped in the worker thread (logged, counted in ``stats()["orphans_dropped"]``).
+* A failed or cancelled load leaves a failure record: ``status(id)`` reports ``failed`` with the
+  error until a new load of that id starts. It does not block the retry.
+
+The critical sections contain no ``await``, so the lock is never held while anything slow runs;
+``get_model`` takes it too, and stays fast while a load is in flight. ``status`` and
+``list_models`` are plain reads on the loop thread. Use one manager from one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+
+from splitlearn.errors import SplitLearnError
+from splitlearn.model_loader import LoadCancelled, ModelConfig, ModelLoader, param_bytes
+
+log = logging.getLogger("splitlearn.manager")
+
+
+class ModelManagerError(SplitLearnError):
+    """Base class of the manager's errors."""
+
+
+class DuplicateModelError(ModelManagerError, ValueError):
+    """A load of a model id that is already loading or loaded."""
+
+
+class InsufficientResourcesError(ModelManagerError, RuntimeError):
+    """The memory estimate of a load does not fit the available memory."""
+
+
+class ModelNotFoundError(ModelManagerError, LookupError):
+    """No model of that id is loaded or loading."""
+
+
+class ModelNotReadyError(ModelManagerError):
+    """The model is still loading."""
+
+
+class LoadTimeoutError(ModelManagerError, TimeoutError):
+    """The load did not finish within its timeout; its placeholder was removed."""
+
+
+class ModelStatus(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.value
+
+
+@dataclass
+class LoadingPlaceholder:
+    """Stands in the table for a model while its load runs."""
+
+    model_id: str
+    config: ModelConfig
+    generation: int
+    estimated_bytes: int
+    started: float = field(default_factory=time.monotonic)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    future: concurrent.futures.Future | None = None  # the worker's job
+    waiter: asyncio.Future | None = None  # the loop-side view of ``future``
+    aborted: asyncio.Future | None = None  # set by unload_model / shutdown with the reason
+    status: ModelStatus = ModelStatus.LOADING
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "status": self.status.value,
+            "generation": self.generation,
+            "model_type": self.config.model_type,
+            "component": self.config.component,
+            "elapsed_s": round(time.monotonic() - self.started, 6),
+            "load_seconds": None,
+            "estimated_bytes": self.estimated_bytes,
+            "param_bytes": None,
+            "error": None,
+        }
+
+
+@dataclass
+class ManagedModel:
+    """A loaded model and what is known about its load."""
+
+    model_id: str
+    config: ModelConfig
+    model: Any
+    generation: int
+    load_seconds: float
+    estimated_bytes: int
+    param_bytes: int
+    loaded_at: float = field(default_factory=time.time)
+    requests: int = 0
+    status: ModelStatus = ModelStatus.READY
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "status": self.status.value,
+            "generation": self.generation,
+            "model_type": self.config.model_type,
+            "component": self.config.component,
+            "elapsed_s": None,
+            "load_seconds": round(self.load_seconds, 6),
+            "estimated_bytes": self.estimated_bytes,
+            "param_bytes": self.param_bytes,
+            "requests": self.requests,
+            "error": None,
+        }
+
+
+@dataclass
+class FailedLoad:
+    """The last failed (or cancelled) load of an id; cleared when a new load starts."""
+
+    model_id: str
+    config: ModelConfig
+    generation: int
+    error: str
+    seconds: float
+    estimated_bytes: int
+    status: ModelStatus = ModelStatus.FAILED
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "status": self.status.value,
+            "generation": self.generation,
+            "model_type": self.config.model_type,
+            "component": self.config.component,
+            "elapsed_s": None,
+            "load_seconds": round(self.seconds, 6),
+            "estimated_bytes": self.estimated_bytes,
+            "param_bytes": None,
+            "error": self.error,
+        }
+
+
+def _available_memory() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+class AsyncModelManager:
+    """Load, serve and unload models from one asyncio event loop.
+
+    ``max_workers`` sizes the load pool (loads beyond it queue). ``default_timeout`` applies to
+    loads whose config has no ``load_timeout``. ``memory_reserve_bytes`` is kept free on top of
+    every estimate; ``check_resources=False`` disables the memory check. ``available_memory`` may
+    replace the psutil probe (a callable returning bytes).
+    """
+
+    def __init__(
+        self,
+        loader: ModelLoader | None = None,
+        *,
+        max_workers: int = 2,
+        default_timeout: float | None = None,
+        check_resources: bool = True,
+        memory_reserve_bytes: int = 256 << 20,
+        available_memory: Callable[[], int] | None = None,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.loader = loader if loader is not None else ModelLoader()
+        self.default_timeout = default_timeout
+        self.check_resources = check_resources
+        self.memory_reserve_bytes = int(memory_reserve_bytes)
+        self._available_memory = available_memory or _available_memory
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="model-load")
+        self._lock = asyncio.Lock()
+        self._entries: dict[str, LoadingPlaceholder | ManagedModel] = {}
+        self._failures: dict[str, FailedLoad] = {}
+        self._generations = itertools.count(1)
+        self._stats_lock = threading.Lock()
+        self._stats = {"loads_started": 0, "loads_ready": 0, "loads_failed": 0, "loads_cancelled": 0,
+                       "orphans_dropped": 0, "duplicates_refused": 0, "workers_running": 0}
+        self._closed = False
+
+    # -- context management -------------------------------------------------------------
+    async def __aenter__(self) -> AsyncModelManager:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    async def shutdown(self, wait: bool = True) -> None:
+        """Cancel loads in flight, drop every model and stop the pool (waiting for running
+        workers in a thread when ``wait``, so the loop stays free)."""
+        self._closed = True
+        async with self._lock:
+            for entry in list(self._entries.values()):
+                if isinstance(entry, LoadingPlaceholder):
+                    self._cancel_placeholder(entry, "manager shut down")
+            self._entries.clear()
+        if wait:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+        else:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("manager shut down")
+
+    # -- loading --------------------------------------------------------------------------
+    async def load_model(self, config: ModelConfig, *, timeout: float | None = None) -> ManagedModel:
+        """Load ``config`` and register it; return the :class:`ManagedModel`.
+
+        Raises :class:`~splitlearn.model_loader.ConfigError` (bad config, nothing registered),
+        :class:`DuplicateModelError`, :class:`InsufficientResourcesError`,
+        :class:`LoadTimeoutError`, the loader's error, or ``CancelledError`` when the caller is
+        cancelled. In every failing case the placeholder is gone when this returns.
+        """
+        if self._closed:
+            raise ModelManagerError("manager is shut down")
+        config.validate()  # outside the lock: fast, may stat files
+        estimate = self.loader.estimate_memory(config)
+        model_id = config.model_id
+
+        t_lock = time.perf_counter()
+        async with self._lock:  # short: no await inside
+            self._refuse_duplicate(model_id)
+            self._check_memory(model_id, estimate)
+            ph = LoadingPlaceholder(model_id, config, next(self._generations), estimate)
+            self._entries[model_id] = ph
+            self._failures.pop(model_id, None)
+        log.info("placeholder for %r (generation %d) inserted in %.3f ms; estimate %.1f MiB",
+                 model_id, ph.generation, (time.perf_counter() - t_lock) * 1e3, estimate / 2**20)
+
+        t0 = time.perf_counter()
+        limit = timeout if timeout is not None else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
+        try:
+            ph.aborted = asyncio.get_running_loop().create_future()
+            ph.future = self._executor.submit(self._run_load, ph)
+            self._bump("loads_started")
+            ph.waiter = asyncio.wrap_future(ph.future)
+            done, _ = await asyncio.wait({ph.waiter, ph.aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            if ph.waiter in done:
+                model = ph.waiter.result()  # the loader's exception, if any
+            elif ph.aborted in done:
+                raise LoadCancelled(f"load of {model_id!r} (generation {ph.generation}) stopped: {ph.aborted.result()}")
+            else:
+                raise LoadTimeoutError(
+                    f"load of {model_id!r} did not finish within {limit:g} s; its placeholder was removed "
+                    "and the load was told to stop"
+                )
+            async with self._lock:  # short: no await inside
+                if self._entries.get(model_id) is not ph:
+                    raise LoadCancelled(
+                        f"load of {model_id!r} (generation {ph.generation}) finished after it was unloaded or replaced"
+                    )
+                managed = ManagedModel(model_id, config, model, ph.generation, time.perf_counter() - t0,
+                                       estimate, param_bytes(model))
+                self._entries[model_id] = managed
+                del model
+        except BaseException as exc:
+            self._abandon(ph, exc, time.perf_counter() - t0)
+            raise
+        finally:
+            ph.future = ph.waiter = None  # the placeholder keeps no result alive
+        self._bump("loads_ready")
+        log.info("model %r ready (generation %d) in %.3f s, %.1f MiB of parameters",
+                 model_id, ph.generation, managed.load_seconds, managed.param_bytes / 2**20)
+        return managed
+
+    def _refuse_duplicate(self, model_id: str) -> None:
+        entry = self._entries.get(model_id)
+        if entry is None:
+            return
+        self._bump("duplicates_refused")
+        log.info("duplicate load of %r refused (%s)", model_id, entry.status.value)
+        if isinstance(entry, LoadingPlaceholder):
+            raise DuplicateModelError(
+                f"model {model_id!r} is already loading (generation {entry.generation}, "
+                f"started {time.monotonic() - entry.started:.3f} s ago); wait for it or unload it first"
+            )
+        raise DuplicateModelError(f"model {model_id!r} is already loaded (generation {entry.generation}); unload it first")
+
+    def _check_memory(self, model_id: str, estimate: int) -> None:
+        if not self.check_resources:
+            return
+        available = self._available_memory()
+        in_flight = sum(e.estimated_bytes for e in self._entries.values() if isinstance(e, LoadingPlaceholder))
+        needed = estimate + in_flight + self.memory_reserve_bytes
+        if needed > available:
+            raise InsufficientResourcesError(
+                f"not enough memory to load {model_id!r}: estimate {estimate / 2**20:.1f} MiB + loads in flight "
+                f"{in_flight / 2**20:.1f} MiB + reserve {self.memory_reserve_bytes / 2**20:.1f} MiB > available "
+                f"{available / 2**20:.1f} MiB"
+            )
+
+    def _run_load(self, ph: LoadingPlaceholder) -> Any:
+        """In a worker thread. A result produced after the caller gave up is dropped here."""
+        with self._stats_lock:
+            self._stats["workers_running"] += 1
+        try:
+            if ph.cancel_event.is_set():
+                raise LoadCancelled(f"load of {ph.model_id!r} cancelled before it started")
+            log.info("worker loading %r (generation %d)", ph.model_id, ph.generation)
+            model = self.loader.load_from_config(ph.config, cancel_event=ph.cancel_event)
+            if ph.cancel_event.is_set():
+                del model  # the only reference: nothing registers it
+                self._bump("orphans_dropped")
+                log.warning("load of %r (generation %d) finished after its caller gave up; result dropped",
+                            ph.model_id, ph.generation)
+                raise LoadCancelled(f"load of {ph.model_id!r} finished after its caller gave up; result dropped")
+            return model
+        finally:
+            with self._stats_lock:
+                self._stats["workers_running"] -= 1
+
+    def _cancel_placeholder(self, ph: LoadingPlaceholder, why: str) -> None:
+        """Tell a load to stop: withdraw it if it has not started, set its cancel event (checked
+        by the loader between stages) and wake its ``load_model`` caller."""
+        ph.cancel_event.set()
+        if ph.future is not None and ph.future.cancel():
+            log.info("load of %r (generation %d) withdrawn before it started: %s", ph.model_id, ph.generation, why)
+        if ph.aborted is not None and not ph.aborted.done():
+            ph.aborted.set_result(why)
+
+    def _abandon(self, ph: LoadingPlaceholder, exc: BaseException, seconds: float) -> None:
+        """Synchronous, on the loop thread (no await, so it completes even while the caller is
+        being cancelled): stop the load, remove the placeholder if it is still ours, drop a
+        result nobody will register, record the failure."""
+        cancelled = isinstance(exc, (asyncio.CancelledError, LoadTimeoutError, LoadCancelled))
+        self._cancel_placeholder(ph, f"caller gave up ({type(exc).__name__})")
+        fut = ph.future
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            # The worker had already returned: its model exists but will never be registered.
+            self._bump("orphans_dropped")
+            log.warning("load of %r (generation %d) finished but is not registered (%s); result dropped",
+                        ph.model_id, ph.generation, type(exc).__name__)
+        if ph.waiter is not None and not ph.waiter.done():
+            ph.waiter.cancel()  # no "exception never retrieved" later; the worker result is discarded
+        if self._entries.get(ph.model_id) is ph:
+            del self._entries[ph.model_id]
+        if ph.model_id not in self._entries:
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._failures[ph.model_id] = FailedLoad(ph.model_id, ph.config, ph.generation, message, seconds, ph.estimated_bytes)
+        self._bump("loads_cancelled" if cancelled else "loads_failed")
+        log.log(logging.INFO if cancelled else logging.ERROR, "load of %r (generation %d) %s after %.3f s: %s: %s",
+                ph.model_id, ph.generation, "cancelled" if cancelled else "failed", seconds, type(exc).__name__, exc)
+
+    # -- serving --------------------------------------------------------------------------
+    async def get_model(self, model_id: str) -> Any:
+        """The loaded module. Raises :class:`ModelNotReadyError` while it loads and
+        :class:`ModelNotFoundError` when absent (naming the last failure, if any)."""
+        async with self._lock:  # short
+            entry = self._entries.get(model_id)
+            if isinstance(entry, ManagedModel):
+                entry.requests += 1
+                return entry.model
+        if isinstance(entry, LoadingPlaceholder):
+            raise ModelNotReadyError(
+                f"model {model_id!r} is still loading ({time.monotonic() - entry.started:.3f} s so far)")
+        failure = self._failures.get(model_id)
+        if failure is not None:
+            raise ModelNotFoundError(f"model {model_id!r} is not loaded: its last load failed: {failure.error}")
+        raise ModelNotFoundError(f"model {model_id!r} is not loaded (known: {sorted(self._entries)})")
+
+    def status(self, model_id: str) -> dict[str, Any]:
+        """loading / ready / failed, with load time and memory; ModelNotFoundError if unknown."""
+        entry = self._entries.get(model_id) or self._failures.get(model_id)
+        if entry is None:
+            raise ModelNotFoundError(f"no model {model_id!r} (known: {sorted(set(self._entries) | set(self._failures))})")
+        return entry.info()
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Status of every model loading, ready, or whose last load failed, sorted by id."""
+        rows = {k: v.info() for k, v in self._failures.items()}
+        rows.update({k: v.info() for k, v in self._entries.items()})
+        return [rows[k] for k in sorted(rows)]
+
+    def stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def _bump(self, key: str) -> None:
+        with self._stats_lock:
+            self._stats[key] += 1
+
+    # -- unloading ------------------------------------------------------------------------
+    async def unload_model(self, model_id: str) -> bool:
+        """Remove a ready model, or cancel a loading one (its ``load_model`` raises
+        :class:`~splitlearn.model_loader.LoadCancelled`). Returns False if there was none;
+        also clears a failure record."""
+        async with self._lock:  # short
+            entry = self._entries.pop(model_id, None)
+            had_failure = self._failures.pop(model_id, None) is not None
+        if isinstance(entry, LoadingPlaceholder):
+            self._cancel_placeholder(entry, "unloaded while loading")
+            log.info("unloaded %r while loading (generation %d)", model_id, entry.generation)
+            return True
+        if isinstance(entry, ManagedModel):
+            entry.model = None  # drop the manager's reference
+            log.info("unloaded %r (generation %d)", model_id, entry.generation)
+            return True
+        return had_failure

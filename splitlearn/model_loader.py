@@ -1,0 +1,495 @@
+"""Load one model described by a :class:`ModelConfig` (seed 004, stage 2).
+
+``ModelLoader.load_from_config(config)`` dispatches on ``config.model_type``:
+
+``pytorch``
+    a state-dict file (``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` read with
+    ``torch.load(..., weights_only=True)``) plus a model class given as an import string
+    ``"package.module:Class"`` and its keyword arguments. A file that holds pickled objects
+    beyond tensors is refused, never unpickled with ``weights_only=False``.
+``huggingface``
+    a local directory saved with ``save_pretrained``, loaded through ``AutoModelForCausalLM``
+    (``auto_class="causal_lm"``, the default) or ``AutoModel`` (``auto_class="model"``) with
+    ``local_files_only=True``: nothing is downloaded.
+``gpt2`` / ``qwen2`` / ``gemma``
+    one part (``component``: bottom, trunk or top) of a split model, built through
+    :meth:`splitlearn.ModelFactory.create_split_models` with only that part requested.
+
+Threads
+    ``config.num_threads`` (and ``config.interop_threads``) are applied with
+    :func:`configure_threads`, i.e. ``torch.set_num_threads``, **in the thread that runs the
+    load** (an executor thread under :class:`~splitlearn.manager.AsyncModelManager`). That call
+    is process-wide in one sense only: it sets torch's process default, which the calling thread
+    and every thread that *first* runs parallel torch work afterwards adopt. Under the OpenMP
+    backend (the PyPI Linux wheels) a thread that already ran torch work -- the event-loop thread
+    serving other models, say -- keeps the count it had (measured in tests/test_model_loader.py);
+    under torch's native pool backend it changes for everyone. Call :func:`configure_threads` on a
+    serving thread to change that thread. ``None`` (the default) leaves every setting alone; the
+    original loader forced one thread on every load. Environment variables (``OMP_NUM_THREADS``...)
+    are not touched: once torch is imported they no longer size its pool.
+
+Warmup
+    ``config.warmup`` runs ``warmup_steps`` forward passes under ``torch.inference_mode`` on a
+    sample input (token ids for language models and bottom parts, hidden states for trunk and
+    top parts, ``warmup_input_shape`` floats for ``pytorch`` models).
+
+Cancellation
+    ``load_from_config(config, cancel_event=ev)`` checks ``ev`` between stages (before the load,
+    after it, between warmup passes) and raises :class:`LoadCancelled` there. Python cannot stop
+    a thread inside a C call: a stage already running finishes first.
+
+Imports of torch / transformers happen inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from splitlearn._logging import stage
+from splitlearn.errors import SplitLearnError
+
+log = logging.getLogger("splitlearn.model_loader")
+
+SPLIT_TYPES = ("gpt2", "qwen2", "gemma")
+MODEL_TYPES = ("pytorch", "huggingface", *SPLIT_TYPES)
+COMPONENTS = ("bottom", "trunk", "top")
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+HF_AUTO_CLASSES = ("causal_lm", "model")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+# A load's peak is about twice the weights: the model's freshly initialised parameters and the
+# state dict read from disk live side by side until load_state_dict has copied one into the other
+# (and the split path builds the full model before cutting it).
+PEAK_FACTOR = 2.0
+
+
+class ConfigError(SplitLearnError, ValueError):
+    """A :class:`ModelConfig` that cannot describe a load. The message lists every problem."""
+
+
+class ModelLoadError(SplitLearnError, RuntimeError):
+    """The load itself failed (bad weights, class not importable, missing tensors...)."""
+
+
+class LoadCancelled(SplitLearnError):
+    """The load was cancelled at a checkpoint (or finished after its caller gave up)."""
+
+
+@dataclass
+class ModelConfig:
+    """What to load and how. ``validate()`` checks it without importing torch."""
+
+    model_id: str
+    model_type: str
+    model_path: str | os.PathLike | None = None
+    # pytorch
+    model_class: str | None = None  # "package.module:Class"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    strict: bool = True  # load_state_dict(strict=...)
+    # huggingface
+    auto_class: str = "causal_lm"  # "causal_lm" -> AutoModelForCausalLM, "model" -> AutoModel
+    dtype: str | None = None  # "float32", "bfloat16"...; None keeps the checkpoint's / float32
+    # split families
+    component: str | None = None  # bottom | trunk | top
+    split_points: Sequence[int] | None = None  # (s1, s2)
+    low_memory: bool | None = None  # passed to ModelFactory (None: its default)
+    # common
+    device: str = "cpu"
+    num_threads: int | None = None  # torch.set_num_threads in the loading thread + process default; None: untouched
+    interop_threads: int | None = None  # torch.set_num_interop_threads (only before parallel work)
+    warmup: bool = False
+    warmup_steps: int = 2
+    warmup_seq_len: int = 8
+    warmup_input_shape: Sequence[int] | None = None  # pytorch models: shape of a float input
+    load_timeout: float | None = None  # seconds; used by AsyncModelManager.load_model
+    memory_estimate_bytes: int | None = None  # overrides the estimate from file sizes
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Build from a mapping; unknown keys are an error (a typo must not be ignored)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"model config must be a mapping, not {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        missing = [k for k in ("model_id", "model_type") if k not in data]
+        if missing:
+            raise ConfigError(f"model config lacks required keys {missing}")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["model_path"] is not None:
+            d["model_path"] = str(d["model_path"])
+        if d["split_points"] is not None:
+            d["split_points"] = list(d["split_points"])
+        return d
+
+    def validate(self) -> ModelConfig:
+        """Raise :class:`ConfigError` naming every problem; return ``self`` when valid."""
+        problems: list[str] = []
+        add = problems.append
+        if not isinstance(self.model_id, str) or not self.model_id.strip():
+            add(f"model_id must be a non-empty string, got {self.model_id!r}")
+        if self.model_type not in MODEL_TYPES:
+            add(f"model_type {self.model_type!r} is not one of {list(MODEL_TYPES)}")
+        if not isinstance(self.device, str) or not (
+            self.device == "cpu" or self.device == "mps" or self.device.split(":")[0] == "cuda"
+        ):
+            add(f"device {self.device!r} is not 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        path = Path(self.model_path) if self.model_path not in (None, "") else None
+
+        if self.model_type == "pytorch":
+            if path is None:
+                add("model_type 'pytorch' needs model_path: a state-dict file")
+            elif not path.is_file():
+                add(f"model_path {str(path)!r} is not a file")
+            elif path.suffix not in STATE_DICT_SUFFIXES:
+                add(f"model_path {str(path)!r}: a state dict must end in one of {list(STATE_DICT_SUFFIXES)}")
+            if not self.model_class:
+                add("model_type 'pytorch' needs model_class as 'package.module:Class'")
+            elif not _is_import_string(self.model_class):
+                add(f"model_class {self.model_class!r} must look like 'package.module:Class'")
+            if not isinstance(self.model_kwargs, Mapping):
+                add(f"model_kwargs must be a mapping, got {type(self.model_kwargs).__name__}")
+            if self.warmup and self.warmup_input_shape is None:
+                add("warmup of a 'pytorch' model needs warmup_input_shape (the shape of a sample input)")
+        elif self.model_type == "huggingface":
+            if path is None:
+                add("model_type 'huggingface' needs model_path: a local directory (nothing is downloaded)")
+            elif not (path / "config.json").is_file():
+                add(f"model_path {str(path)!r} is not a directory with a config.json")
+            if self.auto_class not in HF_AUTO_CLASSES:
+                add(f"auto_class {self.auto_class!r} is not one of {list(HF_AUTO_CLASSES)}")
+        elif self.model_type in SPLIT_TYPES:
+            if path is None:
+                add(f"model_type {self.model_type!r} needs model_path: a local checkpoint directory")
+            elif not path.is_dir():
+                add(f"model_path {str(path)!r} is not a directory")
+            if self.component not in COMPONENTS:
+                add(f"component {self.component!r} is not one of {list(COMPONENTS)}")
+            sp = self.split_points
+            if (
+                sp is None
+                or isinstance(sp, (str, bytes))
+                or len(sp) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in sp)
+            ):
+                add(f"split_points must be two integers (s1, s2), got {sp!r}")
+            elif not 0 < sp[0] < sp[1]:
+                add(f"split_points must satisfy 0 < s1 < s2, got {list(sp)}")
+
+        if self.warmup_input_shape is not None and (
+            isinstance(self.warmup_input_shape, (str, bytes))
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in self.warmup_input_shape)
+        ):
+            add(f"warmup_input_shape must be positive integers, got {self.warmup_input_shape!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            add(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        for name in ("num_threads", "interop_threads"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                add(f"{name} must be None or an integer >= 1, got {v!r}")
+        for name in ("warmup_steps", "warmup_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                add(f"{name} must be an integer >= 1, got {v!r}")
+        if self.load_timeout is not None and (
+            not isinstance(self.load_timeout, (int, float)) or isinstance(self.load_timeout, bool) or self.load_timeout <= 0
+        ):
+            add(f"load_timeout must be None or a positive number of seconds, got {self.load_timeout!r}")
+        if self.memory_estimate_bytes is not None and (
+            not isinstance(self.memory_estimate_bytes, int) or self.memory_estimate_bytes < 0
+        ):
+            add(f"memory_estimate_bytes must be None or an integer >= 0, got {self.memory_estimate_bytes!r}")
+        if problems:
+            who = self.model_id if isinstance(self.model_id, str) and self.model_id else "<no id>"
+            raise ConfigError(f"invalid model config {who!r}: " + "; ".join(problems))
+        return self
+
+
+def _is_import_string(s: Any) -> bool:
+    if not isinstance(s, str) or s.count(":") != 1:
+        return False
+    mod, _, attr = s.partition(":")
+    return all(p.isidentifier() for p in mod.split(".")) and all(p.isidentifier() for p in attr.split("."))
+
+
+def import_string(spec: str) -> Any:
+    """Resolve ``"package.module:Name"`` (``Name`` may be dotted)."""
+    if not _is_import_string(spec):
+        raise ConfigError(f"import string {spec!r} must look like 'package.module:Class'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import module {mod_name!r} for model_class {spec!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ModelLoadError(f"module {mod_name!r} has no attribute {attr!r} (model_class {spec!r})") from exc
+    return obj
+
+
+_thread_lock = threading.Lock()
+
+
+def configure_threads(num_threads: int | None = None, interop_threads: int | None = None) -> dict[str, int]:
+    """Set torch's intra-op (and optionally inter-op) thread counts; returns before / after.
+
+    ``torch.set_num_threads(n)`` stores ``n`` as the process default and applies it to the calling
+    thread. Threads adopt the default when they first run parallel torch work, so it reaches the
+    caller and every thread that starts torch work later -- all models they run, not only the one
+    being loaded. Under the OpenMP backend, threads that already ran torch work keep their own
+    count; under the native backend the one pool is resized for all. ``set_num_interop_threads``
+    may only be called once, before any inter-op work: a refused call is logged and left as it was.
+    """
+    import torch
+
+    with _thread_lock:
+        before = {"num_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
+            torch.set_num_threads(num_threads)  # always: also sets the process default
+            log.info("torch intra-op threads %d -> %d (this thread and the process default)", before["num_threads"], num_threads)
+        if interop_threads is not None and interop_threads != before["interop_threads"]:
+            try:
+                torch.set_num_interop_threads(interop_threads)
+                log.info("torch inter-op threads %d -> %d", before["interop_threads"], interop_threads)
+            except RuntimeError as exc:  # "cannot set ... after parallel work has started"
+                log.warning("inter-op threads stay %d: %s", before["interop_threads"], exc)
+        return {
+            "previous_num_threads": before["num_threads"],
+            "num_threads": torch.get_num_threads(),
+            "previous_interop_threads": before["interop_threads"],
+            "interop_threads": torch.get_num_interop_threads(),
+        }
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a state-dict file or checkpoint directory."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    return []
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _check_cancel(cancel_event: threading.Event | None, config: ModelConfig, where: str) -> None:
+    if cancel_event is not None and cancel_event.is_set():
+        log.info("load of %r cancelled %s", config.model_id, where)
+        raise LoadCancelled(f"load of {config.model_id!r} cancelled {where}")
+
+
+class ModelLoader:
+    """Stateless loader; one instance may serve many threads at once."""
+
+    # -- public ---------------------------------------------------------------------
+    def estimate_memory(self, config: ModelConfig) -> int:
+        """Bytes a load of ``config`` may need at its peak (``PEAK_FACTOR`` x weight files),
+        or ``config.memory_estimate_bytes`` when given. Reads file sizes only."""
+        if config.memory_estimate_bytes is not None:
+            return int(config.memory_estimate_bytes)
+        if config.model_path in (None, ""):
+            return 0
+        size = sum(f.stat().st_size for f in weight_files(config.model_path))
+        return int(size * PEAK_FACTOR)
+
+    def load_from_config(self, config: ModelConfig, cancel_event: threading.Event | None = None) -> Any:
+        """Validate, configure threads, load, move to ``config.device``, ``eval()``, warm up.
+
+        Returns the ``torch.nn.Module``. Raises :class:`ConfigError`, :class:`ModelLoadError`
+        (or a :class:`SplitLearnError` from the split factory) or :class:`LoadCancelled`.
+        """
+        config.validate()
+        t0 = time.perf_counter()
+        _check_cancel(cancel_event, config, "before it started")
+        with stage(log, "load_from_config", model_id=config.model_id, model_type=config.model_type):
+            if config.num_threads is not None or config.interop_threads is not None:
+                configure_threads(config.num_threads, config.interop_threads)
+            self._check_device(config)
+            if config.model_type == "pytorch":
+                model = self._load_pytorch(config)
+            elif config.model_type == "huggingface":
+                model = self._load_huggingface(config)
+            else:
+                model = self._load_split(config)
+            _check_cancel(cancel_event, config, "after the weights were loaded")
+            if config.warmup:
+                self.warmup(model, config, cancel_event=cancel_event)
+        log.info("loaded %r (%s) in %.3fs", config.model_id, config.model_type, time.perf_counter() - t0)
+        return model
+
+    # -- paths ----------------------------------------------------------------------
+    @staticmethod
+    def _check_device(config: ModelConfig) -> None:
+        import torch
+
+        kind = config.device.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"model {config.model_id!r} asks for device {config.device!r} but CUDA is not available")
+        if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"model {config.model_id!r} asks for device 'mps' but MPS is not available")
+
+    @staticmethod
+    def read_state_dict(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+        """Tensors only: safetensors, or ``torch.load(weights_only=True)``. A checkpoint of the
+        form ``{"state_dict": {...}}`` is unwrapped."""
+        import torch
+
+        p = Path(path)
+        if p.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                sd: Any = load_file(str(p), device=device)
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot read safetensors file {str(p)!r}: {exc}") from exc
+        else:
+            try:
+                sd = torch.load(str(p), map_location=device, weights_only=True)
+            except Exception as exc:  # UnpicklingError for pickled objects, EOFError/RuntimeError for corrupt files
+                raise ModelLoadError(
+                    f"cannot read {str(p)!r} with torch.load(weights_only=True): {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}. Only tensors are accepted: save "
+                    "model.state_dict() (or use safetensors), not a pickled model"
+                ) from exc
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ModelLoadError(f"{str(p)!r} does not hold a state dict (a mapping of names to tensors)")
+        return dict(sd)
+
+    def _load_pytorch(self, config: ModelConfig) -> Any:
+        import torch
+
+        cls = import_string(str(config.model_class))
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise ModelLoadError(f"model_class {config.model_class!r} is not a torch.nn.Module subclass")
+        with stage(log, "build module", cls=config.model_class):
+            try:
+                model = cls(**dict(config.model_kwargs))
+            except TypeError as exc:
+                raise ModelLoadError(f"cannot build {config.model_class}(**{dict(config.model_kwargs)!r}): {exc}") from exc
+        with stage(log, "read state dict", path=config.model_path):
+            sd = self.read_state_dict(str(config.model_path), device="cpu")
+        with stage(log, "load_state_dict", strict=config.strict):
+            try:
+                result = model.load_state_dict(sd, strict=config.strict)
+            except RuntimeError as exc:
+                raise ModelLoadError(
+                    f"state dict {str(config.model_path)!r} does not fit {config.model_class}: {exc}"
+                ) from exc
+            if not config.strict and (result.missing_keys or result.unexpected_keys):
+                log.warning("non-strict load of %r: missing %s, unexpected %s", config.model_id,
+                            result.missing_keys, result.unexpected_keys)
+        del sd
+        dt = _dtype(config.dtype)
+        if dt is not None:
+            model = model.to(dtype=dt)
+        return model.to(config.device).eval()
+
+    def _load_huggingface(self, config: ModelConfig) -> Any:
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        auto = AutoModelForCausalLM if config.auto_class == "causal_lm" else AutoModel
+        kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+        if config.dtype is not None:
+            kwargs["dtype"] = _dtype(config.dtype)
+        with stage(log, f"{auto.__name__}.from_pretrained", path=config.model_path):
+            try:
+                model = auto.from_pretrained(str(config.model_path), **kwargs)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"cannot load Hugging Face model from {str(config.model_path)!r}: {exc}") from exc
+        return model.to(config.device).eval()
+
+    def _load_split(self, config: ModelConfig) -> Any:
+        from splitlearn import ModelFactory
+
+        s1, s2 = (int(x) for x in config.split_points)  # type: ignore[union-attr]
+        with stage(log, "ModelFactory.create_split_models", model_type=config.model_type,
+                   part=config.component, split=(s1, s2)):
+            kwargs: dict[str, Any] = {"device": config.device, "parts": (config.component,)}
+            if config.low_memory is not None:
+                kwargs["low_memory"] = config.low_memory
+            if config.dtype is not None:
+                kwargs["dtype"] = _dtype(config.dtype)
+            parts = ModelFactory.create_split_models(config.model_type, str(config.model_path), s1, s2, **kwargs)
+        model = dict(zip(COMPONENTS, parts))[config.component]  # type: ignore[index]
+        if model is None:
+            raise ModelLoadError(f"ModelFactory returned no {config.component!r} part for {config.model_id!r}")
+        return model.eval()
+
+    # -- warmup ---------------------------------------------------------------------
+    @staticmethod
+    def sample_input(model: Any, config: ModelConfig) -> Any:
+        """A sample input for ``model``: floats of ``warmup_input_shape`` (pytorch), token ids
+        (huggingface, bottom parts) or hidden states (trunk, top parts)."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        if config.model_type == "pytorch":
+            return torch.randn(*config.warmup_input_shape, generator=g).to(config.device)  # type: ignore[misc]
+        mcfg = getattr(model, "config", None)
+        if config.model_type == "huggingface" or config.component == "bottom":
+            vocab = int(getattr(mcfg, "vocab_size", 0) or 0)
+            if vocab <= 0:
+                raise ModelLoadError(f"cannot warm up {config.model_id!r}: its config has no vocab_size")
+            return torch.randint(0, vocab, (1, config.warmup_seq_len), generator=g).to(config.device)
+        hidden = int(getattr(mcfg, "hidden_size", 0) or getattr(mcfg, "n_embd", 0) or 0)
+        if hidden <= 0:
+            raise ModelLoadError(f"cannot warm up {config.model_id!r}: its config has no hidden_size")
+        dtype = next(model.parameters()).dtype
+        return torch.randn(1, config.warmup_seq_len, hidden, generator=g).to(config.device, dtype)
+
+    def warmup(self, model: Any, config: ModelConfig, cancel_event: threading.Event | None = None) -> float:
+        """``config.warmup_steps`` forward passes on :meth:`sample_input`; returns seconds."""
+        import torch
+
+        t0 = time.perf_counter()
+        with stage(log, "warmup", model_id=config.model_id, steps=config.warmup_steps):
+            x = self.sample_input(model, config)
+            with torch.inference_mode():
+                for i in range(config.warmup_steps):
+                    _check_cancel(cancel_event, config, f"during warmup (pass {i + 1}/{config.warmup_steps})")
+                    try:
+                        model(x)
+                    except Exception as exc:
+                        raise ModelLoadError(
+                            f"warmup forward of {config.model_id!r} failed on input {tuple(x.shape)}: {exc}"
+                        ) from exc
+        return time.perf_counter() - t0
+
+
+def param_bytes(model: Any) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.data_ptr()
+        if key in seen and key != 0:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,23 @@
+"""Serving: an inference server with dynamic batching over Unix sockets (seed 002), a trunk
+server over TCP with a split client (seed 000), and the pickle-free wire format they share.
+
+Importing this package does not import torch.
+"""
+
+from splitlearn.serving.client import InferenceClient
+from splitlearn.serving.server import InferenceServer, ServerStartError
+from splitlearn.serving.transport import HandshakeError, ServerError, ServerUnavailable, ServingError
+from splitlearn.serving.wire import Frame, MsgType, WireError
+
+__all__ = [
+    "Frame",
+    "HandshakeError",
+    "InferenceClient",
+    "InferenceServer",
+    "MsgType",
+    "ServerError",
+    "ServerStartError",
+    "ServerUnavailable",
+    "ServingError",
+    "WireError",
+]

@@ -1,0 +1,691 @@
+"""InferenceServer: one model in its own process, many clients over a Unix socket, dynamic
+batching.
+
+The seed-002 fix done for real:
+
+* the server process is started with **spawn** (``start_method="fork"`` exists only so the
+  hazard can be reproduced); it imports the model class from an import string
+  ``"module:Class"``, builds it from JSON kwargs and loads its weights from a
+  **safetensors** file, so nothing is pickled between parent and server beyond the spawn
+  bootstrap;
+* the parent waits for a **ready** message with a start timeout; a child that dies or
+  hangs while starting gives a clear :class:`ServerStartError` (and is killed and reaped);
+* clients connect to a Unix socket in a private 0700 directory, authenticate with an
+  authkey (HMAC challenge both ways, under a deadline), and exchange :mod:`wire` frames;
+* requests are **batched dynamically**: the batch loop takes the first waiting request,
+  then keeps collecting until it holds ``max_batch_size`` requests, or one request from
+  every connected client, or ``max_wait_ms`` has passed since the first one arrived. A lone
+  client therefore never waits, and N busy clients are served in batches of N;
+* each answer goes back to the connection that asked, under the request's id;
+* a bad request (wrong dtype or shape, malformed or oversized frame) gets an error frame on
+  its own connection; the server keeps serving everyone else;
+* the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
+  on the control pipe), so no server outlives its owner.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Mapping
+
+from splitlearn.serving import transport, wire
+from splitlearn.serving.transport import ServingError
+
+
+class ServerStartError(ServingError):
+    """The server process died, failed, or did not report ready in time while starting."""
+
+
+def import_string(obj: Any) -> str:
+    """'module:Qualname' for a class or function (must be importable by that name)."""
+    if isinstance(obj, str):
+        if ":" not in obj:
+            raise ValueError(f"import string {obj!r} must look like 'package.module:Name'")
+        return obj
+    name = f"{obj.__module__}:{obj.__qualname__}"
+    if obj.__module__ == "__main__" or "<locals>" in obj.__qualname__:
+        raise ValueError(f"{name} cannot be imported by a spawned server: define it in an importable module")
+    return name
+
+
+def resolve(spec: str) -> Any:
+    import importlib
+
+    module, _, qual = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_model(spec: str, kwargs: Mapping[str, Any] | None, weights: str | None, device: str = "cpu") -> Any:
+    """Import ``spec``, call it with ``kwargs``, load ``weights`` (safetensors), move to device, eval."""
+    import torch
+
+    model = resolve(spec)(**dict(kwargs or {}))
+    if weights:
+        from safetensors.torch import load_file
+
+        state = load_file(weights, device="cpu")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights {weights} do not fit {spec}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    model = model.to(torch.device(device))
+    model.eval()
+    return model
+
+
+def save_state_dict(state_dict: Mapping[str, Any], path: str) -> str:
+    """Write a state dict as safetensors (tied tensors are stored once each, as copies)."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    out = {}
+    for k, v in state_dict.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()  # safetensors refuses shared storage
+        seen.add(ptr)
+        out[k] = t
+    save_file(out, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# parent side
+
+
+class InferenceServer:
+    """Owns one server process. ``start()`` returns the socket path; use :meth:`client`."""
+
+    def __init__(
+        self,
+        model: Any,
+        model_kwargs: Mapping[str, Any] | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        state_dict: Mapping[str, Any] | None = None,
+        device: str = "cpu",
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        start_method: str = "spawn",
+        start_timeout: float | None = 120.0,
+        num_threads: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        input_dtype: str | None = None,
+        authkey: bytes | None = None,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        handshake_timeout: float = 10.0,
+        send_timeout: float = 10.0,
+        warmup: bool = True,
+    ) -> None:
+        if weights is not None and state_dict is not None:
+            raise ValueError("give weights (a safetensors file) or state_dict, not both")
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model = import_string(model)
+        self.model_kwargs = dict(model_kwargs or {})
+        json.dumps(self.model_kwargs)  # must be JSON: it is the only way kwargs travel
+        self._state_dict = state_dict
+        self.weights = os.fspath(weights) if weights is not None else None
+        self.device = device
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_ms = float(max_wait_ms)
+        self.start_method = start_method
+        self.start_timeout = start_timeout
+        self.num_threads = num_threads
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.input_dtype = input_dtype
+        self.authkey = authkey if authkey is not None else os.urandom(32)
+        self.max_frame = int(max_frame)
+        self.handshake_timeout = float(handshake_timeout)
+        self.send_timeout = float(send_timeout)
+        self.warmup = warmup
+        self._dir: str | None = None
+        self.address: str | None = None
+        self._proc: Any = None
+        self._ctl: Connection | None = None
+        self.info: dict[str, Any] = {}
+        self.final_stats: dict[str, Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "weights": self.weights,
+            "device": self.device,
+            "max_batch_size": self.max_batch_size,
+            "max_wait_ms": self.max_wait_ms,
+            "num_threads": self.num_threads,
+            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
+            "input_dtype": self.input_dtype,
+            "authkey": self.authkey.hex(),
+            "address": self.address,
+            "max_frame": self.max_frame,
+            "handshake_timeout": self.handshake_timeout,
+            "send_timeout": self.send_timeout,
+            "warmup": self.warmup,
+        }
+
+    def start(self) -> str:
+        if self.alive:
+            raise RuntimeError("server already running")
+        if self._dir is None:
+            self._dir, self.address = transport.private_socket_path("splitlearn-srv-")
+        if self._state_dict is not None and self.weights is None:
+            self.weights = save_state_dict(self._state_dict, os.path.join(self._dir, "weights.safetensors"))
+            self._state_dict = None
+        ctx = mp.get_context(self.start_method)
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=server_main, args=(json.dumps(self._config()), child_end), name="InferenceServer", daemon=True)
+        t0 = time.monotonic()
+        proc.start()
+        child_end.close()
+        self._proc, self._ctl = proc, parent_end
+        try:
+            msg = self._wait_ready(t0)
+        except BaseException:
+            self._kill()
+            raise
+        self.info = msg
+        self.info["start_seconds"] = round(time.monotonic() - t0, 4)
+        return self.address  # type: ignore[return-value]
+
+    def _wait_ready(self, t0: float) -> dict[str, Any]:
+        assert self._ctl is not None and self._proc is not None
+        while True:
+            left = None if self.start_timeout is None else self.start_timeout - (time.monotonic() - t0)
+            if left is not None and left <= 0:
+                raise ServerStartError(
+                    f"server (pid {self._proc.pid}, {self.start_method}) not ready within {self.start_timeout}s; killed. "
+                    "A child forked after the parent used torch's thread pool hangs in its first parallel op: use spawn."
+                )
+            ready = wait([self._ctl, self._proc.sentinel], left)
+            if self._ctl in ready:
+                try:
+                    msg = json.loads(self._ctl.recv_bytes(1 << 20))
+                except EOFError:
+                    msg = None
+                if msg is None:
+                    self._proc.join(5)
+                    raise ServerStartError(f"server (pid {self._proc.pid}) exited while starting, exit code {self._proc.exitcode}")
+                if "error" in msg:
+                    raise ServerStartError(f"server failed to start: {msg['error']}\n{msg.get('traceback', '')}")
+                return msg
+            if self._proc.sentinel in ready:
+                self._proc.join(5)
+                raise ServerStartError(f"server (pid {self._proc.pid}) died while starting, exit code {self._proc.exitcode}")
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def stop(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """Ask the server to finish, wait up to ``timeout``, then terminate/kill. Idempotent."""
+        proc, ctl = self._proc, self._ctl
+        if proc is None:
+            return self.final_stats
+        try:
+            if proc.is_alive() and ctl is not None:
+                try:
+                    ctl.send_bytes(b'{"cmd":"stop"}')
+                    if ctl.poll(timeout):
+                        msg = json.loads(ctl.recv_bytes(1 << 20))
+                        self.final_stats = msg.get("stats")
+                except (OSError, EOFError, ValueError):
+                    pass
+            proc.join(timeout)
+        finally:
+            self._kill()
+        return self.final_stats
+
+    def _kill(self) -> None:
+        proc, ctl = self._proc, self._ctl
+        if proc is not None:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(3)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(3)
+            try:
+                proc.close()
+            except ValueError:
+                pass
+        if ctl is not None:
+            ctl.close()
+        self._proc = self._ctl = None
+
+    def restart(self) -> str:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> InferenceServer:
+        if not self.alive:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # last resort: never leave a server behind
+        try:
+            if self._proc is not None:
+                self._kill()
+        except Exception:
+            pass
+
+    # -- clients -----------------------------------------------------------------------------
+    def client(self, **kw: Any):
+        from splitlearn.serving.client import InferenceClient
+
+        if self.address is None:
+            raise RuntimeError("server not started")
+        kw.setdefault("max_frame", self.max_frame)
+        return InferenceClient(self.address, authkey=self.authkey, **kw)
+
+    def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        with self.client(timeout=timeout) as c:
+            return c.stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# server process
+
+
+@dataclass
+class _Conn:
+    conn: Connection
+    cid: int
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+
+
+@dataclass
+class _Req:
+    client: _Conn
+    rid: int
+    x: Any
+    t_in: float
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.responses = 0
+        self.errors = 0
+        self.batches = 0
+        self.batched_requests = 0
+        self.batched_samples = 0
+        self.max_batch = 0
+        self.queue_wait_total = 0.0
+        self.queue_wait_max = 0.0
+        self.forward_total = 0.0
+        self.connections_total = 0
+        self.auth_failures = 0
+        self.bad_frames = 0
+        self.undeliverable = 0
+        self.hist: dict[int, int] = {}
+
+    def snapshot(self, open_conns: int, queued: int) -> dict[str, Any]:
+        with self.lock:
+            b = max(self.batches, 1)
+            return {
+                "requests": self.requests,
+                "responses": self.responses,
+                "errors": self.errors,
+                "batches": self.batches,
+                "mean_batch": self.batched_requests / b if self.batches else 0.0,
+                "mean_batch_samples": self.batched_samples / b if self.batches else 0.0,
+                "max_batch": self.max_batch,
+                "batch_hist": {str(k): v for k, v in sorted(self.hist.items())},
+                "queue_wait_ms_mean": 1e3 * self.queue_wait_total / max(self.batched_requests, 1),
+                "queue_wait_ms_max": 1e3 * self.queue_wait_max,
+                "forward_ms_mean": 1e3 * self.forward_total / b if self.batches else 0.0,
+                "connections_open": open_conns,
+                "connections_total": self.connections_total,
+                "auth_failures": self.auth_failures,
+                "bad_frames": self.bad_frames,
+                "undeliverable": self.undeliverable,
+                "queued": queued,
+                "pid": os.getpid(),
+            }
+
+
+class _Server:
+    def __init__(self, cfg: dict[str, Any], ctl: Connection) -> None:
+        self.cfg = cfg
+        self.ctl = ctl
+        self.authkey = bytes.fromhex(cfg["authkey"])
+        self.max_batch = int(cfg["max_batch_size"])
+        self.max_wait = float(cfg["max_wait_ms"]) / 1e3
+        self.max_frame = int(cfg["max_frame"])
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.stats = _Stats()
+        self.conns: dict[int, _Conn] = {}
+        self.conns_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.in_batch = False
+        self.next_cid = 0
+
+    # -- setup -------------------------------------------------------------------------------
+    def load(self) -> None:
+        import torch
+
+        if self.cfg.get("num_threads"):
+            torch.set_num_threads(int(self.cfg["num_threads"]))
+        self.torch = torch
+        self.device = torch.device(self.cfg["device"])
+        self.model = build_model(self.cfg["model"], self.cfg["model_kwargs"], self.cfg["weights"], self.cfg["device"])
+        shape = self.cfg.get("input_shape")
+        if shape is None and hasattr(self.model, "input_shape"):
+            shape = list(self.model.input_shape)
+        self.input_shape = tuple(shape) if shape is not None else None
+        dt = self.cfg.get("input_dtype") or (str(getattr(self.model, "input_dtype", "")).replace("torch.", "") or None)
+        self.input_dtype = dt
+        if self.cfg.get("warmup") and self.input_shape is not None:
+            x = torch.zeros((1, *self.input_shape), dtype=getattr(torch, dt or "float32"), device=self.device)
+            with torch.inference_mode():
+                self.model(x)
+
+    def listen(self) -> None:
+        path = self.cfg["address"]
+        if os.path.exists(path):
+            os.unlink(path)
+        self.lsock = transport.listen_unix(path)
+
+    # -- connections ---------------------------------------------------------------------------
+    def accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                s, _ = self.lsock.accept()
+            except OSError:
+                break
+            threading.Thread(target=self.handle, args=(s,), daemon=True, name="conn").start()
+
+    def handle(self, s: socket.socket) -> None:
+        conn = transport.wrap(s)
+        try:
+            transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
+        except transport.HandshakeError as exc:
+            with self.stats.lock:
+                self.stats.auth_failures += 1
+            print(f"[InferenceServer] rejected a connection: {exc}", file=sys.stderr, flush=True)
+            conn.close()
+            return
+        transport.set_send_timeout(conn.fileno(), self.cfg["send_timeout"])
+        with self.conns_lock:
+            self.next_cid += 1
+            c = _Conn(conn, self.next_cid)
+            self.conns[c.cid] = c
+        with self.stats.lock:
+            self.stats.connections_total += 1
+        try:
+            self.serve_conn(c)
+        finally:
+            c.alive = False
+            with self.conns_lock:
+                self.conns.pop(c.cid, None)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def send(self, c: _Conn, frame: wire.Frame) -> bool:
+        if not c.alive:
+            return False
+        try:
+            data = wire.encode(frame, max_frame=self.max_frame)
+        except wire.WireError as exc:
+            data = wire.encode(wire.error_frame(frame.request_id, "response_too_large", str(exc)))
+        try:
+            with c.send_lock:
+                c.conn.send_bytes(data)
+            return True
+        except (OSError, EOFError, ValueError):
+            c.alive = False
+            transport._shutdown_fd(c.conn.fileno()) if not c.conn.closed else None
+            return False
+
+    def reply_error(self, c: _Conn, rid: int, code: str, message: str) -> None:
+        with self.stats.lock:
+            self.stats.errors += 1
+        self.send(c, wire.error_frame(rid, code, message))
+
+    def serve_conn(self, c: _Conn) -> None:
+        while not self.stopping.is_set():
+            try:
+                data = c.conn.recv_bytes(self.max_frame)
+            except EOFError:
+                return
+            except OSError as exc:
+                if "bad message length" in str(exc):
+                    with self.stats.lock:
+                        self.stats.bad_frames += 1
+                    self.reply_error(c, 0, "frame_too_large", f"frame exceeds the maximum frame size of {self.max_frame} bytes; closing")
+                return
+            try:
+                f = wire.decode(data, max_frame=self.max_frame)
+            except wire.WireError as exc:
+                with self.stats.lock:
+                    self.stats.bad_frames += 1
+                self.reply_error(c, 0, "bad_frame", str(exc))
+                continue
+            if f.type == wire.MsgType.REQUEST:
+                self.on_request(c, f)
+            elif f.type == wire.MsgType.STATS:
+                self.send(c, wire.Frame(wire.MsgType.STATS_REPLY, f.request_id, self.snapshot()))
+            elif f.type == wire.MsgType.PING:
+                self.send(c, wire.Frame(wire.MsgType.PONG, f.request_id))
+            else:
+                self.reply_error(c, f.request_id, "bad_type", f"{f.type.name} is not a request this server takes")
+
+    def on_request(self, c: _Conn, f: wire.Frame) -> None:
+        with self.stats.lock:
+            self.stats.requests += 1
+        if len(f.tensors) != 1:
+            return self.reply_error(c, f.request_id, "bad_input", f"a request carries one tensor, got {len(f.tensors)}")
+        x = f.tensors[0]
+        dt = str(x.dtype).replace("torch.", "")
+        if self.input_dtype and dt != self.input_dtype:
+            return self.reply_error(c, f.request_id, "bad_input", f"dtype {dt}, the model takes {self.input_dtype}")
+        if x.dim() < 1 or x.shape[0] < 1:
+            return self.reply_error(c, f.request_id, "bad_input", f"shape {list(x.shape)}: need a leading batch dimension >= 1")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            return self.reply_error(
+                c, f.request_id, "bad_input", f"shape {list(x.shape)}, the model takes [batch, {', '.join(map(str, self.input_shape))}]"
+            )
+        if self.stopping.is_set():
+            return self.reply_error(c, f.request_id, "shutting_down", "server is shutting down")
+        self.queue.put(_Req(c, f.request_id, x, time.monotonic()))
+
+    def open_conns(self) -> int:
+        with self.conns_lock:
+            return len(self.conns)
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.stats.snapshot(self.open_conns(), self.queue.qsize())
+        s.update(max_batch_size=self.max_batch, max_wait_ms=self.max_wait * 1e3, in_batch=self.in_batch)
+        return s
+
+    # -- batching --------------------------------------------------------------------------------
+    def collect(self) -> list[_Req] | None:
+        first = self.queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        until = first.t_in + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                # nothing waiting: wait only while some connected client has no request in
+                # this batch yet (one client never waits), and never past max_wait
+                if len(batch) >= self.open_conns():
+                    break
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+            if item is None:
+                self.queue.put(None)  # keep the stop marker for the loop
+                break
+            batch.append(item)
+        return batch
+
+    def batch_loop(self) -> None:
+        torch = self.torch
+        while True:
+            batch = self.collect()
+            if batch is None:
+                break
+            batch = [r for r in batch if r.client.alive]
+            if not batch:
+                continue
+            self.in_batch = True
+            t0 = time.monotonic()
+            groups: dict[tuple, list[_Req]] = {}
+            for r in batch:
+                groups.setdefault((str(r.x.dtype), tuple(r.x.shape[1:])), []).append(r)
+            for reqs in groups.values():
+                try:
+                    x = reqs[0].x if len(reqs) == 1 else torch.cat([r.x for r in reqs])
+                    with torch.inference_mode():
+                        y = self.model(x.to(self.device, non_blocking=False))
+                    outs = list(y) if isinstance(y, (tuple, list)) else [y]
+                    sizes = [int(r.x.shape[0]) for r in reqs]
+                    parts = [o.split(sizes) for o in outs]
+                except Exception as exc:  # noqa: BLE001 - report to the callers, keep serving
+                    msg = f"{type(exc).__name__}: {exc}"
+                    for r in reqs:
+                        self.reply_error(r.client, r.rid, "model_error", msg)
+                    continue
+                for i, r in enumerate(reqs):
+                    ok = self.send(r.client, wire.Frame(wire.MsgType.RESPONSE, r.rid, tensors=[p[i] for p in parts]))
+                    with self.stats.lock:
+                        if ok:
+                            self.stats.responses += 1
+                        else:
+                            self.stats.undeliverable += 1
+            t1 = time.monotonic()
+            with self.stats.lock:
+                st = self.stats
+                st.batches += 1
+                st.batched_requests += len(batch)
+                st.batched_samples += sum(int(r.x.shape[0]) for r in batch)
+                st.max_batch = max(st.max_batch, len(batch))
+                st.hist[len(batch)] = st.hist.get(len(batch), 0) + 1
+                st.forward_total += t1 - t0
+                for r in batch:
+                    w = t0 - r.t_in
+                    st.queue_wait_total += w
+                    st.queue_wait_max = max(st.queue_wait_max, w)
+            self.in_batch = False
+        # drain: whoever still waits gets an answer
+        while True:
+            try:
+                r = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is not None:
+                self.reply_error(r.client, r.rid, "shutting_down", "server is shutting down")
+
+    # -- control ---------------------------------------------------------------------------------
+    def control_loop(self) -> None:
+        try:
+            while True:
+                msg = json.loads(self.ctl.recv_bytes(1 << 16))
+                if msg.get("cmd") == "stop":
+                    break
+        except (EOFError, OSError, ValueError):
+            pass  # parent gone: stop too
+        self.begin_stop()
+
+    def begin_stop(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+        self.queue.put(None)
+
+    def close_all(self) -> None:
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        for c in conns:
+            c.alive = False
+            if not c.conn.closed:
+                transport._shutdown_fd(c.conn.fileno())
+
+
+def server_main(config_json: str, ctl: Connection) -> None:
+    """Entry point of the server process."""
+    cfg = json.loads(config_json)
+    srv = _Server(cfg, ctl)
+    try:
+        srv.load()
+        srv.listen()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        try:
+            ctl.send_bytes(json.dumps({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}).encode())
+        finally:
+            ctl.close()
+        sys.exit(1)
+    import torch
+
+    ctl.send_bytes(
+        json.dumps(
+            {
+                "ready": True,
+                "pid": os.getpid(),
+                "address": cfg["address"],
+                "device": str(srv.device),
+                "torch_threads": torch.get_num_threads(),
+                "input_shape": list(srv.input_shape) if srv.input_shape is not None else None,
+                "input_dtype": srv.input_dtype,
+                "cuda_initialized": bool(torch.cuda.is_initialized()) if hasattr(torch, "cuda") else False,
+            }
+        ).encode()
+    )
+    threading.Thread(target=srv.accept_loop, daemon=True, name="accept").start()
+    threading.Thread(target=srv.control_loop, daemon=True, name="control").start()
+    srv.batch_loop()
+    srv.close_all()
+    try:
+        ctl.send_bytes(json.dumps({"stopped": True, "stats": srv.snapshot()}).encode())
+    except (OSError, EOFError):
+        pass
+    try:
+        os.unlink(cfg["address"])
+    except OSError:
+        pass

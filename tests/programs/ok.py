@@ -1,0 +1,4 @@
+import sys
+
+print("args", sys.argv[1:])
+assert sys.argv[1:] == ["a", "b"], sys.argv

@@ -1,0 +1,268 @@
+"""The harness judged on small synthetic programs (tests/programs/, no torch): each must get
+the right verdict, with its evidence, and leave no process alive."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from repro.harness import evidence as ev
+from repro.harness import runner
+from repro.harness.runner import run_script
+
+PROGRAMS = Path(__file__).parent / "programs"
+ROOT = Path(__file__).resolve().parents[1]
+GENEROUS = 30.0  # deadline for programs that must be judged long before it
+
+
+def run(name: str, timeout: float = GENEROUS, **kw):
+    result = run_script(PROGRAMS / f"{name}.py", timeout=timeout, fingerprint=False, **kw)
+    assert_nothing_left(result)
+    return result
+
+
+def assert_nothing_left(result) -> None:
+    """No process of the run is alive or an unreaped zombie of ours; no survivor reported."""
+    token = result.evidence["run_token"]
+    assert result.evidence.get("survivors") == [], result.summary()
+    tree = ev.Tree(-1, token)
+    assert tree.token_scan() == set(), f"processes still carry the run token: {result.summary()}"
+    for pid in result.evidence["pids"]:
+        try:
+            p = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+        # the pid may have been reused by an unrelated process: only ours would carry the token
+        assert not (p.ppid() == os.getpid() and p.status() == psutil.STATUS_ZOMBIE), f"unreaped zombie {pid}"
+
+
+def threads_of(result) -> list[dict]:
+    return [t for proc in result.evidence["threads"].values() for t in proc["threads"]]
+
+
+def assert_hang(result, processes: int) -> None:
+    assert result.outcome == "HANG", result.summary()
+    hang = result.evidence["hang"]
+    assert hang["detected_after_s"] < GENEROUS / 2, hang
+    assert len(result.evidence["threads"]) == processes, result.evidence["threads"].keys()
+    for t in threads_of(result):
+        assert t["wait"] in ("untimed", "timed-past-deadline"), t
+    stacks = result.evidence["stacks"]
+    assert len(stacks) == processes
+    for entry in stacks.values():
+        assert entry["method"] in ("py-spy --native", "py-spy", "faulthandler"), entry
+        assert entry["text"].strip()
+    assert len(result.evidence["killed"]) == processes
+    assert result.evidence["termination"]["kind"] == "killed-by-harness"
+
+
+# -- HANG -------------------------------------------------------------------------------
+def test_lock_held_across_fork_is_hang_with_stacks():
+    r = run("lock_across_fork")
+    assert_hang(r, processes=2)
+    details = [t["detail"] for t in threads_of(r)]
+    assert any(d.startswith("futex") and "no timeout" in d for d in details), details
+    assert any(t["syscall"] == "wait4" for t in threads_of(r))  # the parent's os.waitpid
+    assert "lock_across_fork.py" in r.evidence["top_frame"]
+
+
+def test_processes_waiting_on_each_other_through_pipes():
+    r = run("pipe_deadlock")
+    assert_hang(r, processes=2)
+    assert sorted(t["syscall"] for t in threads_of(r)) == ["read", "read"]
+
+
+def test_threads_joining_each_other():
+    r = run("mutual_join")
+    assert_hang(r, processes=1)
+    assert len(threads_of(r)) == 3
+    assert "join" in next(iter(r.evidence["stacks"].values()))["text"]
+
+
+def test_hang_across_children_and_setsid_daemon_kills_everything():
+    r = run("hang_with_daemon")
+    assert_hang(r, processes=3)
+    sessions = {p["session"] for p in r.evidence["threads"].values()}
+    assert len(sessions) == 2, "the daemon left the run's session and was still found"
+
+
+def test_wait_with_timeout_beyond_deadline_counts_as_blocked():
+    r = run("wait_past_deadline")
+    assert_hang(r, processes=1)
+    assert any("counted as blocked" in t["detail"] for t in threads_of(r))
+
+
+def test_faulthandler_fallback_when_py_spy_is_missing(monkeypatch):
+    monkeypatch.setattr(ev, "find_py_spy", lambda: None)
+    r = run("lock_across_fork")
+    assert r.outcome == "HANG"
+    for entry in r.evidence["stacks"].values():
+        assert entry["method"] == "faulthandler"
+        assert "lock_across_fork.py" in entry["text"]
+
+
+def test_without_proc_the_deadline_decides(monkeypatch):
+    monkeypatch.setattr(runner, "proc_readable", lambda: (False, "no /proc: deadline only"))
+    r = run("wait_past_deadline", timeout=2.0)
+    assert r.outcome == "TIMEOUT", r.summary()
+    assert "no /proc: deadline only" in r.evidence["notes"]
+
+
+# -- TIMEOUT and PASS: busy, sleeping and timed waits are never HANG -------------------------
+def test_busy_loop_is_timeout_not_hang():
+    r = run("busy", timeout=2.5)
+    assert r.outcome == "TIMEOUT", r.summary()
+    assert "hang" not in r.evidence
+    assert 2.5 <= r.seconds < 5
+    assert any(t["wait"] == "busy" for t in threads_of(r))
+
+
+def test_long_sleep_is_timeout_not_hang():
+    r = run("long_sleep", timeout=2.5)
+    assert r.outcome == "TIMEOUT", r.summary()
+    assert [t["wait"] for t in threads_of(r)] == ["sleep"]
+
+
+def test_timed_waits_and_sleeps_then_success_pass():
+    r = run("timed_waits")
+    assert r.outcome == "PASS", r.summary()
+    assert r.ok
+
+
+def test_script_arguments_and_pass():
+    r = run("ok", args=["a", "b"])
+    assert r.outcome == "PASS" and r.ok, r.summary()
+    assert r.evidence["termination"]["kind"] == "exit"
+
+
+# -- CRASH and deliberate exits ----------------------------------------------------------------
+def test_abort_is_crash_named_sigabrt():
+    r = run("abort")
+    assert r.outcome == "CRASH"
+    assert r.evidence["termination"]["signal"] == "SIGABRT"
+    assert r.evidence["termination"]["kind"] == "abort"
+    assert r.evidence["faulthandler"], "faulthandler wrote the aborting stack"
+
+
+def test_segfault_is_crash_named_sigsegv():
+    r = run("segfault")
+    assert r.outcome == "CRASH"
+    assert r.evidence["termination"]["signal"] == "SIGSEGV"
+    assert "segmentation-fault" in r.evidence["signatures"]
+    assert "string_at" in r.evidence["top_frame"]
+
+
+def test_exit_without_result_is_crash_with_code():
+    r = run("os_exit")
+    assert r.outcome == "CRASH"
+    assert r.evidence["termination"] == {**r.evidence["termination"], "kind": "exit-without-result", "code": 4}
+    assert "leaving early" in r.evidence["stderr_tail"]
+
+
+def test_sys_exit_is_a_deliberate_exit():
+    r = run("sys_exit")
+    assert r.outcome == "FAIL"
+    assert r.evidence["termination"]["kind"] == "deliberate-exit"
+    assert "sys.exit(3)" in r.evidence["termination"]["description"]
+
+
+def test_native_exit_with_mkl_message_is_told_apart_from_a_crash():
+    r = run("mkl_exit")
+    term = r.evidence["termination"]
+    assert r.outcome == "CRASH" and term["kind"] == "deliberate-native-exit" and term["deliberate"]
+    assert "signal" not in term
+    assert {"intel-mkl-error", "mkl-threading-layer-incompatible"} <= set(r.evidence["signatures"])
+
+
+def test_expected_outcome_makes_ok():
+    r = run("sys_exit", expect=["FAIL"])
+    assert r.ok
+
+
+# -- processes left behind ----------------------------------------------------------------
+def test_children_grandchildren_and_daemon_left_behind_are_killed_and_listed():
+    r = run("leave_behind")
+    assert r.outcome == "PASS", r.summary()
+    left = r.evidence["left_behind"]
+    assert len(left) == 3, left
+    assert len({p["pid"] for p in left}) == 3
+
+
+# -- the harness parent ----------------------------------------------------------------------
+def test_parent_never_imports_torch(tmp_path):
+    """The CLI (list + script with a fingerprint taken in a child) and the catalogue with its
+    pytest items leave torch, numpy and transformers out of the parent."""
+    out = tmp_path / "r.json"
+    code = f"""
+import runpy, sys
+from repro.scenarios import load_catalogue
+import repro.harness.runner, repro.harness.report, repro.harness.predict, repro.harness.fingerprint, repro.cli
+import tests.test_scenarios
+assert load_catalogue()
+for argv in (["list"], ["script", {str(PROGRAMS / 'ok.py')!r}, "--json", {str(out)!r}, "--", "a", "b"]):
+    sys.argv = ["repro", *argv]
+    try:
+        runpy.run_module("repro", run_name="__main__")
+    except SystemExit as exc:
+        assert exc.code in (0, None), exc.code
+bad = sorted(m for m in ("torch", "numpy", "transformers") if m in sys.modules)
+assert not bad, bad
+print("clean")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())["results"][0]
+    for key in ("outcome", "seconds", "evidence", "fingerprint"):
+        assert key in data
+    assert data["fingerprint"].get("torch"), "the fingerprint came from a child"
+
+
+def test_cli_script_exit_status_follows_expectation(tmp_path):
+    cmd = [sys.executable, "-m", "repro", "script", str(PROGRAMS / "sys_exit.py"), "--no-fingerprint"]
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([*cmd, "--expect", "FAIL", "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stdout + good.stderr
+    report = subprocess.run([sys.executable, "-m", "repro", "report", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.md")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |" in text
+    assert "sys_exit.py" in text and "**FAIL**" in text
+
+
+def test_serial_runs_exclude_shared_runs(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setenv("SPLITREPRO_LOCK_DIR", str(tmp_path))
+    lock_file = tmp_path / f"splitrepro-{os.getuid()}.lock"
+    with runner.run_lock(serial=True):
+        with open(lock_file) as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    with runner.run_lock(serial=False):
+        with open(lock_file) as other:
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared beside shared: fine
+            with open(lock_file) as third, pytest.raises(BlockingIOError):
+                fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_child_environment_is_controlled(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setenv("MKL_THREADING_LAYER", "INTEL")
+    monkeypatch.setenv("KMP_AFFINITY", "x")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    env = runner.child_env({"OMP_NUM_THREADS": "1"}, token="tok", evidence_dir="/x")
+    assert env["OMP_NUM_THREADS"] == "1"
+    for gone in ("MKL_THREADING_LAYER", "KMP_AFFINITY", "GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS"):
+        assert gone not in env
+    assert env["OPENBLAS_CORETYPE"] == "Haswell"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["SPLITREPRO_RUN_TOKEN"] == "tok"
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(runner.SITE_DIR), str(runner.PROJECT_ROOT)]

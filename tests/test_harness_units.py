@@ -1,0 +1,131 @@
+"""Units of the harness that need no child process: syscall classification, /proc parsing,
+expectations, fingerprint parsing, signatures, the report."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from repro.harness import evidence as ev
+from repro.harness import predict
+from repro.harness.fingerprint import parse_parallel_info
+from repro.harness.report import render
+from repro.harness.runner import Result
+from repro.harness.spec import Build, Outcome, hazard
+from repro.harness.verdict import classify_syscall, parse_stat
+
+PID = os.getpid()
+
+
+@pytest.mark.parametrize(
+    "name,args,wait",
+    [
+        ("futex", [0, 0x80, 1, 0, 0, 0], "untimed"),  # FUTEX_WAIT_PRIVATE, NULL timeout
+        ("futex", [0, 0x89, 1, 0, 0, 0xFFFFFFFF], "untimed"),  # WAIT_BITSET_PRIVATE, NULL timeout
+        ("futex", [0, 0x86, 0, 0, 0, 0], "untimed"),  # LOCK_PI_PRIVATE
+        ("futex", [0, 0x81, 1, 0, 0, 0], "other"),  # WAKE is not a wait
+        ("poll", [0, 1, 0xFFFFFFFF, 0, 0, 0], "untimed"),  # timeout -1
+        ("poll", [0, 1, 250, 0, 0, 0], "timed"),
+        ("epoll_wait", [3, 0, 8, 0xFFFFFFFF, 0, 0], "untimed"),
+        ("epoll_wait", [3, 0, 8, 10, 0, 0], "timed"),
+        ("ppoll", [0, 1, 0, 0, 0, 0], "untimed"),
+        ("pselect6", [1, 0, 0, 0, 0, 0], "untimed"),
+        ("select", [1, 0, 0, 0, 0, 0], "untimed"),
+        ("read", [0, 0, 1, 0, 0, 0], "untimed"),
+        ("wait4", [-1 & 0xFFFFFFFF, 0, 0, 0, 0, 0], "untimed"),
+        ("accept4", [3, 0, 0, 0, 0, 0], "untimed"),
+        ("rt_sigsuspend", [0, 8, 0, 0, 0, 0], "untimed"),
+        ("getpid", [0] * 6, "other"),
+    ],
+)
+def test_classify_syscall(name, args, wait):
+    assert classify_syscall(PID, name, args).wait == wait
+
+
+def test_timespec_pointers_are_read_from_memory():
+    import ctypes
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+    ts = Timespec(2, 500_000_000)
+    addr = ctypes.addressof(ts)
+    c = classify_syscall(PID, "futex", [0, 0x80, 1, addr, 0, 0])
+    assert c.wait == "timed" and c.relative == pytest.approx(2.5)
+    c = classify_syscall(PID, "clock_nanosleep", [1, 0, addr, 0, 0, 0])
+    assert c.wait == "sleep" and c.relative == pytest.approx(2.5)
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0\n"), max_size=15))
+def test_parse_stat_survives_any_comm(comm):
+    fields = ["S", "1", "2", "3"] + ["0"] * 7 + ["11", "4"] + ["0"] * 6 + ["999"] + ["0"] * 20
+    line = f"123 ({comm}) " + " ".join(fields)
+    name, state, ticks, extra = parse_stat(line)
+    assert (name, state, ticks) == (comm, "S", 15)
+    assert extra == {"ppid": 1, "pgrp": 2, "session": 3, "starttime": 999}
+
+
+FP = {"system": "Linux", "torch_parallel_backend": "OpenMP", "openmp_runtimes": ["libgomp"], "torch_num_threads": 2, "cpu_count": 2}
+
+
+@pytest.mark.parametrize(
+    "fp,env,outcome",
+    [
+        (FP, {}, Outcome.HANG),
+        (FP, {"OMP_NUM_THREADS": "1"}, Outcome.PASS),
+        ({**FP, "torch_num_threads": 1}, {}, Outcome.PASS),
+        ({**FP, "openmp_runtimes": ["libiomp"]}, {}, Outcome.PASS),
+        ({**FP, "torch_parallel_backend": "native thread pool"}, {}, Outcome.PASS),
+        ({**FP, "system": "Darwin"}, {}, Outcome.PASS),
+    ],
+)
+def test_gomp_fork_hang_prediction(fp, env, outcome):
+    got, reason = predict.gomp_fork_hang(Build(fp, env))
+    assert got is outcome and reason
+
+
+def test_expectation_with_reason_is_unpacked():
+    v = hazard("x", expect=predict.gomp_fork_hang)
+    outcomes, reason = v.expected(Build(FP))
+    assert outcomes == {Outcome.HANG} and "libgomp" in reason
+    assert hazard("y", expect=("HANG", "PASS")).expected(Build(FP))[0] == {Outcome.HANG, Outcome.PASS}
+
+
+def test_parse_parallel_info():
+    text = """ATen/Parallel:
+\tat::get_num_threads() : 2
+\tat::get_num_interop_threads() : 2
+OpenMP 201511 (a.k.a. OpenMP 4.5)
+\tomp_get_max_threads() : 2
+Intel(R) oneAPI Math Kernel Library Version 2024.2
+\tmkl_get_max_threads() : 2
+std::thread::hardware_concurrency() : 2
+Environment variables:
+\tOMP_NUM_THREADS : [not set]
+\tMKL_NUM_THREADS : [not set]
+ATen parallel backend: OpenMP
+"""
+    assert parse_parallel_info(text) == {"backend": "OpenMP", "num_threads": 2, "interop_threads": 2}
+
+
+def test_signatures():
+    text = "[mutex.cc : 452] RAW: Lock blocking 0x1\nOMP: Error #15: Initializing libiomp5.so\nERROR: DataLoader worker (pid 12) is killed"
+    assert {"abseil-mutex-raw-lock-blocking", "omp-error-15-duplicate-runtime", "dataloader-worker-died"} <= set(ev.match_signatures(text))
+    assert ev.match_signatures("all fine") == []
+
+
+def test_top_frame_of_py_spy_dump():
+    dump = 'Thread 7 (idle): "MainThread"\n    0x7f (libgomp.so.1)\n    _wait_child (repro/scenarios/fork_threads.py:62)\n    <module> (x.py:1)\n'
+    assert ev.top_frame(dump) == "_wait_child (repro/scenarios/fork_threads.py:62)"
+
+
+def test_report_lists_every_result_and_details_unexpected_ones():
+    good = Result("s", "v", "fix", "PASS", ["PASS"], ok=True, seconds=1.0, metrics={"x": 1.5})
+    bad = Result("s", "h", "hazard", "TIMEOUT", ["HANG"], ok=False, seconds=9.0, evidence={"stderr_tail": "boom"})
+    text = render([good, bad])
+    assert "1/2 as expected" in text
+    assert "| s | v | fix | PASS | **PASS** | ✅ | 1.00 | x=1.5 |" in text
+    assert "<details><summary><b>s:h</b>: TIMEOUT (expected HANG)" in text

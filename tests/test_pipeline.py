@@ -1,0 +1,153 @@
+"""Unit tests of splitlearn.pipeline: counts in/out, stalls named by stage, nothing left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from splitlearn.pipeline import Pipeline, PipelineError, StageStalled  # noqa: E402
+
+
+def _items(n):
+    return [torch.tensor([i, 2 * i]) for i in range(n)]
+
+
+def _double(batch):
+    return [row * 2 for row in batch]
+
+
+def _no_children_left():
+    me = psutil.Process()
+    kids = [c for c in me.children(recursive=True) if "multiprocessing" not in " ".join(c.cmdline())]
+    gone, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, f"children left: {[p.pid for p in alive]}"
+
+
+def _threads_end(pipe, timeout=10.0):
+    for t in pipe.threads:
+        t.join(timeout)
+    assert not [t.name for t in pipe.threads if t.is_alive()]
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, splitlearn.pipeline; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("batch_size,queue_size", [(1, 1), (3, 2), (8, 16)])
+def test_drain_counts_every_item_once(batch_size, queue_size):
+    seen = []
+    pipe = Pipeline(_double, consumer=lambda s, o: seen.append((s, o)), batch_size=batch_size,
+                    queue_size=queue_size, put_timeout=10, keep_outputs=True)
+    res = pipe.run(_items(37), timeout=60)
+    assert res.ok and res.produced == res.consumed == 37
+    assert res.ids == list(range(37)) and not res.missing and not res.duplicates
+    assert res.counts == {f"{s}_{d}": 37 for s in ("producer", "model", "consumer") for d in ("in", "out")}
+    assert all(torch.equal(o, torch.tensor([2 * s, 4 * s])) for s, o in res.outputs)
+    assert sorted(s for s, _ in seen) == list(range(37))
+    _threads_end(pipe)
+
+
+def test_empty_input():
+    pipe = Pipeline(_double, put_timeout=5)
+    res = pipe.run([], timeout=30)
+    assert res.ok and res.produced == res.consumed == 0
+
+
+def test_stalled_model_stage_is_named_and_put_times_out():
+    gate = threading.Event()
+    calls = []
+
+    def stalls(batch):
+        calls.append(len(batch))
+        if len(calls) > 1:
+            gate.wait()
+        return _double(batch)
+
+    pipe = Pipeline(stalls, batch_size=2, queue_size=2, put_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(StageStalled) as info:
+        pipe.run(_items(20), timeout=30, join_timeout=0.5)
+    elapsed = time.monotonic() - t0
+    err = info.value
+    assert err.stage == "model" and err.queue_name == "model_in"
+    assert 1.0 <= err.waited < 3.0 and elapsed < 10
+    assert "stage 'model' stalled" in str(err) and "'forward'" in str(err)
+    assert err.counts["model_out"] == 2 and err.counts["consumer_out"] == 2
+    assert pipe.stuck_threads == ["pipeline-model"]
+    gate.set()
+    _threads_end(pipe)
+
+
+def test_stalled_consumer_is_named():
+    gate = threading.Event()
+
+    def slow_consumer(seq, out):
+        gate.wait()
+
+    pipe = Pipeline(_double, consumer=slow_consumer, batch_size=2, queue_size=1, put_timeout=1.0)
+    with pytest.raises(StageStalled) as info:
+        pipe.run(_items(20), timeout=30, join_timeout=0.5)
+    # whichever put times out first (the producer's or the model stage's), the root is named
+    assert info.value.stage == "consumer", str(info.value)
+    assert info.value.queue_name in ("model_in", "model_out")
+    gate.set()
+    _threads_end(pipe)
+
+
+def test_stage_exception_propagates_and_stops_everything():
+    def boom(batch):
+        raise ValueError("bad batch")
+
+    pipe = Pipeline(boom, batch_size=2, queue_size=2, put_timeout=5)
+    with pytest.raises(ValueError, match="bad batch"):
+        pipe.run(_items(10), timeout=30)
+    _threads_end(pipe)
+
+
+def test_wrong_output_count_is_an_error():
+    pipe = Pipeline(lambda b: [0], batch_size=3, put_timeout=5)
+    with pytest.raises(PipelineError, match="returned 1 outputs for 3 items"):
+        pipe.run(_items(6), timeout=30)
+    _threads_end(pipe)
+
+
+def test_unbounded_queue_refused():
+    with pytest.raises(ValueError):
+        Pipeline(_double, queue_size=0)
+
+
+def test_overall_timeout_names_a_stage():
+    gate = threading.Event()
+
+    def stalls(batch):
+        gate.wait()
+        return _double(batch)
+
+    # queue large enough that the producer never blocks: only the overall timeout fires
+    pipe = Pipeline(stalls, batch_size=1, queue_size=64, put_timeout=60)
+    with pytest.raises(PipelineError, match="did not finish within 1.0s"):
+        pipe.run(_items(4), timeout=1.0, join_timeout=0.5)
+    gate.set()
+    _threads_end(pipe)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_drain_through_worker_processes(method):
+    pipe = Pipeline(_double, batch_size=4, queue_size=4, put_timeout=60, num_workers=2,
+                    multiprocessing_context=method, keep_outputs=True)
+    res = pipe.run(_items(40), timeout=120)
+    assert res.ok and res.ids == list(range(40))
+    assert len(pipe.worker_pids) == 2
+    _threads_end(pipe)
+    _no_children_left()
+    for pid in pipe.worker_pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

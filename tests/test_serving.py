@@ -1,0 +1,314 @@
+"""InferenceServer / InferenceClient: answers, batching, bad input, auth, faults, lifecycle.
+
+Servers are real spawned processes; every wait is bounded and every process is reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from splitlearn.serving import (
+    HandshakeError,
+    InferenceClient,
+    InferenceServer,
+    ServerError,
+    ServerStartError,
+    ServerUnavailable,
+    wire,
+)
+from splitlearn.serving.demo_models import DemoNet
+
+DEMO = "splitlearn.serving.demo_models:DemoNet"
+ECHO = "splitlearn.serving.demo_models:EchoNet"
+KW = {"in_features": 8, "hidden": 64, "depth": 2, "out_features": 4}
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.manual_seed(0)
+    model = DemoNet(**KW).eval()
+    srv = InferenceServer(DEMO, KW, state_dict=model.state_dict(), num_threads=1, max_wait_ms=20, start_timeout=120)
+    srv.start()
+    try:
+        yield srv, model
+    finally:
+        srv.close()
+    assert not psutil.pid_exists(srv.info["pid"]) or psutil.Process(srv.info["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.fixture()
+def slow():
+    """A model whose forward takes about a second or more (repeat), for fault tests."""
+    kw = dict(KW, hidden=512, depth=4, repeat=3000)
+    srv = InferenceServer(DEMO, kw, num_threads=1, start_timeout=120, warmup=False)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _wait_until(pred, timeout, what):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if pred():
+            return
+        threading.Event().wait(0.02)  # bounded poll of a condition we do not own, not a sync sleep
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def test_answers_equal_direct_model(demo):
+    srv, model = demo
+    x = torch.randn(3, 8)
+    with srv.client() as c:
+        y = c.infer(x)
+    with torch.inference_mode():
+        ref = model(x)
+    assert torch.allclose(y, ref, atol=1e-6)
+    assert srv.info["input_shape"] == [8] and srv.info["input_dtype"] == "float32"
+
+
+def test_numpy_client(demo):
+    srv, model = demo
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    with InferenceClient(srv.address, authkey=srv.authkey, as_numpy=True) as c:
+        y = c.infer(x)
+    assert isinstance(y, np.ndarray)
+    with torch.inference_mode():
+        np.testing.assert_allclose(y, model(torch.from_numpy(x)).numpy(), atol=1e-6)
+
+
+def test_concurrent_clients_get_their_own_answers_and_batch():
+    srv = InferenceServer(ECHO, {"scale": 3.0}, max_batch_size=8, max_wait_ms=50, start_timeout=120)
+    srv.start()
+    errors: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def worker(k: int) -> None:
+        try:
+            with srv.client(timeout=30) as c:
+                barrier.wait(30)
+                for i in range(25):
+                    x = torch.full((1, 5), float(k * 1000 + i))
+                    y = c.infer(x)
+                    if not torch.equal(y, x * 3):
+                        errors.append(f"client {k} request {i}: got {y[0, 0].item()} for {x[0, 0].item()}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"client {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        st = srv.stats()
+        assert st["responses"] == 100 and st["errors"] == 0
+        assert st["mean_batch"] > 1.0, st  # four busy clients share forwards
+    finally:
+        srv.close()
+
+
+def test_one_client_never_waits_for_a_batch(demo):
+    srv, _ = demo  # max_wait_ms=20: a lone client must not pay it
+    with srv.client() as c:
+        before = c.stats()
+        for _ in range(10):
+            c.infer(torch.randn(1, 8))
+        after = c.stats()
+    assert after["queue_wait_ms_max"] < 20.0, after
+
+
+def test_bad_dtype_and_shape_are_errors_to_that_caller_only(demo):
+    srv, model = demo
+    with srv.client() as bad, srv.client() as good:
+        with pytest.raises(ServerError, match="dtype float64") as e:
+            bad.infer(torch.randn(1, 8, dtype=torch.float64))
+        assert e.value.code == "bad_input"
+        with pytest.raises(ServerError, match=r"shape \[1, 9\]"):
+            bad.infer(torch.randn(1, 9))
+        with pytest.raises(ServerError, match="leading batch"):
+            bad.infer(torch.tensor(1.0))
+        x = torch.randn(1, 8)
+        assert bad.infer(x).shape == (1, 4)  # the same connection still works
+        assert good.infer(x).shape == (1, 4)
+
+
+def test_malformed_frame_gets_error_and_connection_survives(demo):
+    srv, _ = demo
+    with srv.client() as c:
+        c.send_raw(b"this is not a splitlearn frame")
+        f = c.recv_frame(timeout=10)
+        assert f.type == wire.MsgType.ERROR and f.meta["error"] == "bad_frame" and "bad magic" in f.meta["message"]
+        assert c.infer(torch.randn(1, 8)).shape == (1, 4)
+
+
+def test_oversized_frame_closes_only_that_connection(demo):
+    srv, _ = demo
+    with srv.client() as bystander:
+        with srv.client(max_frame=1 << 30) as c:
+            try:
+                c.send_raw(b"\x00" * (srv.max_frame + 1))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server read the length, answered, and closed while we still sent
+            f = c.recv_frame(timeout=10)
+            assert f.meta["error"] == "frame_too_large"
+            with pytest.raises(ServerUnavailable):
+                c.recv_frame(timeout=10)
+        assert bystander.infer(torch.randn(1, 8)).shape == (1, 4)
+    with srv.client() as c:
+        with pytest.raises(wire.WireError, match="maximum frame size"):
+            c.infer(torch.zeros(1, srv.max_frame // 4 + 1))  # refused before sending
+
+
+def test_wrong_authkey_is_a_clear_error_within_timeout(demo):
+    srv, _ = demo
+    t0 = time.monotonic()
+    with pytest.raises(HandshakeError, match="wrong authkey"):
+        InferenceClient(srv.address, authkey=b"not the key", connect_timeout=5)
+    assert time.monotonic() - t0 < 5
+    with srv.client() as c:
+        assert c.infer(torch.randn(1, 8)).shape == (1, 4)
+        assert c.stats()["auth_failures"] >= 1
+
+
+def test_client_without_authkey_is_rejected(demo):
+    srv, _ = demo
+    c = InferenceClient(srv.address, authkey=None, connect_timeout=5, timeout=5)
+    try:
+        with pytest.raises((wire.WireError, ServerUnavailable), match="authkey|closed|went away"):
+            c.infer(torch.randn(1, 8))
+    finally:
+        c.close()
+
+
+def test_start_error_is_clear():
+    srv = InferenceServer("splitlearn.serving.demo_models:NoSuchNet", {}, start_timeout=60)
+    with pytest.raises(ServerStartError, match="NoSuchNet"):
+        srv.start()
+    assert not srv.alive
+    srv.close()
+
+
+def test_child_dying_while_starting_is_clear():
+    srv = InferenceServer("splitlearn.serving.demo_models:CrashNet", {"exit_code": 7}, start_timeout=60)
+    with pytest.raises(ServerStartError, match="exit code 7"):
+        srv.start()
+    srv.close()
+
+
+def test_child_hanging_while_starting_times_out_and_is_reaped():
+    srv = InferenceServer("splitlearn.serving.demo_models:StuckNet", {}, start_timeout=8)
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="not ready within 8"):
+        srv.start()
+    assert time.monotonic() - t0 < 20
+    assert srv.pid is None and not srv.alive
+    srv.close()
+
+
+def test_server_killed_mid_batch_every_caller_errors_then_restart(slow):
+    srv = slow
+    results: dict[int, BaseException | None] = {}
+
+    def call(k: int) -> None:
+        try:
+            with srv.client(timeout=60) as c:
+                c.infer(torch.randn(1, 8))
+            results[k] = None
+        except BaseException as exc:  # noqa: BLE001
+            results[k] = exc
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    with srv.client(timeout=10) as probe:
+        _wait_until(lambda: probe.stats()["in_batch"], 30, "a batch in progress")
+    t_kill = time.monotonic()
+    os.kill(srv.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(15)
+    assert not any(t.is_alive() for t in threads), "a caller still waits after the server died"
+    assert time.monotonic() - t_kill < 15
+    assert all(isinstance(e, ServerUnavailable) for e in results.values()), results
+    srv.restart()
+    with srv.client(timeout=60) as c:
+        assert c.ping(timeout=10) < 10
+
+
+def test_call_timeout_and_late_answer_is_not_misdelivered(slow):
+    srv = slow
+    x1, x2 = torch.randn(1, 8), torch.randn(1, 8)
+    with srv.client() as c:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            c.infer(x1, timeout=0.3)
+        assert time.monotonic() - t0 < 3
+        y2 = c.infer(x2, timeout=120)  # the late answer to x1 arrives first and must be dropped
+        y1 = c.infer(x1, timeout=120)
+        assert torch.equal(c.infer(x2, timeout=120), y2)
+    assert not torch.allclose(y1, y2)
+
+
+def test_client_disconnecting_mid_request_does_not_hurt_others(slow):
+    srv = slow
+    gone = srv.client()
+    gone.send_raw(wire.encode(wire.Frame(wire.MsgType.REQUEST, 1, tensors=[torch.randn(1, 8)])))
+    with srv.client(timeout=10) as probe:
+        _wait_until(lambda: probe.stats()["requests"] >= 1, 30, "request queued")
+    gone.close()
+    with srv.client(timeout=120) as c:
+        assert c.infer(torch.randn(1, 8)).shape == (1, 4)
+        st = c.stats()
+    assert srv.alive and st["requests"] >= 2 and st["connections_open"] == 1
+
+
+def test_stop_is_clean_and_idempotent(demo):
+    srv = InferenceServer(ECHO, {}, start_timeout=120)
+    srv.start()
+    path, pid = srv.address, srv.pid
+    with srv.client() as c:
+        c.infer(torch.ones(1, 2))
+    stats = srv.stop()
+    assert stats is not None and stats["responses"] == 1
+    assert not os.path.exists(path)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert srv.stop() == stats
+    srv.close()
+
+
+def test_server_exits_when_its_owner_dies(tmp_path):
+    code = (
+        "import sys\n"
+        "from splitlearn.serving import InferenceServer\n"
+        "if __name__ == '__main__':\n"
+        "    s = InferenceServer('splitlearn.serving.demo_models:EchoNet', {}, start_timeout=120)\n"
+        "    s.start(); print(s.pid, flush=True)\n"
+        "    import os; os._exit(0)\n"
+    )
+    script = tmp_path / "owner.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    pid = int(out.stdout.strip().splitlines()[-1])
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    try:
+        proc.wait(30)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        pytest.fail("server outlived its owner by 30 s")
