@@ -61,14 +61,14 @@ def select(catalogue: dict[str, Any], names: list[str]) -> list[tuple[Any, Any]]
 
 
 # -- statistics -------------------------------------------------------------------------------------
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]], scenario: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
     """Per figure over the repetitions: median, min, max, n, and the target judged on the median."""
     values: dict[str, list[float]] = {}
     meta: dict[str, _figures.Figure] = {}
     for run in runs:
         if run.get("outcome") != "PASS":
             continue  # a failed run's partial figures are not a measurement
-        for fig in _figures.extract(run.get("metrics") or {}):
+        for fig in _figures.extract(run.get("metrics") or {}, scenario=scenario, kind=kind):
             values.setdefault(fig.name, []).append(fig.value)
             meta.setdefault(fig.name, fig)
             if fig.target and not meta[fig.name].target:
@@ -103,6 +103,10 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
+    try:
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -168,12 +172,12 @@ def run(
     from repro.harness.spec import Build
 
     fp = get_fingerprint(sys.executable)
-    records = [{"scenario": sc.name, "variant": v.name, "warmups": [], "runs": []} for sc, v in cases]
+    records = [{"scenario": sc.name, "variant": v.name, "kind": v.kind, "warmups": [], "runs": []} for sc, v in cases]
     total = (warmup + repeat) * len(cases)
     done = 0
     for rep in range(warmup + repeat):
         phase = "warmup" if rep < warmup else f"rep {rep - warmup + 1}/{repeat}"
-        for (sc, v), rec in zip(cases, records):
+        for (sc, v), rec in zip(cases, records, strict=True):
             res = run_variant(sc, v, timeout=timeout, build=Build(fp, v.env))
             done += 1
             entry = {
@@ -189,7 +193,7 @@ def run(
     for rec in records:
         rec["outcomes"] = sorted({r["outcome"] for r in rec["runs"]})
         rec["all_ok"] = all(r["ok"] for r in rec["runs"])
-        rec["figures"] = summarise(rec["runs"])
+        rec["figures"] = summarise(rec["runs"], rec["scenario"], rec["kind"])
         rec["run_seconds"] = {
             "median": statistics.median([r["seconds"] for r in rec["runs"]]) if rec["runs"] else None,
         }
@@ -206,7 +210,9 @@ def missed_targets(report: dict[str, Any]) -> list[str]:
                     f"{_figures.fmt_value(f['median'], f['unit'])} (target {f['target']})"
                 )
         if not rec["all_ok"]:
-            out.append(f"{rec['scenario']}:{rec['variant']} did not pass every repetition ({', '.join(rec['outcomes'])})")
+            out.append(
+                f"{rec['scenario']}:{rec['variant']} did not pass every repetition ({', '.join(rec['outcomes'])})"
+            )
     return out
 
 
@@ -223,6 +229,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     out.append(
         f"- Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, {m.get('memory_gib', '?')} GiB, {m.get('platform')}"
     )
+    if m.get("loadavg_1m_before") is not None:
+        out.append(
+            f"- Load average (1 min) before/after: {m.get('loadavg_1m_before')} / {m.get('loadavg_1m')} "
+            f"on {m.get('cpus')} CPUs: anything above {m.get('cpus')} means other work shared the machine"
+        )
     out.append(
         f"- Versions: Python {fp.get('python')}, torch {fp.get('torch')}, transformers {fp.get('transformers')}, "
         f"numpy {fp.get('numpy')}; build `{fp.get('build')}`, parallel backend {fp.get('torch_parallel_backend')}, "
@@ -310,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no load scenarios in the catalogue", file=sys.stderr)
         return 2
     fp = get_fingerprint(sys.executable)
+    load_before = machine_info().get("loadavg_1m")
     t0 = time.monotonic()
     records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout)
     pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
@@ -321,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "warmup": args.warmup,
         "wall_seconds": round(time.monotonic() - t0, 1),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "loadavg_1m_before": load_before},
         "fingerprint": {k: v for k, v in fp.items() if k not in ("parallel_info", "threadpools", "executable")},
         "cases": records,
         "suite": suite,

@@ -19,12 +19,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("repro.bench:main", "timed load scenarios (see python -m repro bench --help)"),
     "matrix": ("repro.matrix:main", "merge per-cell results into one matrix report (see python -m repro matrix --help)"),
+    "hazards": ("repro.hazards_doc:main", "write docs/HAZARDS.md from the claims and matrix results (see --help)"),
 }
 SUBCOMMANDS: dict[str, Callable[[Any], None] | str] = {}
 
@@ -153,7 +155,7 @@ def cmd_run(args) -> int:
 def cmd_script(args) -> int:
     from repro.harness.runner import run_script
 
-    extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    extra = args.script_args
     r = run_script(args.path, timeout=args.timeout, args=extra, python=args.python, expect=args.expect, fingerprint=not args.no_fingerprint)
     print(_line(r))
     print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect", action="append", default=None, choices=["PASS", "FAIL", "ERROR", "CRASH", "HANG", "TIMEOUT"], help="expected outcome (repeatable; default PASS)")
     p.add_argument("--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)")
     p.add_argument("--python", default=sys.executable)
-    p.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the script's arguments")
+    p.add_argument("script_args", nargs="*", help="the script's arguments, after --")
     p.set_defaults(handler=cmd_script)
 
     p = sub.add_parser("env", help="the build fingerprint (runs in a clean child)")
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (_target, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched in main()
-    for name, registrar in SUBCOMMANDS.items():
+    for registrar in SUBCOMMANDS.values():
         if isinstance(registrar, str):
             mod, _, fn = registrar.partition(":")
             try:
@@ -262,7 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         mod, _, fn = DELEGATED[argv[0]][0].partition(":")
         return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
+    passthrough: list[str] = []
+    if argv and argv[0] == "script" and "--" in argv:  # everything after -- belongs to the script
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if passthrough:
+        args.script_args = [*args.script_args, *passthrough]
     if getattr(args, "expect", "absent") is None:
         args.expect = ["PASS"]
     try:

@@ -7,7 +7,11 @@ mixed in one result:
   explicit figures; ``unit``, ``target`` (``<=``, ``<``, ``>=``, ``>`` or ``==`` and a number) and
   ``key`` (the figure the matrix shows for the scenario) are optional. A bare number is a figure
   without unit or target.
-* ``targets={metric: "<=1.05"}`` beside flat metrics: targets for flat metrics.
+* ``targets={...}``: either ``{metric: "<=1.05"}`` for flat metrics, or named figures
+  ``{name: {"value": 1.02, "target": 1.05, "met": True, ...}}``. A numeric ``target`` gets its
+  direction from the name (``_le_``/``within``/``max`` -> ``<=``, ``_ge_``/``min``/``at_least``
+  -> ``>=``), else from the ``met`` the scenario computed; ``"claim": "10-50x"`` is a range.
+* ``target_X=1.5`` beside a figure ``X`` (or the one figure ending in ``_X``): an upper bound.
 * flat numbers (``ctx.record(overhead=1.02, rps=250.0)``), nested dicts flattened with dots.
   ``key="overhead"`` (or ``key_figure=``) names the key figure.
 
@@ -23,7 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_TARGET = re.compile(r"^\s*(<=|>=|<|>|==|≤|≥)\s*([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*([^\d\s].*)?$")
+_NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_TARGET = re.compile(rf"^\s*(<=|>=|<|>|==|≤|≥)\s*({_NUM})\s*([^\d\s].*)?$")
+_RANGE = re.compile(rf"^\s*({_NUM})\s*(?:\.\.|-|–|to)\s*({_NUM})\s*[^\d\s]*\s*$")
+_UPPER_WORDS = {"le", "lt", "max", "within", "under", "below", "at_most", "atmost", "upto"}
+_LOWER_WORDS = {"ge", "gt", "min", "above", "over_min", "at_least", "atleast"}
 _RESERVED = {"figures", "targets", "key", "key_figure"}
 
 # Units guessed from a flat metric's name suffix, longest first.
@@ -68,22 +76,28 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def parse_target(target: str | None) -> tuple[str, float] | None:
-    """``"<=1.05"`` -> ``("<=", 1.05)``; None for anything unreadable."""
+def parse_target(target: str | None) -> tuple[str, float] | tuple[str, float, float] | None:
+    """``"<=1.05"`` -> ``("<=", 1.05)``; ``"10..50"`` -> ``("in", 10, 50)``; None if unreadable."""
     if not target or not isinstance(target, str):
         return None
     m = _TARGET.match(target)
-    if not m:
-        return None
-    op = {"≤": "<=", "≥": ">="}.get(m.group(1), m.group(1))
-    return op, float(m.group(2))
+    if m:
+        op = {"≤": "<=", "≥": ">="}.get(m.group(1), m.group(1))
+        return op, float(m.group(2))
+    m = _RANGE.match(target)
+    if m:
+        lo, hi = sorted((float(m.group(1)), float(m.group(2))))
+        return "in", lo, hi
+    return None
 
 
 def meets(value: float | None, target: str | None) -> bool | None:
     parsed = parse_target(target)
     if parsed is None or value is None:
         return None
-    op, bound = parsed
+    if parsed[0] == "in":
+        return parsed[1] <= value <= parsed[2]
+    op, bound = parsed[0], parsed[1]
     return {
         "<=": value <= bound,
         "<": value < bound,
@@ -91,6 +105,34 @@ def meets(value: float | None, target: str | None) -> bool | None:
         ">": value > bound,
         "==": math.isclose(value, bound, rel_tol=1e-9, abs_tol=1e-12),
     }[op]
+
+
+def _num_text(x: float) -> str:
+    return f"{x:g}"
+
+
+def target_from_spec(name: str, spec: Mapping[str, Any], value: float | None) -> str | None:
+    """The target of a ``targets`` entry written as a dict (see the module docstring)."""
+    target = spec.get("target")
+    if isinstance(target, str):
+        return target if parse_target(target) else None
+    bound = _number(target)
+    if bound is not None:
+        lowered = name.lower()
+        words = set(re.split(r"[^a-z]+", lowered))
+        words |= {w for w in ("at_most", "at_least") if w in lowered}
+        upper, lower = bool(words & _UPPER_WORDS), bool(words & _LOWER_WORDS)
+        if upper != lower:
+            return f"{'<=' if upper else '>='}{_num_text(bound)}"
+        met = spec.get("met", spec.get("ok"))
+        if isinstance(met, bool) and value is not None and (value <= bound) != (value >= bound):
+            return f"{'<=' if met == (value <= bound) else '>='}{_num_text(bound)}"
+        return None
+    claim = spec.get("claim") or spec.get("range")
+    if isinstance(claim, str) and _RANGE.match(claim):
+        lo, hi = _RANGE.match(claim).groups()
+        return f"{lo}..{hi}"
+    return None
 
 
 def unit_from_name(name: str) -> str:
@@ -110,8 +152,28 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
 
 
-def extract(metrics: Mapping[str, Any] | None) -> list[Figure]:
-    """Every figure in ``metrics`` (see the module docstring), explicit ones first."""
+# Targets stated in the issues, for scenarios whose metrics carry none of their own: scenario ->
+# {metric: target}; the first entry is the scenario's key figure. A target a scenario records
+# (``figures``/``targets``) wins over these. Names that a run did not record are ignored.
+DEFAULT_TARGETS: dict[str, dict[str, str]] = {
+    "loading_memory": {"ratio": "<=0.5"},
+    "manager_lock": {"heartbeat_max_gap_ms": "<50"},
+    "harness_overhead": {"overhead_ratio": "<=1.15", "median_latency_s": "<=3"},
+}
+# Key figures without a target (what the matrix shows for the scenario).
+DEFAULT_KEYS: dict[str, str] = {
+    "manager_serving": "during_load_p95_ms",
+    "imports_eager_vs_lazy": "speedup",
+}
+
+
+def extract(metrics: Mapping[str, Any] | None, *, scenario: str | None = None, kind: str | None = None) -> list[Figure]:
+    """Every figure in ``metrics`` (see the module docstring), explicit ones first.
+
+    ``scenario`` applies :data:`DEFAULT_TARGETS` / :data:`DEFAULT_KEYS` where the run recorded
+    none. For ``kind="hazard"`` targets are dropped: a hazard variant is judged by its predicted
+    outcome, and missing a fix's target is what it is there to show.
+    """
     if not metrics:
         return []
     figures: dict[str, Figure] = {}
@@ -126,27 +188,58 @@ def extract(metrics: Mapping[str, Any] | None) -> list[Figure]:
                     str(name),
                     value,
                     str(spec.get("unit") or unit_from_name(str(name))),
-                    spec.get("target") if isinstance(spec.get("target"), str) else None,
+                    target_from_spec(str(name), spec, value),
                     bool(spec.get("key")),
                 )
             else:
                 value = _number(spec)
                 if value is not None:
                     figures[str(name)] = Figure(str(name), value, unit_from_name(str(name)))
+    targets = metrics.get("targets")
+    flat_targets: dict[str, str] = {}
+    if isinstance(targets, Mapping):
+        for name, spec in targets.items():
+            name = str(name)
+            if isinstance(spec, str):
+                flat_targets[name] = spec
+            elif isinstance(spec, Mapping):
+                value = _number(spec.get("value"))
+                target = target_from_spec(name, spec, value)
+                if value is not None and name not in figures:
+                    figures[name] = Figure(
+                        name, value, str(spec.get("unit") or unit_from_name(name)), target, bool(spec.get("key"))
+                    )
+                elif target:
+                    flat_targets[name] = target
     flat: dict[str, float] = {}
     for name, value in metrics.items():
         if name not in _RESERVED:
             _flatten(str(name), value, flat)
+    bounds = {n[len("target_") :]: v for n, v in flat.items() if n.startswith("target_")}
     for name, value in flat.items():
-        figures.setdefault(name, Figure(name, value, unit_from_name(name)))
-    targets = metrics.get("targets")
-    if isinstance(targets, Mapping):
-        for name, target in targets.items():
-            if str(name) in figures and isinstance(target, str):
-                figures[str(name)].target = target
+        if not name.startswith("target_"):
+            figures.setdefault(name, Figure(name, value, unit_from_name(name)))
+    for name, target in flat_targets.items():
+        if name in figures and not figures[name].target:
+            figures[name].target = target
+    for stem, bound in bounds.items():
+        match = [n for n in flat if n == stem] or [
+            n for n in flat if n.endswith("_" + stem) and not n.startswith("target_")
+        ]
+        if len(match) == 1 and not figures[match[0]].target:
+            figures[match[0]].target = f"<={_num_text(bound)}"
+    defaults = DEFAULT_TARGETS.get(scenario or "", {})
+    for name, target in defaults.items():
+        if name in figures and not figures[name].target:
+            figures[name].target = target
     key = metrics.get("key") or metrics.get("key_figure")
+    if not (isinstance(key, str) and key in figures) and not any(f.key for f in figures.values()):
+        key = next((n for n in defaults if n in figures), None) or DEFAULT_KEYS.get(scenario or "")
     if isinstance(key, str) and key in figures:
         figures[key].key = True
+    if kind == "hazard":
+        for fig in figures.values():
+            fig.target = None
     return list(figures.values())
 
 

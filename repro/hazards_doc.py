@@ -76,7 +76,9 @@ def verdict(rows: list[Mapping[str, Any]], cell: str) -> tuple[str, str]:
     if wrong:
         parts.append(
             "⚠ disagrees with prediction: "
-            + ", ".join(f"{r['scenario']}:{r['variant']} {e['outcome']} (expected {'/'.join(e['expected'])})" for r, e in wrong)
+            + ", ".join(
+                f"{r['scenario']}:{r['variant']} {e['outcome']} (expected {'/'.join(e['expected'])})" for r, e in wrong
+            )
         )
         shown.extend(_label(r, e) for r, e in wrong)
     hazards = [(r, e) for r, e in ran if r["kind"] == "hazard"]
@@ -135,7 +137,11 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         rows = [r for r in merged["rows"] if r["scenario"] in names]
         per_cell = {c: verdict(rows, c) for c in cells}
         short = [_short(per_cell[c][0]) for c in cells]
-        out.append(f"| {cid} | {info['seed']} | {', '.join(f'`{n}`' for n in names) or '**none**'} | " + " | ".join(short) + " |")
+        out.append(
+            f"| {cid} | {info['seed']} | {', '.join(f'`{n}`' for n in names) or '**none**'} | "
+            + " | ".join(short)
+            + " |"
+        )
         details.append((cid, info, names, per_cell))
     out.append("")
     for cid, info, names, per_cell in details:

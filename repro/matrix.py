@@ -30,6 +30,7 @@ from repro import figures as _figures
 BUILD_ORDER = ("bundled", "mkl")
 # Fingerprint keys shown in the Markdown table, when present (all keys go to HTML and JSON).
 FINGERPRINT_KEYS = (
+    "build",
     "python",
     "torch",
     "transformers",
@@ -161,7 +162,9 @@ def entry_from_result(result: Mapping[str, Any]) -> Entry:
         reason=reason,
         ok=bool(ok) if ok is not None else None,
         seconds=result.get("seconds"),
-        figures=_figures.extract(result.get("metrics") or {}),
+        figures=_figures.extract(
+            result.get("metrics") or {}, scenario=str(result.get("scenario") or ""), kind=str(result.get("kind") or "")
+        ),
         detail="" if ok else _evidence_line(result),
     )
 
@@ -407,18 +410,38 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
     out.append("## Cells")
     out.append("")
     keys = [k for k in FINGERPRINT_KEYS if any(k in c["fingerprint"] for c in merged["cells"])]
-    out.append("| cell | ran | as predicted | disagree | skipped | not run | " + " | ".join(keys) + " |")
-    out.append("|---|---|---|---|---|---|" + "---|" * len(keys))
+    out.append("| cell | ran | as predicted | disagree | skipped | not run | wall | " + " | ".join(keys) + " |")
+    out.append("|---|---|---|---|---|---|---|" + "---|" * len(keys))
     for c in merged["cells"]:
         n = c["counts"]
         fp = [_md_escape(_fp_value(c["fingerprint"].get(k))) for k in keys]
+        wall = c["meta"].get("wall_seconds")
+        wall_text = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "–"
         out.append(
             f"| {c['name']} | {n['ran']} | {n['as_predicted']} | {n['disagree']} | {n['skipped']} | {n['not_run']} | "
-            + " | ".join(fp)
-            + " |"
+            f"{wall_text} | " + " | ".join(fp) + " |"
         )
     out.append("")
+    machines = sorted({_machine_text(c["meta"].get("machine")) for c in merged["cells"]} - {""})
+    if machines:
+        out.append("Machine: " + "; ".join(machines) + ".")
+        out.append("")
+    partial = [c["name"] for c in merged["cells"] if _partial_args(c["meta"])]
+    if partial:
+        out.append(f"Partial runs (pytest selected a subset with -k/-m): {', '.join(partial)}.")
+        out.append("")
     return "\n".join(out)
+
+
+def _machine_text(machine: Any) -> str:
+    if not isinstance(machine, Mapping) or "cpus" not in machine:
+        return ""
+    return f"{machine.get('cpu_model', '?')}, {machine.get('cpus')} CPUs, {machine.get('memory_gib', '?')} GiB"
+
+
+def _partial_args(meta: Mapping[str, Any]) -> bool:
+    args = (meta.get("pytest") or {}).get("args") or []
+    return any(a in ("-k", "-m") or str(a).startswith(("-k", "-m")) for a in args)
 
 
 _CSS = """

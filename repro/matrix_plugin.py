@@ -66,6 +66,15 @@ def slim_result(data: dict[str, Any]) -> dict[str, Any]:
     return _trim(out)
 
 
+def _machine() -> dict[str, Any]:
+    try:
+        from repro.bench import machine_info
+
+        return machine_info()
+    except Exception as exc:  # noqa: BLE001
+        return {"error": repr(exc)}
+
+
 class CellRecorder:
     def __init__(self, config: pytest.Config, path: Path) -> None:
         self.config = config
@@ -204,7 +213,7 @@ class CellRecorder:
     def write(self, exitstatus: int) -> None:
         fingerprint: dict[str, Any] = {}
         fingerprint_error = None
-        if self.results or os.environ.get("SPLITREPRO_CELL_FINGERPRINT", "1") != "0":
+        if os.environ.get("SPLITREPRO_CELL_FINGERPRINT", "1") != "0":
             try:
                 from repro.harness.fingerprint import get_fingerprint
 
@@ -244,6 +253,7 @@ class CellRecorder:
             "cell": cell,
             "build": build,
             "python": platform.python_version(),
+            "machine": _machine(),
             "started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).replace(microsecond=0).isoformat(),
             "wall_seconds": round(time.time() - self.started, 1),
             "pytest": {
@@ -258,14 +268,15 @@ class CellRecorder:
             "results": self.results,
             "skipped": self.skipped,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        path = self.path
+        if path.is_dir() or str(path).endswith(os.sep) or not path.suffix:
+            path = path / f"{cell}.json"  # a directory: the file is named after the cell
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        line = (
-            f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {self.path}"
-        )
+        line = f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {path}"
         if tr is not None:
             tr.write_line(line)
         else:

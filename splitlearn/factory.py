@@ -21,7 +21,8 @@ import gc
 import logging
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from splitlearn._logging import stage
 from splitlearn.errors import ConfigMismatch, CorruptWeights, InvalidPart, InvalidSplitPoints, SplitLearnError
@@ -90,7 +91,9 @@ class ModelFactory:
 
         ``model_name_or_path``: a local directory written by ``save_pretrained`` (safetensors).
         ``low_memory``: True = incremental, False = traditional, None = incremental iff sharded.
-        ``dtype``: optional torch dtype to cast the parts to (default: the checkpoint's dtype).
+        ``dtype``: optional torch dtype of the parts (default: the checkpoint's dtype). The
+        traditional path hands it to ``from_pretrained`` (the whole model is converted); the
+        incremental path converts only the tensors it reads.
         """
         t0 = time.perf_counter()
         if not ModelRegistry.is_registered(model_type):
@@ -116,7 +119,13 @@ class ModelFactory:
         mode = "incremental" if incremental else "traditional"
         log.info(
             "loading %s from %s: split (%d, %d) of %d layers, parts %s, %s path",
-            model_type, loader.model_dir, s1, s2, n_layers, ",".join(wanted), mode,
+            model_type,
+            loader.model_dir,
+            s1,
+            s2,
+            n_layers,
+            ",".join(wanted),
+            mode,
         )
         built: dict[str, Any] = {}
         try:
@@ -125,9 +134,10 @@ class ModelFactory:
                 for p in wanted:
                     classes[p].plan_from(source, config, *ranges[p])
             if incremental:
+                reader = loader.state_dict_view(dtype=dtype)  # converts tensor by tensor
                 for p in wanted:
                     with stage(log, f"build {p} (incremental)", layers=ranges[p]):
-                        built[p] = classes[p].from_pretrained_split(source, config, *ranges[p])
+                        built[p] = classes[p].from_pretrained_split(reader, config, *ranges[p])
                 opened = list(loader.opened_files)
             else:
                 with stage(log, "validate weight files"):
@@ -135,7 +145,7 @@ class ModelFactory:
                 opened = list(loader.opened_files)
                 loader.close()
                 with stage(log, "load full model (traditional)"):
-                    full = _load_full_model(loader.model_dir, config)
+                    full = _load_full_model(loader.model_dir, config, dtype)
                 with stage(log, "split full model"):
                     state_dict = full.state_dict()
                     for p in wanted:
@@ -171,12 +181,16 @@ class ModelFactory:
         return built.get("bottom"), built.get("trunk"), built.get("top")
 
 
-def _load_full_model(model_dir: Any, config: Any) -> Any:
+def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
         full, info = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), config=config, local_files_only=True, dtype="auto", output_loading_info=True
+            str(model_dir),
+            config=config,
+            local_files_only=True,
+            dtype=dtype if dtype is not None else "auto",
+            output_loading_info=True,
         )
     except SplitLearnError:
         raise
@@ -185,7 +199,9 @@ def _load_full_model(model_dir: Any, config: Any) -> Any:
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head.")]
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or mismatched:
-        raise ConfigMismatch(f"{model_dir}: weights do not match the config: missing {missing[:6]} mismatched {mismatched[:6]}")
+        raise ConfigMismatch(
+            f"{model_dir}: weights do not match the config: missing {missing[:6]} mismatched {mismatched[:6]}"
+        )
     return full.eval()
 
 

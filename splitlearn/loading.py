@@ -18,9 +18,9 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from splitlearn.errors import CorruptWeights, MissingShard, ModelNotFound
 
@@ -74,7 +74,10 @@ class ShardLoader:
                 )
         log.info(
             "checkpoint %s: %s, %d tensors in %d file(s)",
-            self.model_dir, "sharded" if self.is_sharded else "single file", len(self.weight_map), len(self.files),
+            self.model_dir,
+            "sharded" if self.is_sharded else "single file",
+            len(self.weight_map),
+            len(self.files),
         )
 
     # ------------------------------------------------------------------ index
@@ -158,15 +161,17 @@ class ShardLoader:
     def files_for(self, keys: Any) -> list[str]:
         return sorted({self.file_for(k) for k in keys})
 
-    def state_dict_view(self) -> "LazyStateDict":
-        return LazyStateDict(self)
+    def state_dict_view(self, dtype: Any = None) -> LazyStateDict:
+        """A lazy mapping over the checkpoint; with ``dtype``, floating tensors are converted
+        one at a time as they are read (only the requested tensors are ever materialised)."""
+        return LazyStateDict(self, dtype)
 
     def close(self) -> None:
         """Drop the file handles (and their memory maps)."""
         with self._lock:
             self._handles.clear()
 
-    def __enter__(self) -> "ShardLoader":
+    def __enter__(self) -> ShardLoader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -179,14 +184,18 @@ class ShardLoader:
 class LazyStateDict(Mapping):
     """Read-only mapping of checkpoint key -> tensor, each read from its shard when accessed."""
 
-    def __init__(self, loader: ShardLoader) -> None:
+    def __init__(self, loader: ShardLoader, dtype: Any = None) -> None:
         self._loader = loader
+        self._dtype = dtype
         self.description = f"{loader.model_dir} (incremental)"
 
     def __getitem__(self, key: str):
         if key not in self._loader.weight_map:
             raise KeyError(key)
-        return self._loader.get_tensor(key)
+        tensor = self._loader.get_tensor(key)
+        if self._dtype is not None and tensor.is_floating_point() and tensor.dtype != self._dtype:
+            tensor = tensor.to(self._dtype)
+        return tensor
 
     def __contains__(self, key: object) -> bool:
         return key in self._loader.weight_map

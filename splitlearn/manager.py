@@ -264,10 +264,10 @@ class AsyncModelManager:
             self._bump("loads_started")
             ph.waiter = asyncio.wrap_future(ph.future)
             done, _ = await asyncio.wait({ph.waiter, ph.aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-            if ph.waiter in done:
-                model = ph.waiter.result()  # the loader's exception, if any
-            elif ph.aborted in done:
+            if ph.aborted in done:  # unload_model / shutdown: their reason wins over the worker's
                 raise LoadCancelled(f"load of {model_id!r} (generation {ph.generation}) stopped: {ph.aborted.result()}")
+            elif ph.waiter in done:
+                model = ph.waiter.result()  # the loader's exception, if any
             else:
                 raise LoadTimeoutError(
                     f"load of {model_id!r} did not finish within {limit:g} s; its placeholder was removed "

@@ -18,15 +18,16 @@
 Threads
     ``config.num_threads`` (and ``config.interop_threads``) are applied with
     :func:`configure_threads`, i.e. ``torch.set_num_threads``, **in the thread that runs the
-    load** (an executor thread under :class:`~splitlearn.manager.AsyncModelManager`). That call
-    is process-wide in one sense only: it sets torch's process default, which the calling thread
-    and every thread that *first* runs parallel torch work afterwards adopt. Under the OpenMP
-    backend (the PyPI Linux wheels) a thread that already ran torch work -- the event-loop thread
-    serving other models, say -- keeps the count it had (measured in tests/test_model_loader.py);
-    under torch's native pool backend it changes for everyone. Call :func:`configure_threads` on a
-    serving thread to change that thread. ``None`` (the default) leaves every setting alone; the
-    original loader forced one thread on every load. Environment variables (``OMP_NUM_THREADS``...)
-    are not touched: once torch is imported they no longer size its pool.
+    load** (an executor thread under :class:`~splitlearn.manager.AsyncModelManager`). Treat it as
+    **process-wide**: torch stores it as the process default, which the loading thread and every
+    thread that starts torch work later adopt, so it changes the speed of every model in the
+    process, not only the one being loaded. A thread that already ran torch work (the event-loop
+    thread serving other models, say) may adopt it or keep its own count depending on the backend
+    and on what that thread has run: with torch 2.13's OpenMP backend both happen
+    (tests/test_model_loader.py measures it). To set a serving thread's count for sure, call
+    :func:`configure_threads` on that thread. ``None`` (the default) leaves every setting alone;
+    the original loader forced one thread on every load. Environment variables
+    (``OMP_NUM_THREADS``...) are not touched: once torch is imported they no longer size its pool.
 
 Warmup
     ``config.warmup`` runs ``warmup_steps`` forward passes under ``torch.inference_mode`` on a
@@ -249,12 +250,12 @@ _thread_lock = threading.Lock()
 def configure_threads(num_threads: int | None = None, interop_threads: int | None = None) -> dict[str, int]:
     """Set torch's intra-op (and optionally inter-op) thread counts; returns before / after.
 
-    ``torch.set_num_threads(n)`` stores ``n`` as the process default and applies it to the calling
-    thread. Threads adopt the default when they first run parallel torch work, so it reaches the
-    caller and every thread that starts torch work later -- all models they run, not only the one
-    being loaded. Under the OpenMP backend, threads that already ran torch work keep their own
-    count; under the native backend the one pool is resized for all. ``set_num_interop_threads``
-    may only be called once, before any inter-op work: a refused call is logged and left as it was.
+    **Process-wide in effect.** ``torch.set_num_threads(n)`` applies ``n`` to the calling thread
+    and stores it as the process default, which threads adopt when they start torch work: it
+    reaches every model run by those threads, not only the one being loaded. Threads that already
+    ran torch work may keep their own count (OpenMP backend, depending on what they ran) -- call
+    this on such a thread to set it there. ``set_num_interop_threads`` may only be called once,
+    before any inter-op work: a refused call is logged and left as it was.
     """
     import torch
 

@@ -8,7 +8,8 @@ Importing this module imports neither torch nor transformers.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from splitlearn.errors import InvalidSplitPoints
 from splitlearn.factory import ModelFactory

@@ -266,3 +266,10 @@ def test_child_environment_is_controlled(monkeypatch):
     assert env["OPENBLAS_CORETYPE"] == "Haswell"
     assert env["HF_HUB_OFFLINE"] == "1" and env["SPLITREPRO_RUN_TOKEN"] == "tok"
     assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(runner.SITE_DIR), str(runner.PROJECT_ROOT)]
+
+
+def test_hang_at_interpreter_shutdown_is_named():
+    r = run("shutdown_hang")
+    assert_hang(r, processes=1)
+    assert r.evidence["child_status"] == "pass"
+    assert any("interpreter shutdown" in n for n in r.evidence["notes"])

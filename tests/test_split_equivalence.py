@@ -88,8 +88,13 @@ def test_greedy_generation_matches_generate(family):
         ids, mask = padded_batch(seed, batch, length, pads, "left", vocab)
         bottom, trunk, top = split_parts(family, s1, s2)
         expected = full.generate(
-            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=0, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=0,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )
         got = greedy_generate(bottom, trunk, top, ids, new_tokens, attention_mask=mask)
         assert got.shape == (batch, length + new_tokens)

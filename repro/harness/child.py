@@ -13,12 +13,14 @@ import argparse
 import importlib
 import json
 import os
-import runpy
 import sys
-import traceback
+
+# runpy and traceback are imported where used: the child's start-up stays light.
 
 
 def _error_info(exc: BaseException) -> dict:
+    import traceback
+
     return {
         "type": type(exc).__name__,
         "message": str(exc),
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
             sys.argv = [args.script, *extra]
             sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+            import runpy
+
             runpy.run_path(args.script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code

@@ -90,15 +90,6 @@ def _has_token(pid: int, needle: bytes) -> bool:
         return False
 
 
-def _starttime(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            text = fh.read().decode("ascii", "replace")
-        return text[text.rindex(")") + 2 :].split()[19]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class Tree:
     """The processes of one run."""
 
@@ -111,44 +102,63 @@ class Tree:
         self.session = root_pid  # start_new_session: the root leads its own session
         self.has_proc = os.path.isdir("/proc/self")
 
-    def token_scan(self) -> set[int]:
-        if not self.has_proc:
-            return set()
-        found = set()
+    def _scan(self) -> tuple[set[int], dict[int, int]]:
+        """One pass over /proc: (pids carrying the token, pid -> ppid of every process)."""
+        found: set[int] = set()
+        parents: dict[int, int] = {}
         me = os.getpid()
-        for name in os.listdir("/proc"):
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            return found, parents
+        for name in names:
             if not name.isdigit():
                 continue
             pid = int(name)
+            try:
+                with open(f"/proc/{name}/stat", "rb") as fh:
+                    text = fh.read().decode("ascii", "replace")
+                fields = text[text.rindex(")") + 2 :].split()
+                ppid, start = int(fields[1]), fields[19]
+            except (OSError, ValueError, IndexError):
+                continue
+            parents[pid] = ppid
             if pid == me:
                 continue
-            st = self._not_ours.get(pid, "")
-            if st != "" and st == _starttime(pid):
-                continue
+            if self._not_ours.get(pid) == start:
+                continue  # environ is fixed at exec: a process seen without the token keeps lacking it
             if _has_token(pid, self._needle):
                 found.add(pid)
             else:
-                self._not_ours[pid] = _starttime(pid)
-        return found
+                self._not_ours[pid] = start
+        return found, parents
+
+    def token_scan(self) -> set[int]:
+        return self._scan()[0] if self.has_proc else set()
 
     def pids(self, include_root: bool = True) -> list[int]:
-        """Live (or zombie) processes of the run, root first."""
-        found: set[int] = set()
-        try:
-            root = psutil.Process(self.root_pid)
-            if include_root:
-                found.add(self.root_pid)
-            found.update(c.pid for c in root.children(recursive=True))
-        except psutil.Error:
-            pass
-        tokened = self.token_scan()
-        found.update(tokened)
-        # descendants of token carriers that dropped the token from their environment
-        for pid in list(tokened):
+        """Live (or zombie) processes of the run, root first: the root's descendants, token
+        carriers, and the descendants of token carriers that dropped the token."""
+        if self.has_proc:
+            tokened, parents = self._scan()
+            children: dict[int, list[int]] = {}
+            for pid, ppid in parents.items():
+                children.setdefault(ppid, []).append(pid)
+            found: set[int] = set()
+            stack = [self.root_pid, *tokened] if self.root_pid in parents else list(tokened)
+            while stack:
+                pid = stack.pop()
+                if pid in found:
+                    continue
+                found.add(pid)
+                stack.extend(children.get(pid, ()))
+        else:
+            found = set()
             try:
-                found.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+                found = {self.root_pid, *(c.pid for c in psutil.Process(self.root_pid).children(recursive=True))}
             except psutil.Error:
                 pass
+        found.discard(os.getpid())
         if not include_root:
             found.discard(self.root_pid)
         for pid in found:
@@ -388,3 +398,20 @@ def top_frame(stack_text: str) -> str:
                     return f
             break
     return ""
+
+
+def main_thread_frames(stack_text: str, depth: int = 3) -> list[str]:
+    """The innermost ``depth`` frames (native ones included) of the main thread of a dump."""
+    lines = stack_text.splitlines()
+    for i, line in enumerate(lines):
+        if (line.startswith("Thread ") and "MainThread" in line) or line.startswith("Current thread"):
+            frames = []
+            for frame in lines[i + 1 :]:
+                f = frame.strip()
+                if not f or f.startswith(("Thread ", "Current thread")):
+                    break
+                frames.append(f)
+                if len(frames) == depth:
+                    break
+            return frames
+    return []

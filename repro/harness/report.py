@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from repro.harness.runner import Result
 
@@ -28,12 +29,14 @@ def _cell(text: Any) -> str:
 
 def key_metrics(r: Result, limit: int = 4) -> str:
     items = []
-    for k, v in list(r.metrics.items())[:limit]:
+    for k, v in r.metrics.items():
+        if k.endswith("pid") or isinstance(v, (list, dict)):
+            continue  # pids are noise; series belong to the JSON
         if isinstance(v, float):
             v = f"{v:.4g}"
-        elif isinstance(v, (list, dict)):
-            continue
         items.append(f"{k}={v}")
+        if len(items) == limit:
+            break
     if r.evidence.get("hang"):
         items.append(f"hang decided at {r.evidence['hang'].get('detected_after_s')}s")
     return ", ".join(items)
@@ -84,6 +87,10 @@ def render(results: list[Result], title: str = "splitrepro results") -> str:
     hazards = [r for r in results if r.kind == "hazard" and r.ok and r.outcome != "PASS"]
     if hazards:
         lines += ["", "### Hazards reproduced where predicted", ""]
+        seen = set()
         for r in hazards:
+            if r.id in seen:
+                continue
+            seen.add(r.id)
             lines.append(f"- `{r.id}`: {r.outcome} — {r.expected_reason or 'as expected'}" + (f" — {r.where()}" if r.where() else ""))
     return "\n".join(lines) + "\n"

@@ -25,9 +25,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from repro.harness import evidence as ev
 from repro.harness.spec import Build, Outcome, Scenario, Variant
@@ -106,9 +107,16 @@ class Result:
         term = self.evidence.get("termination", {})
         if term.get("description"):
             lines.append(f"  termination: {term['description']}")
+        for pid, entry in list((self.evidence.get("stacks") or {}).items())[:4]:
+            frames = ev.main_thread_frames(entry.get("text") or "")
+            if frames:
+                lines.append(f"  pid {pid} main thread ({entry.get('method')}): " + " <- ".join(frames))
         hang = self.evidence.get("hang")
         if hang:
             lines.append(f"  hang: decided {hang.get('detected_after_s')}s after start, quiescent since {hang.get('onset_estimate_s')}s, window {hang.get('window_s')}s")
+        scalars = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        if scalars:
+            lines.append("  metrics: " + ", ".join(f"{k}={v}" for k, v in list(scalars.items())[:12]))
         if self.error:
             lines.append(f"  error: {self.error.get('type')}: {str(self.error.get('message'))[:300]}")
         if self.evidence.get("signatures"):
@@ -144,6 +152,9 @@ def child_env(extra: dict[str, str] | None = None, *, token: str | None = None, 
     env["PYTHONPATH"] = os.pathsep.join(path)
     if token:
         env["SPLITREPRO_RUN_TOKEN"] = token
+        # A harness started inside a run (a benchmark scenario timing nested runs) must not take
+        # the run lock again: the outer run holds it for the whole tree.
+        env["SPLITREPRO_IN_RUN"] = "1"
     if evidence_dir:
         env["SPLITREPRO_EVIDENCE_DIR"] = evidence_dir
     return env
@@ -163,8 +174,11 @@ def run_lock(serial: bool) -> Iterator[float]:
     A turnstile lock taken briefly by everyone gives a waiting serial run priority over a
     stream of shared holders. Yields the seconds spent waiting.
     """
-    base = lock_dir() / f"splitrepro-{os.getuid()}"
     t0 = time.monotonic()
+    if os.environ.get("SPLITREPRO_IN_RUN") == "1":
+        yield 0.0
+        return
+    base = lock_dir() / f"splitrepro-{os.getuid()}"
     with open(f"{base}.turnstile", "a") as turn, open(f"{base}.lock", "a") as lock:
         fcntl.flock(turn, fcntl.LOCK_EX)
         try:
@@ -404,6 +418,9 @@ def _finish(result: Result, proc: subprocess.Popen, tree: ev.Tree, detector: Han
         evd["survivors"] = kill["survivors"]
         child = _read_child_result(result_path)
         result.outcome = verdict
+        if child.get("status") in ("pass", "fail", "error", "exit"):
+            notes.append(f"the code had finished (result {child['status']!r}): the {verdict} is at interpreter shutdown "
+                         "(non-daemon threads, atexit handlers, or child processes joined at exit)")
     else:
         child = _read_child_result(result_path)
         left = tree.alive(include_root=False)
@@ -414,6 +431,9 @@ def _finish(result: Result, proc: subprocess.Popen, tree: ev.Tree, detector: Han
             evd["left_behind"] = described + tree.describe(extra)
         evd["survivors"] = kill["survivors"]
         result.outcome = _outcome_from_exit(proc.returncode, child)
+        if result.outcome == Outcome.CRASH.value and detector.last is not None:
+            evd["threads"] = detector.table(detector.last)
+            notes.append(f"threads: the last sample, {time.monotonic() - detector.last.t:.2f}s before the exit was seen")
 
     rc = proc.returncode
     stderr_tail = ev.tail(stderr_path)

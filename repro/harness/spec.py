@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import enum
 import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 
 class Outcome(str, enum.Enum):

@@ -391,7 +391,11 @@ class HangDetector:
         same = False
         if self.last is not None and quiet:
             prev_live = {k: t for k, t in self.last.threads.items() if t.wait != "zombie"}
-            same = prev_live.keys() == live.keys() and all(prev_live[k].ticks == live[k].ticks for k in live)
+            # same threads, no CPU tick gained, and no thread moved to another wait (a wake-up
+            # shorter than a clock tick still changes the syscall line)
+            same = prev_live.keys() == live.keys() and all(
+                prev_live[k].ticks == live[k].ticks and prev_live[k].raw == live[k].raw for k in live
+            )
         if not quiet:
             self.quiet_since = None
             self.last_busy = snap.t

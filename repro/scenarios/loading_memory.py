@@ -9,7 +9,8 @@ imported), measured after the trunk's first forward pass: safetensors tensors ar
 memory-mapped on both paths (transformers 5 maps the checkpoint too), so a weight costs resident
 memory only once touched, and a trunk is not usable until its weights are. The target is
 incremental <= 0.5x traditional, checked on that figure; the load-only and whole-process figures
-are recorded beside it.
+are recorded beside it. A second variant loads the fp32 checkpoint as bfloat16: a conversion
+materialises every tensor it converts, so there the traditional path pays for the whole model.
 
 No torch at module level: the harness parent imports this module.
 """
@@ -28,7 +29,7 @@ SPLIT = (2, 10)
 TARGET_RATIO = 0.5
 
 
-def _worker(mode: str, model_dir: str) -> dict:
+def _worker(mode: str, model_dir: str, dtype_name: str = "") -> dict:
     """Runs in a fresh interpreter: import, then load the trunk through one path; report memory."""
     import resource
 
@@ -42,16 +43,17 @@ def _worker(mode: str, model_dir: str) -> dict:
     import splitlearn.models.gpt2  # noqa: F401
     from splitlearn.factory import ModelFactory
 
+    dtype = getattr(torch, dtype_name) if dtype_name else None
     rss_imported = proc.memory_info().rss
     _, trunk, _ = ModelFactory.create_split_models(
-        "gpt2", model_dir, SPLIT[0], SPLIT[1], parts=("trunk",), low_memory=(mode == "incremental")
+        "gpt2", model_dir, SPLIT[0], SPLIT[1], parts=("trunk",), low_memory=(mode == "incremental"), dtype=dtype
     )
     load_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     info = ModelFactory.last_load_info() or {}
     # safetensors tensors are memory-mapped: pages count once touched. One forward pass touches
     # every trunk weight, which is what a serving trunk does first.
     with torch.no_grad():
-        trunk(torch.zeros(1, 8, trunk.config.hidden_size))
+        trunk(torch.zeros(1, 8, trunk.config.hidden_size, dtype=next(trunk.parameters()).dtype))
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "mode": mode,
@@ -68,22 +70,26 @@ def _worker(mode: str, model_dir: str) -> dict:
     }
 
 
-def _run_worker(mode: str, model_dir: str, timeout: float) -> dict:
+def _run_worker(mode: str, model_dir: str, timeout: float, dtype_name: str = "") -> dict:
     code = (
         "import json, sys; from repro.scenarios.loading_memory import _worker; "
-        "print('RESULT ' + json.dumps(_worker(sys.argv[1], sys.argv[2])))"
+        "print('RESULT ' + json.dumps(_worker(sys.argv[1], sys.argv[2], sys.argv[3])))"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-c", code, mode, model_dir],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        [sys.executable, "-c", code, mode, model_dir, dtype_name],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} worker exited {proc.returncode}: {proc.stderr[-2000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"{mode} worker printed no result: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @scenario(
@@ -96,7 +102,12 @@ def _run_worker(mode: str, model_dir: str, timeout: float) -> dict:
         load(
             "trunk_gpt2_small",
             params={"repeats": 3},
-            doc="trunk (2, 10) of a 12x768 GPT-2: incremental vs traditional peak RSS, fresh processes",
+            doc="trunk (2, 10) of a 12x768 fp32 GPT-2, loaded in its own dtype: incremental vs traditional peak RSS",
+        ),
+        load(
+            "trunk_gpt2_small_bf16",
+            params={"repeats": 3, "dtype": "bfloat16"},
+            doc="the same, loaded as bfloat16: the traditional path converts (materialises) the whole model",
         ),
     ],
 )
@@ -106,6 +117,7 @@ def loading_memory(ctx) -> None:
     from fixtures.models import gpt2_small_dir
 
     repeats = int(ctx.params.get("repeats", 3))
+    dtype_name = str(ctx.params.get("dtype") or "")
     ctx.stage("build fixture")
     model_dir = str(gpt2_small_dir(sharded=True))
     ctx.record(model_dir=model_dir)
@@ -115,7 +127,7 @@ def loading_memory(ctx) -> None:
         for mode in order:
             ctx.stage(f"{mode} #{i + 1}")
             per_run = max(60.0, ctx.remaining() / max(1, 2 * (repeats - i)))
-            result = _run_worker(mode, model_dir, per_run)
+            result = _run_worker(mode, model_dir, per_run, dtype_name)
             runs[mode].append(result)
             ctx.observe(
                 f"{mode} #{i + 1}: peak {result['peak_rss_mb']:.0f} MB, after imports "
@@ -134,11 +146,14 @@ def loading_memory(ctx) -> None:
     ctx.record(
         repeats=repeats,
         split=list(SPLIT),
+        dtype=dtype_name or "checkpoint (float32)",
         incremental_peak_rss_mb=round(inc["peak_rss_mb"], 1),
         traditional_peak_rss_mb=round(trad["peak_rss_mb"], 1),
         incremental_load_mb=round(inc["load_peak_mb"], 1),
         traditional_load_mb=round(trad["load_peak_mb"], 1),
-        baseline_after_imports_mb=round(statistics.median([r["rss_imported_mb"] for rs in runs.values() for r in rs]), 1),
+        baseline_after_imports_mb=round(
+            statistics.median([r["rss_imported_mb"] for rs in runs.values() for r in rs]), 1
+        ),
         ratio=round(ratio_load, 4),
         ratio_whole_process=round(ratio_process, 4),
         incremental_load_only_mb=round(inc["load_only_peak_mb"], 1),

@@ -28,10 +28,11 @@ def _parent_uses_torch(ctx):
     import torch
 
     ctx.stage("parent uses torch (parallel intra-op work)")
-    a = torch.randn(512, 512)
-    s = float((a @ a).sum())
-    net = torch.nn.Linear(1024, 1024)
-    y = net(torch.randn(64, 1024))
+    with torch.no_grad():
+        a = torch.randn(512, 512)
+        s = float((a @ a).sum())
+        net = torch.nn.Linear(1024, 1024)
+        y = net(torch.randn(64, 1024))
     ctx.record(parent_torch_threads=torch.get_num_threads(), parent_checksum=round(s + float(y.sum()), 3))
 
 

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -213,7 +214,7 @@ class SplitPart(nn.Module):
     def _run_layers(self, hidden, attention_mask, position_ids, cache, use_cache) -> torch.Tensor:
         masks = self._masks(hidden, attention_mask, cache, position_ids)
         extra = self._layer_extra(hidden, position_ids)
-        for layer, layer_type in zip(self.layers, self._layer_types):
+        for layer, layer_type in zip(self.layers, self._layer_types, strict=False):
             hidden = self._call_layer(layer, hidden, masks[layer_type], position_ids, cache, use_cache, extra)
         return hidden
 
@@ -271,7 +272,9 @@ class SplitPart(nn.Module):
                 parts.append("missing " + ", ".join(missing[:6]))
             if unexpected:
                 parts.append("unexpected " + ", ".join(unexpected[:6]))
-            raise ConfigMismatch(f"{type(self).__name__}: weights from {source} do not match the config: " + " | ".join(parts))
+            raise ConfigMismatch(
+                f"{type(self).__name__}: weights from {source} do not match the config: " + " | ".join(parts)
+            )
         self.load_state_dict(dict(tensors), strict=True, assign=True)
         self._init_nonpersistent()
         left = [n for n, t in list(self.named_parameters()) + list(self.named_buffers()) if t.is_meta]
@@ -279,7 +282,7 @@ class SplitPart(nn.Module):
             raise SplitLearnError(f"{type(self).__name__}: tensors left unmaterialised after loading: {left}")
 
     @classmethod
-    def empty(cls, config: Any, start_layer: int, end_layer: int) -> "SplitPart":
+    def empty(cls, config: Any, start_layer: int, end_layer: int) -> SplitPart:
         """Build the part on the meta device: structure and shapes, no memory, no random init."""
         with torch.device("meta"):
             return cls(config, start_layer, end_layer)
@@ -287,7 +290,7 @@ class SplitPart(nn.Module):
     @classmethod
     def plan_from(
         cls, source: Mapping[str, Any], config: Any, start_layer: int | None = 0, end_layer: int | None = None
-    ) -> tuple["SplitPart", dict[str, str]]:
+    ) -> tuple[SplitPart, dict[str, str]]:
         """Check ``source`` (checkpoint keys) against ``config`` without reading tensor data:
         layer count, presence of every tensor the part needs and their shapes (from the file
         headers when ``source`` has a ``shape(key)`` method). Returns the meta-built part and the
@@ -312,7 +315,7 @@ class SplitPart(nn.Module):
     @classmethod
     def from_pretrained_split(
         cls, state_dict: Mapping[str, torch.Tensor], config: Any, start_layer: int = 0, end_layer: int | None = None
-    ) -> "SplitPart":
+    ) -> SplitPart:
         """Build this part from a full model's state dict (checkpoint keys) or any mapping with the
         same keys (the lazy view of a ShardLoader reads only the tensors asked for)."""
         part, plan = cls.plan_from(state_dict, config, start_layer, end_layer)
@@ -342,7 +345,11 @@ class SplitPart(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         meta = self.split_metadata()
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / PART_WEIGHTS_FILE), metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
+        save_file(
+            tensors,
+            str(directory / PART_WEIGHTS_FILE),
+            metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}},
+        )
         self.config.save_pretrained(str(directory))
         with open(directory / SPLIT_META_FILE, "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2, sort_keys=True)
@@ -350,7 +357,7 @@ class SplitPart(nn.Module):
         return directory
 
     @classmethod
-    def from_saved(cls, directory: str | os.PathLike) -> "SplitPart":
+    def from_saved(cls, directory: str | os.PathLike) -> SplitPart:
         """Load a part written by :meth:`save_pretrained`. On the base class, the family and part
         are read from ``split_config.json``."""
         from safetensors import safe_open
@@ -393,7 +400,7 @@ class SplitPart(nn.Module):
         return f"family={self.family}, part={self.part}, layers=[{self.start_layer}, {self.end_layer})"
 
 
-_LAYER_RE_CACHE: dict[str, re.Pattern] = {}
+_LAYER_RE_CACHE: dict[tuple[str, str], re.Pattern] = {}
 
 
 def _detect_prefix(available: Any, base_prefix: str, layers_name: str, embed_name: str) -> str:
@@ -414,10 +421,10 @@ def _detect_prefix(available: Any, base_prefix: str, layers_name: str, embed_nam
 
 
 def layer_indices(keys: Any, base_prefix: str, layers_name: str) -> set[int]:
-    pattern = _LAYER_RE_CACHE.get(layers_name)
+    pattern = _LAYER_RE_CACHE.get((base_prefix, layers_name))
     if pattern is None:
         pattern = re.compile(rf"^(?:{re.escape(base_prefix)})?{re.escape(layers_name)}\.(\d+)\.")
-        _LAYER_RE_CACHE[layers_name] = pattern
+        _LAYER_RE_CACHE[(base_prefix, layers_name)] = pattern
     found = set()
     for key in keys:
         m = pattern.match(key)

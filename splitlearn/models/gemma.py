@@ -13,7 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm, GemmaRotaryEmbedding, GemmaTextScaledWordEmbedding
+from transformers.models.gemma.modeling_gemma import (
+    GemmaDecoderLayer,
+    GemmaRMSNorm,
+    GemmaRotaryEmbedding,
+    GemmaTextScaledWordEmbedding,
+)
 
 from splitlearn.models.base import SplitOutput, SplitPart
 
@@ -62,7 +67,9 @@ class GemmaBottomModel(_GemmaPart):
     def _init_nonpersistent(self) -> None:
         super()._init_nonpersistent()
         # a non-persistent buffer: not in any checkpoint, recreated after a meta build
-        self.embed_tokens.embed_scale = torch.tensor(self.config.hidden_size**0.5, device=self.embed_tokens.weight.device)
+        self.embed_tokens.embed_scale = torch.tensor(
+            self.config.hidden_size**0.5, device=self.embed_tokens.weight.device
+        )
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         cache, position_ids = self._prepare(

@@ -45,9 +45,7 @@ class ModelRegistry:
     @classmethod
     def _normalise(cls, model_type: Any) -> str:
         if not cls.is_registered(model_type):
-            raise UnknownModelType(
-                f"unknown model type {model_type!r}; known model types: {', '.join(cls.known())}"
-            )
+            raise UnknownModelType(f"unknown model type {model_type!r}; known model types: {', '.join(cls.known())}")
         return model_type.lower()
 
     @classmethod

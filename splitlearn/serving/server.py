@@ -32,6 +32,7 @@ import queue
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -107,90 +108,67 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str) -> str:
 # parent side
 
 
-class InferenceServer:
-    """Owns one server process. ``start()`` returns the socket path; use :meth:`client`."""
+class ManagedServer:
+    """Parent side of a server process: private directory, start (spawn by default) with a
+    ready message and a start timeout, stop, kill, restart. Subclasses give ``kind`` and
+    ``_config()``; the child runs :func:`server_main`."""
+
+    kind = ""
 
     def __init__(
         self,
-        model: Any,
-        model_kwargs: Mapping[str, Any] | None = None,
         *,
-        weights: str | os.PathLike | None = None,
-        state_dict: Mapping[str, Any] | None = None,
-        device: str = "cpu",
-        max_batch_size: int = 8,
-        max_wait_ms: float = 5.0,
         start_method: str = "spawn",
         start_timeout: float | None = 120.0,
-        num_threads: int | None = None,
-        input_shape: tuple[int, ...] | None = None,
-        input_dtype: str | None = None,
         authkey: bytes | None = None,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         handshake_timeout: float = 10.0,
         send_timeout: float = 10.0,
-        warmup: bool = True,
+        num_threads: int | None = None,
     ) -> None:
-        if weights is not None and state_dict is not None:
-            raise ValueError("give weights (a safetensors file) or state_dict, not both")
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        self.model = import_string(model)
-        self.model_kwargs = dict(model_kwargs or {})
-        json.dumps(self.model_kwargs)  # must be JSON: it is the only way kwargs travel
-        self._state_dict = state_dict
-        self.weights = os.fspath(weights) if weights is not None else None
-        self.device = device
-        self.max_batch_size = int(max_batch_size)
-        self.max_wait_ms = float(max_wait_ms)
         self.start_method = start_method
         self.start_timeout = start_timeout
-        self.num_threads = num_threads
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self.input_dtype = input_dtype
         self.authkey = authkey if authkey is not None else os.urandom(32)
+        if not isinstance(self.authkey, bytes) or not self.authkey:
+            raise ValueError("authkey must be non-empty bytes")
         self.max_frame = int(max_frame)
         self.handshake_timeout = float(handshake_timeout)
         self.send_timeout = float(send_timeout)
-        self.warmup = warmup
+        self.num_threads = num_threads
         self._dir: str | None = None
-        self.address: str | None = None
+        self.address: Any = None
         self._proc: Any = None
         self._ctl: Connection | None = None
         self.info: dict[str, Any] = {}
         self.final_stats: dict[str, Any] | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {
-            "model": self.model,
-            "model_kwargs": self.model_kwargs,
-            "weights": self.weights,
-            "device": self.device,
-            "max_batch_size": self.max_batch_size,
-            "max_wait_ms": self.max_wait_ms,
-            "num_threads": self.num_threads,
-            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
-            "input_dtype": self.input_dtype,
             "authkey": self.authkey.hex(),
-            "address": self.address,
             "max_frame": self.max_frame,
             "handshake_timeout": self.handshake_timeout,
             "send_timeout": self.send_timeout,
-            "warmup": self.warmup,
+            "num_threads": self.num_threads,
         }
 
-    def start(self) -> str:
+    def _prepare(self) -> None:
+        """Before each start, in the parent (create files the child needs)."""
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix=f"splitlearn-{self.kind}-")
+            os.chmod(self._dir, 0o700)
+
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        pass
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Any:
+        """Start the server process; return its address once it reported ready."""
         if self.alive:
             raise RuntimeError("server already running")
-        if self._dir is None:
-            self._dir, self.address = transport.private_socket_path("splitlearn-srv-")
-        if self._state_dict is not None and self.weights is None:
-            self.weights = save_state_dict(self._state_dict, os.path.join(self._dir, "weights.safetensors"))
-            self._state_dict = None
+        self._prepare()
         ctx = mp.get_context(self.start_method)
         parent_end, child_end = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=server_main, args=(json.dumps(self._config()), child_end), name="InferenceServer", daemon=True)
+        proc = ctx.Process(target=server_main, args=(self.kind, json.dumps(self._config()), child_end), name=f"{type(self).__name__}", daemon=True)
         t0 = time.monotonic()
         proc.start()
         child_end.close()
@@ -202,7 +180,8 @@ class InferenceServer:
             raise
         self.info = msg
         self.info["start_seconds"] = round(time.monotonic() - t0, 4)
-        return self.address  # type: ignore[return-value]
+        self._on_ready(msg)
+        return self.address
 
     def _wait_ready(self, t0: float) -> dict[str, Any]:
         assert self._ctl is not None and self._proc is not None
@@ -210,7 +189,7 @@ class InferenceServer:
             left = None if self.start_timeout is None else self.start_timeout - (time.monotonic() - t0)
             if left is not None and left <= 0:
                 raise ServerStartError(
-                    f"server (pid {self._proc.pid}, {self.start_method}) not ready within {self.start_timeout}s; killed. "
+                    f"{type(self).__name__} (pid {self._proc.pid}, {self.start_method}) not ready within {self.start_timeout}s; killed. "
                     "A child forked after the parent used torch's thread pool hangs in its first parallel op: use spawn."
                 )
             ready = wait([self._ctl, self._proc.sentinel], left)
@@ -221,13 +200,13 @@ class InferenceServer:
                     msg = None
                 if msg is None:
                     self._proc.join(5)
-                    raise ServerStartError(f"server (pid {self._proc.pid}) exited while starting, exit code {self._proc.exitcode}")
+                    raise ServerStartError(f"{type(self).__name__} (pid {self._proc.pid}) exited while starting, exit code {self._proc.exitcode}")
                 if "error" in msg:
-                    raise ServerStartError(f"server failed to start: {msg['error']}\n{msg.get('traceback', '')}")
+                    raise ServerStartError(f"{type(self).__name__} failed to start: {msg['error']}\n{msg.get('traceback', '')}")
                 return msg
             if self._proc.sentinel in ready:
                 self._proc.join(5)
-                raise ServerStartError(f"server (pid {self._proc.pid}) died while starting, exit code {self._proc.exitcode}")
+                raise ServerStartError(f"{type(self).__name__} (pid {self._proc.pid}) died while starting, exit code {self._proc.exitcode}")
 
     @property
     def alive(self) -> bool:
@@ -273,17 +252,18 @@ class InferenceServer:
             ctl.close()
         self._proc = self._ctl = None
 
-    def restart(self) -> str:
+    def restart(self) -> Any:
         self.stop()
         return self.start()
 
     def close(self) -> None:
+        """Stop the server and remove its private directory."""
         self.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def __enter__(self) -> InferenceServer:
+    def __enter__(self):
         if not self.alive:
             self.start()
         return self
@@ -298,7 +278,68 @@ class InferenceServer:
         except Exception:
             pass
 
-    # -- clients -----------------------------------------------------------------------------
+
+class InferenceServer(ManagedServer):
+    """One model, dynamic batching, Unix socket. ``start()`` returns the socket path."""
+
+    kind = "inference"
+
+    def __init__(
+        self,
+        model: Any,
+        model_kwargs: Mapping[str, Any] | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        state_dict: Mapping[str, Any] | None = None,
+        device: str = "cpu",
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        input_shape: tuple[int, ...] | None = None,
+        input_dtype: str | None = None,
+        warmup: bool = True,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        if weights is not None and state_dict is not None:
+            raise ValueError("give weights (a safetensors file) or state_dict, not both")
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model = import_string(model)
+        self.model_kwargs = dict(model_kwargs or {})
+        json.dumps(self.model_kwargs)  # must be JSON: it is the only way kwargs travel
+        self._state_dict = state_dict
+        self.weights = os.fspath(weights) if weights is not None else None
+        self.device = device
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_ms = float(max_wait_ms)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.input_dtype = input_dtype
+        self.warmup = warmup
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        assert self._dir is not None
+        self.address = os.path.join(self._dir, "server.sock")
+        if self._state_dict is not None and self.weights is None:
+            self.weights = save_state_dict(self._state_dict, os.path.join(self._dir, "weights.safetensors"))
+            self._state_dict = None
+
+    def _config(self) -> dict[str, Any]:
+        cfg = super()._config()
+        cfg.update(
+            model=self.model,
+            model_kwargs=self.model_kwargs,
+            weights=self.weights,
+            device=self.device,
+            max_batch_size=self.max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            input_shape=list(self.input_shape) if self.input_shape is not None else None,
+            input_dtype=self.input_dtype,
+            address=self.address,
+            warmup=self.warmup,
+        )
+        return cfg
+
     def client(self, **kw: Any):
         from splitlearn.serving.client import InferenceClient
 
@@ -376,50 +417,61 @@ class _Stats:
             }
 
 
-class _Server:
+class ConnServer:
+    """Child side shared by the servers: accept, authenticate each connection in its own
+    thread under a deadline, read frames, answer errors to the offending connection only,
+    stop on request or when the parent goes away. Subclasses implement :meth:`on_frame`,
+    :meth:`load`, :meth:`listen`, :meth:`main_loop` and :meth:`ready_info`."""
+
+    name = "server"
+
     def __init__(self, cfg: dict[str, Any], ctl: Connection) -> None:
         self.cfg = cfg
         self.ctl = ctl
         self.authkey = bytes.fromhex(cfg["authkey"])
-        self.max_batch = int(cfg["max_batch_size"])
-        self.max_wait = float(cfg["max_wait_ms"]) / 1e3
         self.max_frame = int(cfg["max_frame"])
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.stats = _Stats()
         self.conns: dict[int, _Conn] = {}
         self.conns_lock = threading.Lock()
         self.stopping = threading.Event()
-        self.in_batch = False
         self.next_cid = 0
+        self.lsock: socket.socket | None = None
 
-    # -- setup -------------------------------------------------------------------------------
+    # -- hooks ---------------------------------------------------------------------------------
     def load(self) -> None:
         import torch
 
         if self.cfg.get("num_threads"):
             torch.set_num_threads(int(self.cfg["num_threads"]))
         self.torch = torch
-        self.device = torch.device(self.cfg["device"])
-        self.model = build_model(self.cfg["model"], self.cfg["model_kwargs"], self.cfg["weights"], self.cfg["device"])
-        shape = self.cfg.get("input_shape")
-        if shape is None and hasattr(self.model, "input_shape"):
-            shape = list(self.model.input_shape)
-        self.input_shape = tuple(shape) if shape is not None else None
-        dt = self.cfg.get("input_dtype") or (str(getattr(self.model, "input_dtype", "")).replace("torch.", "") or None)
-        self.input_dtype = dt
-        if self.cfg.get("warmup") and self.input_shape is not None:
-            x = torch.zeros((1, *self.input_shape), dtype=getattr(torch, dt or "float32"), device=self.device)
-            with torch.inference_mode():
-                self.model(x)
 
     def listen(self) -> None:
-        path = self.cfg["address"]
-        if os.path.exists(path):
-            os.unlink(path)
-        self.lsock = transport.listen_unix(path)
+        raise NotImplementedError
+
+    def ready_info(self) -> dict[str, Any]:
+        torch = self.torch
+        return {
+            "ready": True,
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda_initialized": bool(torch.cuda.is_initialized()),
+        }
+
+    def on_frame(self, c: _Conn, f: wire.Frame) -> None:
+        self.reply_error(c, f.request_id, "bad_type", f"{f.type.name} is not a request this server takes")
+
+    def on_disconnect(self, c: _Conn) -> None:
+        pass
+
+    def main_loop(self) -> None:
+        self.stopping.wait()
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.stats.snapshot(self.open_conns(), 0)
 
     # -- connections ---------------------------------------------------------------------------
     def accept_loop(self) -> None:
+        assert self.lsock is not None
         while not self.stopping.is_set():
             try:
                 s, _ = self.lsock.accept()
@@ -434,7 +486,7 @@ class _Server:
         except transport.HandshakeError as exc:
             with self.stats.lock:
                 self.stats.auth_failures += 1
-            print(f"[InferenceServer] rejected a connection: {exc}", file=sys.stderr, flush=True)
+            print(f"[{self.name}] rejected a connection: {exc}", file=sys.stderr, flush=True)
             conn.close()
             return
         transport.set_send_timeout(conn.fileno(), self.cfg["send_timeout"])
@@ -451,9 +503,12 @@ class _Server:
             with self.conns_lock:
                 self.conns.pop(c.cid, None)
             try:
-                conn.close()
-            except OSError:
-                pass
+                self.on_disconnect(c)
+            finally:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
 
     def send(self, c: _Conn, frame: wire.Frame) -> bool:
         if not c.alive:
@@ -468,7 +523,8 @@ class _Server:
             return True
         except (OSError, EOFError, ValueError):
             c.alive = False
-            transport._shutdown_fd(c.conn.fileno()) if not c.conn.closed else None
+            if not c.conn.closed:
+                transport._shutdown_fd(c.conn.fileno())
             return False
 
     def reply_error(self, c: _Conn, rid: int, code: str, message: str) -> None:
@@ -495,16 +551,98 @@ class _Server:
                     self.stats.bad_frames += 1
                 self.reply_error(c, 0, "bad_frame", str(exc))
                 continue
-            if f.type == wire.MsgType.REQUEST:
-                self.on_request(c, f)
-            elif f.type == wire.MsgType.STATS:
+            if f.type == wire.MsgType.STATS:
                 self.send(c, wire.Frame(wire.MsgType.STATS_REPLY, f.request_id, self.snapshot()))
             elif f.type == wire.MsgType.PING:
                 self.send(c, wire.Frame(wire.MsgType.PONG, f.request_id))
             else:
-                self.reply_error(c, f.request_id, "bad_type", f"{f.type.name} is not a request this server takes")
+                try:
+                    self.on_frame(c, f)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
+                    self.reply_error(c, f.request_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    def on_request(self, c: _Conn, f: wire.Frame) -> None:
+    def open_conns(self) -> int:
+        with self.conns_lock:
+            return len(self.conns)
+
+    # -- control ---------------------------------------------------------------------------------
+    def control_loop(self) -> None:
+        try:
+            while True:
+                msg = json.loads(self.ctl.recv_bytes(1 << 16))
+                if msg.get("cmd") == "stop":
+                    break
+        except (EOFError, OSError, ValueError):
+            pass  # parent gone: stop too
+        self.begin_stop()
+
+    def begin_stop(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.lsock is not None:
+            try:
+                self.lsock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.lsock.close()
+
+    def close_all(self) -> None:
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        for c in conns:
+            c.alive = False
+            if not c.conn.closed:
+                transport._shutdown_fd(c.conn.fileno())
+
+
+class _InferenceWorker(ConnServer):
+    name = "InferenceServer"
+
+    def __init__(self, cfg: dict[str, Any], ctl: Connection) -> None:
+        super().__init__(cfg, ctl)
+        self.max_batch = int(cfg["max_batch_size"])
+        self.max_wait = float(cfg["max_wait_ms"]) / 1e3
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.in_batch = False
+
+    # -- setup -------------------------------------------------------------------------------
+    def load(self) -> None:
+        super().load()
+        torch = self.torch
+        self.device = torch.device(self.cfg["device"])
+        self.model = build_model(self.cfg["model"], self.cfg["model_kwargs"], self.cfg["weights"], self.cfg["device"])
+        shape = self.cfg.get("input_shape")
+        if shape is None and hasattr(self.model, "input_shape"):
+            shape = list(self.model.input_shape)
+        self.input_shape = tuple(shape) if shape is not None else None
+        dt = self.cfg.get("input_dtype") or (str(getattr(self.model, "input_dtype", "")).replace("torch.", "") or None)
+        self.input_dtype = dt
+        if self.cfg.get("warmup") and self.input_shape is not None:
+            # a full batch: the shapes real traffic will run (and the first parallel region)
+            x = torch.zeros((self.max_batch, *self.input_shape), dtype=getattr(torch, dt or "float32"), device=self.device)
+            with torch.inference_mode():
+                self.model(x)
+
+    def listen(self) -> None:
+        path = self.cfg["address"]
+        if os.path.exists(path):
+            os.unlink(path)
+        self.lsock = transport.listen_unix(path)
+
+    def ready_info(self) -> dict[str, Any]:
+        info = super().ready_info()
+        info.update(
+            address=self.cfg["address"],
+            device=str(self.device),
+            input_shape=list(self.input_shape) if self.input_shape is not None else None,
+            input_dtype=self.input_dtype,
+        )
+        return info
+
+    def on_frame(self, c: _Conn, f: wire.Frame) -> None:
+        if f.type != wire.MsgType.REQUEST:
+            return super().on_frame(c, f)
         with self.stats.lock:
             self.stats.requests += 1
         if len(f.tensors) != 1:
@@ -523,14 +661,17 @@ class _Server:
             return self.reply_error(c, f.request_id, "shutting_down", "server is shutting down")
         self.queue.put(_Req(c, f.request_id, x, time.monotonic()))
 
-    def open_conns(self) -> int:
-        with self.conns_lock:
-            return len(self.conns)
-
     def snapshot(self) -> dict[str, Any]:
         s = self.stats.snapshot(self.open_conns(), self.queue.qsize())
         s.update(max_batch_size=self.max_batch, max_wait_ms=self.max_wait * 1e3, in_batch=self.in_batch)
         return s
+
+    def begin_stop(self) -> None:
+        super().begin_stop()
+        self.queue.put(None)
+
+    def main_loop(self) -> None:
+        self.batch_loop()
 
     # -- batching --------------------------------------------------------------------------------
     def collect(self) -> list[_Req] | None:
@@ -617,75 +758,39 @@ class _Server:
             if r is not None:
                 self.reply_error(r.client, r.rid, "shutting_down", "server is shutting down")
 
-    # -- control ---------------------------------------------------------------------------------
-    def control_loop(self) -> None:
-        try:
-            while True:
-                msg = json.loads(self.ctl.recv_bytes(1 << 16))
-                if msg.get("cmd") == "stop":
-                    break
-        except (EOFError, OSError, ValueError):
-            pass  # parent gone: stop too
-        self.begin_stop()
 
-    def begin_stop(self) -> None:
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
-        self.queue.put(None)
-
-    def close_all(self) -> None:
-        with self.conns_lock:
-            conns = list(self.conns.values())
-        for c in conns:
-            c.alive = False
-            if not c.conn.closed:
-                transport._shutdown_fd(c.conn.fileno())
-
-
-def server_main(config_json: str, ctl: Connection) -> None:
-    """Entry point of the server process."""
+def server_main(kind: str, config_json: str, ctl: Connection) -> None:
+    """Entry point of a server process (spawned, or forked for the hazard scenarios)."""
     cfg = json.loads(config_json)
-    srv = _Server(cfg, ctl)
+    if kind == "inference":
+        cls: type[ConnServer] = _InferenceWorker
+    elif kind == "trunk":
+        from splitlearn.serving.trunk_server import TrunkWorker as cls  # type: ignore[no-redef]
+    else:
+        raise ValueError(f"unknown server kind {kind!r}")
+    srv = cls(cfg, ctl)
     try:
         srv.load()
         srv.listen()
+        info = srv.ready_info()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        traceback.print_exc(file=sys.stderr)
         try:
             ctl.send_bytes(json.dumps({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}).encode())
         finally:
             ctl.close()
         sys.exit(1)
-    import torch
-
-    ctl.send_bytes(
-        json.dumps(
-            {
-                "ready": True,
-                "pid": os.getpid(),
-                "address": cfg["address"],
-                "device": str(srv.device),
-                "torch_threads": torch.get_num_threads(),
-                "input_shape": list(srv.input_shape) if srv.input_shape is not None else None,
-                "input_dtype": srv.input_dtype,
-                "cuda_initialized": bool(torch.cuda.is_initialized()) if hasattr(torch, "cuda") else False,
-            }
-        ).encode()
-    )
+    ctl.send_bytes(json.dumps(info).encode())
     threading.Thread(target=srv.accept_loop, daemon=True, name="accept").start()
     threading.Thread(target=srv.control_loop, daemon=True, name="control").start()
-    srv.batch_loop()
+    srv.main_loop()
     srv.close_all()
     try:
         ctl.send_bytes(json.dumps({"stopped": True, "stats": srv.snapshot()}).encode())
     except (OSError, EOFError):
         pass
-    try:
-        os.unlink(cfg["address"])
-    except OSError:
-        pass
+    if isinstance(cfg.get("address"), str):
+        try:
+            os.unlink(cfg["address"])
+        except OSError:
+            pass

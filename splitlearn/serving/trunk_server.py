@@ -1,0 +1,267 @@
+"""TrunkServer: hosts the trunk of one or more split models over TCP (seed 000's server side).
+
+A client holds bottom and top (:class:`splitlearn.serving.split_client.SplitClient`) and sends
+the bottom's hidden states; the server runs its trunk and sends the trunk's hidden states back.
+
+* bound to loopback (``127.0.0.1``) unless told otherwise; every connection authenticates
+  (HMAC challenge both ways, under a deadline);
+* several models, by name; each is loaded in the server process from safetensors only: either a
+  checkpoint directory split by :class:`splitlearn.ModelFactory` (only the trunk's tensors are
+  read) or an import string + JSON kwargs + a safetensors weights file;
+* per-session KV cache for incremental decoding: ``OPEN_SESSION`` (model) gives a session id;
+  ``TRUNK`` frames with ``step`` 0 (the prompt) start the session's cache and steps 1, 2, ...
+  extend it; sessions belong to their connection and are freed when it closes;
+* tensors travel in :mod:`splitlearn.serving.wire` frames (dtype + shape header, raw bytes, a
+  maximum frame size): no pickle anywhere;
+* a bad frame, wrong dtype or shape, unknown model or session gets an error frame on its own
+  connection; the server keeps serving the others.
+
+Frames (request -> answer)::
+
+    LIST_MODELS                                   -> MODELS {"models": {name: info}}
+    OPEN_SESSION {"model"}                        -> SESSION {"session"}
+    TRUNK {"session", "step"} [hidden, mask, pos] -> RESPONSE {"cache_len"} [hidden]
+    TRUNK {"model"} [hidden, mask?, pos?]         -> RESPONSE [hidden]        (no cache)
+    CLOSE_SESSION {"session"}                     -> SESSION {"closed": true}
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from splitlearn.serving import wire
+from splitlearn.serving.server import ConnServer, ManagedServer, _Conn, build_model
+
+
+def _validate_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    spec = dict(spec)
+    if "model_type" in spec:
+        missing = [k for k in ("path", "split_points") if k not in spec]
+        if missing:
+            raise ValueError(f"model {name!r}: a split spec needs {missing}")
+        spec["path"] = str(spec["path"])
+        spec["split_points"] = [int(x) for x in spec["split_points"]]
+    elif "import" in spec:
+        if ":" not in spec["import"]:
+            raise ValueError(f"model {name!r}: import must look like 'package.module:Name'")
+    else:
+        raise ValueError(f"model {name!r}: give model_type+path+split_points, or import(+kwargs, weights)")
+    return spec
+
+
+class TrunkServer(ManagedServer):
+    """``TrunkServer({"gpt2": {"model_type": "gpt2", "path": dir, "split_points": [2, 4]}}).start()``
+    returns ``(host, port)``."""
+
+    kind = "trunk"
+
+    def __init__(
+        self,
+        models: Mapping[str, Mapping[str, Any]],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device: str = "cpu",
+        max_sessions: int = 64,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        if not models:
+            raise ValueError("a trunk server needs at least one model")
+        self.models = {str(n): _validate_spec(str(n), s) for n, s in models.items()}
+        self.host, self.port = host, int(port)
+        self.device = device
+        self.max_sessions = int(max_sessions)
+
+    def _config(self) -> dict[str, Any]:
+        cfg = super()._config()
+        cfg.update(models=self.models, host=self.host, port=self.port, device=self.device, max_sessions=self.max_sessions)
+        return cfg
+
+    def _on_ready(self, msg: dict[str, Any]) -> None:
+        self.address = (msg["address"][0], int(msg["address"][1]))
+        self.port = self.address[1]  # a restart binds the same port
+
+    def client(self, **kw: Any):
+        from splitlearn.serving.split_client import TrunkClient
+
+        if self.address is None:
+            raise RuntimeError("server not started")
+        kw.setdefault("max_frame", self.max_frame)
+        return TrunkClient(self.address, authkey=self.authkey, **kw)
+
+    def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        with self.client(timeout=timeout) as c:
+            return c.stats()
+
+
+@dataclass
+class _Session:
+    model: str
+    cache: Any = None
+    cache_len: int = 0
+    step: int = -1
+    batch: int = 0
+
+
+class TrunkWorker(ConnServer):
+    name = "TrunkServer"
+
+    def __init__(self, cfg: dict[str, Any], ctl: Any) -> None:
+        super().__init__(cfg, ctl)
+        self.models: dict[str, Any] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.sessions: dict[int, dict[str, _Session]] = {}  # connection id -> sessions
+        self.sessions_lock = threading.Lock()
+        self.max_sessions = int(cfg["max_sessions"])
+        self.forwards = 0
+
+    def load(self) -> None:
+        super().load()
+        torch = self.torch
+        for name, spec in self.cfg["models"].items():
+            if "model_type" in spec:
+                from splitlearn.factory import ModelFactory
+
+                dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
+                _, trunk, _ = ModelFactory.create_split_models(
+                    spec["model_type"], spec["path"], *spec["split_points"], device=self.cfg["device"], parts=("trunk",), dtype=dtype
+                )
+            else:
+                trunk = build_model(spec["import"], spec.get("kwargs"), spec.get("weights"), self.cfg["device"])
+            config = getattr(trunk, "config", None)
+            hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or spec.get("hidden_size")
+            p = next(iter(trunk.parameters()), None)
+            self.models[name] = trunk
+            self.locks[name] = threading.Lock()
+            self.info[name] = {
+                "hidden_size": int(hidden) if hidden else None,
+                "dtype": str(p.dtype).replace("torch.", "") if p is not None else None,
+                "layers": [getattr(trunk, "start_layer", None), getattr(trunk, "end_layer", None)],
+                "family": getattr(trunk, "family", None) or spec.get("model_type"),
+            }
+        self.device = torch.device(self.cfg["device"])
+
+    def listen(self) -> None:
+        from splitlearn.serving import transport
+
+        self.lsock = transport.listen_tcp(self.cfg["host"], self.cfg["port"])
+
+    def ready_info(self) -> dict[str, Any]:
+        info = super().ready_info()
+        host, port = self.lsock.getsockname()[:2]
+        info.update(address=[host, port], models=self.info, device=str(self.device))
+        return info
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.stats.snapshot(self.open_conns(), 0)
+        with self.sessions_lock:
+            s["sessions_open"] = sum(len(v) for v in self.sessions.values())
+        s["forwards"] = self.forwards
+        s["models"] = sorted(self.models)
+        return s
+
+    def on_disconnect(self, c: _Conn) -> None:
+        with self.sessions_lock:
+            self.sessions.pop(c.cid, None)  # frees the caches
+
+    # -- requests ---------------------------------------------------------------------------------
+    def on_frame(self, c: _Conn, f: wire.Frame) -> None:
+        T = wire.MsgType
+        rid = f.request_id
+        if f.type == T.LIST_MODELS:
+            self.send(c, wire.Frame(T.MODELS, rid, {"models": self.info}))
+        elif f.type == T.OPEN_SESSION:
+            name = f.meta.get("model")
+            if name not in self.models:
+                return self.reply_error(c, rid, "unknown_model", f"no model {name!r} here (models: {', '.join(sorted(self.models))})")
+            with self.sessions_lock:
+                mine = self.sessions.setdefault(c.cid, {})
+                if len(mine) >= self.max_sessions:
+                    return self.reply_error(c, rid, "too_many_sessions", f"at most {self.max_sessions} open sessions per connection")
+                sid = secrets.token_hex(8)
+                mine[sid] = _Session(name)
+            self.send(c, wire.Frame(T.SESSION, rid, {"session": sid, "model": name}))
+        elif f.type == T.CLOSE_SESSION:
+            with self.sessions_lock:
+                gone = self.sessions.get(c.cid, {}).pop(str(f.meta.get("session")), None)
+            if gone is None:
+                return self.reply_error(c, rid, "unknown_session", f"no open session {f.meta.get('session')!r} on this connection")
+            self.send(c, wire.Frame(T.SESSION, rid, {"session": f.meta.get("session"), "closed": True}))
+        elif f.type == T.TRUNK:
+            self.on_trunk(c, f)
+        else:
+            super().on_frame(c, f)
+
+    def on_trunk(self, c: _Conn, f: wire.Frame) -> None:
+        torch = self.torch
+        rid = f.request_id
+        with self.stats.lock:
+            self.stats.requests += 1
+        session = None
+        if "session" in f.meta:
+            with self.sessions_lock:
+                session = self.sessions.get(c.cid, {}).get(str(f.meta["session"]))
+            if session is None:
+                return self.reply_error(c, rid, "unknown_session", f"no open session {f.meta['session']!r} on this connection")
+            name = session.model
+        else:
+            name = f.meta.get("model")
+            if name not in self.models:
+                return self.reply_error(c, rid, "unknown_model", f"no model {name!r} here (models: {', '.join(sorted(self.models))})")
+        info = self.info[name]
+        if not 1 <= len(f.tensors) <= 3:
+            return self.reply_error(c, rid, "bad_input", f"TRUNK carries hidden_states[, attention_mask[, position_ids]], got {len(f.tensors)} tensors")
+        hidden = f.tensors[0]
+        mask = f.tensors[1] if len(f.tensors) > 1 else None
+        pos = f.tensors[2] if len(f.tensors) > 2 else None
+        want = info["dtype"]
+        got = str(hidden.dtype).replace("torch.", "")
+        if want and got != want:
+            return self.reply_error(c, rid, "bad_input", f"hidden_states dtype {got}, model {name!r} takes {want}")
+        if hidden.dim() != 3 or hidden.shape[0] < 1 or hidden.shape[1] < 1 or (info["hidden_size"] and hidden.shape[2] != info["hidden_size"]):
+            return self.reply_error(c, rid, "bad_input", f"hidden_states shape {list(hidden.shape)}, model {name!r} takes [batch, seq, {info['hidden_size']}]")
+        b, q = int(hidden.shape[0]), int(hidden.shape[1])
+        step = int(f.meta.get("step", 0)) if session is not None else 0
+        past = 0
+        if session is not None and step > 0:
+            if session.cache is None or step != session.step + 1 or b != session.batch:
+                return self.reply_error(
+                    c, rid, "bad_step", f"step {step} (batch {b}) does not follow step {session.step} (batch {session.batch}) of this session"
+                )
+            past = session.cache_len
+        if mask is not None:
+            if mask.dtype.is_floating_point or mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != past + q:
+                return self.reply_error(c, rid, "bad_input", f"attention_mask {wire.describe(mask)}: need an integer [batch={b}, {past + q}] mask")
+        if pos is not None:
+            if pos.dtype != torch.int64 or tuple(pos.shape) != (b, q):
+                return self.reply_error(c, rid, "bad_input", f"position_ids {wire.describe(pos)}: need int64[{b}, {q}]")
+        model = self.models[name]
+        dev = self.device
+        try:
+            with self.locks[name], torch.inference_mode():
+                out = model(
+                    hidden.to(dev),
+                    attention_mask=mask.to(dev) if mask is not None else None,
+                    position_ids=pos.to(dev) if pos is not None else None,
+                    past_key_values=(session.cache if session is not None and step > 0 else None),
+                    use_cache=session is not None,
+                )
+        except Exception as exc:  # noqa: BLE001 - to the caller; the server keeps serving
+            return self.reply_error(c, rid, "model_error", f"{type(exc).__name__}: {exc}")
+        meta: dict[str, Any] = {}
+        if session is not None:
+            session.cache = out.past_key_values
+            session.cache_len = past + q
+            session.step = step
+            session.batch = b
+            meta["cache_len"] = session.cache_len
+        self.forwards += 1
+        hs = out.hidden_states if hasattr(out, "hidden_states") else out
+        if self.send(c, wire.Frame(wire.MsgType.RESPONSE, rid, meta, [hs])):
+            with self.stats.lock:
+                self.stats.responses += 1

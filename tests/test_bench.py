@@ -1,0 +1,135 @@
+"""The benchmark runner (repro.bench): selection, statistics, rendering, and one real run of a
+tiny load scenario through the harness (fresh processes, warm-up discarded, round-robin)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from repro import bench
+from repro.harness.spec import Scenario, fix, load
+
+
+def _catalogue():
+    return {
+        "a": Scenario("a", "m:a", [load("x"), fix("y")]),
+        "b": Scenario("b", "m:b", [fix("only")]),
+    }
+
+
+def test_select_defaults_to_load_variants():
+    cat = _catalogue()
+    assert [(s.name, v.name) for s, v in bench.select(cat, [])] == [("a", "x")]
+    assert [(s.name, v.name) for s, v in bench.select(cat, ["b"])] == [("b", "only")]  # no load variant: all
+    assert [(s.name, v.name) for s, v in bench.select(cat, ["a:y", "a", "a:y"])] == [("a", "y"), ("a", "x")]
+    with pytest.raises(SystemExit, match="unknown scenario"):
+        bench.select(cat, ["nope"])
+
+
+def test_summarise_medians_and_targets_on_the_median():
+    runs = [
+        {"outcome": "PASS", "metrics": {"ratio": 1.0, "targets": {"ratio": "<=1.05"}}},
+        {"outcome": "PASS", "metrics": {"ratio": 1.1}},
+        {"outcome": "PASS", "metrics": {"ratio": 2.0, "rps": 10}},
+        {"outcome": "TIMEOUT", "metrics": {"ratio": 0.1}},  # partial figures of a failed run do not count
+    ]
+    (ratio, rps) = bench.summarise(runs)
+    assert ratio["name"] == "ratio" and (ratio["median"], ratio["min"], ratio["max"], ratio["n"]) == (1.1, 1.0, 2.0, 3)
+    assert ratio["target"] == "<=1.05" and ratio["ok"] is False  # one run met it; the median did not
+    assert rps["n"] == 1 and rps["target"] is None and rps["ok"] is None
+
+
+def _report(cases):
+    return {
+        "date": "2026-01-01T00:00:00+00:00",
+        "command": "python -m repro bench",
+        "repeat": 3,
+        "warmup": 1,
+        "machine": {"cpus": 2, "cpu_model": "CPU", "memory_gib": 24.0, "platform": "Linux"},
+        "fingerprint": {"python": "3.11.7", "torch": "2.13.0"},
+        "cases": cases,
+        "suite": {"wall_seconds": 321.0, "exitstatus": 0, "source": "results/cells/py3.11-bundled.json", "date": "d"},
+    }
+
+
+def test_markdown_says_where_a_target_is_missed():
+    runs = [
+        {"outcome": "PASS", "metrics": {"overhead_ratio": v, "targets": {"overhead_ratio": "<=1.05"}}}
+        for v in (1.2, 1.3)
+    ]
+    case = {
+        "scenario": "srv",
+        "variant": "one",
+        "outcomes": ["PASS"],
+        "all_ok": True,
+        "figures": bench.summarise(runs),
+        "run_seconds": {"median": 2.0},
+    }
+    report = _report([case])
+    report["missed"] = bench.missed_targets(report)
+    assert report["missed"] == ["srv:one overhead_ratio = 1.25x (target <=1.05)"]
+    md = bench.render_markdown(report)
+    assert "| `srv:one` | overhead_ratio | 1.25x | 1.2x – 1.3x | <=1.05 | **MISSED** |" in md
+    assert "Wall time 321.0 s on 2 CPUs" in md
+
+
+SCENARIO = """
+import os
+from pathlib import Path
+from repro.harness.spec import load, scenario
+
+@scenario(name="bench_demo", timeout=60, variants=[load("count")])
+def bench_demo(ctx):
+    counter = Path(os.environ["BENCH_DEMO_DIR"]) / "runs.txt"
+    with open(counter, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    n = len(counter.read_text().split())
+    ctx.record(run_index=n, targets={"run_index": "<=3"}, pid=os.getpid())
+"""
+
+
+def test_run_in_fresh_processes_with_warmup(tmp_path, monkeypatch):
+    (tmp_path / "bench_demo_mod.py").write_text(textwrap.dedent(SCENARIO))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the children import the scenario module too
+    monkeypatch.setenv("BENCH_DEMO_DIR", str(tmp_path))
+    from repro.harness import fingerprint
+
+    monkeypatch.setattr(fingerprint, "get_fingerprint", lambda *a, **k: {"python": "3.11.7", "build": "bundled"})
+    import bench_demo_mod  # noqa: F401 - registers the scenario
+
+    from repro.harness.spec import REGISTRY
+
+    sc = REGISTRY.pop("bench_demo")  # keep the real catalogue clean
+    (rec,) = bench.run([(sc, sc.variants[0])], repeat=3, warmup=1, timeout=60, log=lambda *_: None)
+    pids = (tmp_path / "runs.txt").read_text().split()
+    assert len(pids) == 4 and len(set(pids)) == 4  # 1 warm-up + 3 runs, each its own interpreter
+    assert len(rec["warmups"]) == 1 and len(rec["runs"]) == 3 and rec["all_ok"]
+    fig = next(f for f in rec["figures"] if f["name"] == "run_index")
+    assert (fig["median"], fig["min"], fig["max"]) == (3, 2, 4)  # the warm-up (index 1) is not measured
+    assert fig["ok"] is True and fig["target"] == "<=3"
+
+
+def test_list_the_real_catalogue(capsys):
+    assert bench.main(["--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    from repro.scenarios import load_catalogue
+
+    loads = [f"{s.name}:{v.name}" for s in load_catalogue().values() for v in s.variants if v.kind == "load"]
+    assert listed == loads
+
+
+def test_suite_from_cell_ignores_partial_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    cells = tmp_path / "results" / "cells"
+    cells.mkdir(parents=True)
+    data = {"wall_seconds": 500.0, "started": "d", "pytest": {"exitstatus": 0, "args": ["-k", "fork"]}}
+    (cells / "py3.11-bundled.json").write_text(json.dumps(data))
+    assert bench.suite_from_cell("3.11", "bundled") is None
+    data["pytest"]["args"] = []
+    (cells / "py3.11-bundled.json").write_text(json.dumps(data))
+    got = bench.suite_from_cell("3.11", "bundled")
+    assert got["wall_seconds"] == 500.0 and Path(got["source"]) == Path("results/cells/py3.11-bundled.json")

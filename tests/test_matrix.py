@@ -1,0 +1,328 @@
+"""The matrix merge (repro.matrix), figure reading (repro.figures), the per-cell pytest plugin
+(repro.matrix_plugin) and the HAZARDS.md generator (repro.hazards_doc)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from repro import figures, hazards_doc, matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- figures ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value,target,ok",
+    [
+        (1.02, "<=1.05", True),
+        (1.06, "<=1.05", False),
+        (49.9, "<50", True),
+        (50.0, "<50", False),
+        (3.0, ">=3", True),
+        (2.99, ">= 3", False),
+        (2.6, "≥2.5", True),
+        (1.0, "nonsense", None),
+        (None, "<=1", None),
+    ],
+)
+def test_meets(value, target, ok):
+    assert figures.meets(value, target) is ok
+
+
+def test_extract_shapes():
+    metrics = {
+        "figures": {"overhead": {"value": 1.02, "unit": "x", "target": "<=1.05"}, "rps": 250},
+        "latency_ms": 3.5,
+        "nested": {"p50_ms": 1.0, "label": "x", "flag": True},
+        "targets": {"latency_ms": "<5"},
+        "key": "rps",
+        "runs": [1, 2, 3],
+        "name": "text",
+    }
+    figs = {f.name: f for f in figures.extract(metrics)}
+    assert set(figs) == {"overhead", "rps", "latency_ms", "nested.p50_ms"}  # no bools, strings or lists
+    assert figs["overhead"].ok is True and figs["overhead"].unit == "x"
+    assert figs["latency_ms"].target == "<5" and figs["latency_ms"].unit == "ms"
+    assert figures.key_figure(list(figs.values())).name == "rps"
+
+
+def test_dict_targets_as_scenarios_write_them():
+    """The shapes the scenario modules record: named target dicts, ranges, and target_X bounds."""
+    metrics = {
+        "targets": {
+            "server_over_direct_le_1.05": {"value": 1.08, "target": 1.05, "met": False},
+            "4_clients_mean_batch_ge_3": {"value": 3.4, "target": 3, "met": True},
+            "socket_vs_floor": {"value": 1.2, "target": 1.5, "met": True},  # direction from `met`
+            "manager_over_socket_10_to_50x": {"value": 23.0, "claim": "10-50x"},
+            "unknown": {"value": 2.0, "target": 2.0},  # no direction: no target
+        },
+        "overhead_ratio": 1.2,
+        "target_ratio": 1.15,
+    }
+    figs = {f.name: f for f in figures.extract(metrics)}
+    assert figs["server_over_direct_le_1.05"].target == "<=1.05" and figs["server_over_direct_le_1.05"].ok is False
+    assert figs["4_clients_mean_batch_ge_3"].target == ">=3" and figs["4_clients_mean_batch_ge_3"].ok is True
+    assert figs["socket_vs_floor"].target == "<=1.5"
+    assert figs["manager_over_socket_10_to_50x"].target == "10..50" and figs["manager_over_socket_10_to_50x"].ok
+    assert figs["unknown"].target is None
+    assert figs["overhead_ratio"].target == "<=1.15" and figs["overhead_ratio"].ok is False
+    assert "target_ratio" not in figs
+    assert figures.key_figure(list(figs.values())).name == "server_over_direct_le_1.05"
+    assert figures.meets(60.0, "10..50") is False
+
+
+def test_default_targets_apply_and_hazards_drop_them():
+    metrics = {"ratio": 0.7, "traditional_peak_rss_mb": 900.0}
+    fig = figures.key_figure(figures.extract(metrics, scenario="loading_memory"))
+    assert fig.name == "ratio" and fig.target == "<=0.5" and fig.ok is False
+    own = figures.key_figure(figures.extract({**metrics, "targets": {"ratio": "<=0.8"}}, scenario="loading_memory"))
+    assert own.target == "<=0.8" and own.ok is True  # the scenario's own target wins
+    hazard = figures.extract({"heartbeat_max_gap_ms": 900.0}, scenario="manager_lock", kind="hazard")
+    assert hazard[0].target is None and hazard[0].key
+
+
+def test_fmt_value():
+    assert figures.fmt_value(1.0234, "x") == "1.02x"
+    assert figures.fmt_value(12.345, "ms") == "12.3 ms"
+    assert figures.fmt_value(12345.6, "req/s") == "12,346 req/s"
+    assert figures.fmt_value(None) == "–"
+
+
+# -- merging ------------------------------------------------------------------------------------------
+def _result(scenario, variant, kind, outcome, expected, **kw):
+    return {
+        "scenario": scenario,
+        "variant": variant,
+        "kind": kind,
+        "outcome": outcome,
+        "expected": expected,
+        "expected_reason": kw.pop("reason", ""),
+        "ok": outcome in expected,
+        "seconds": 1.5,
+        "metrics": kw.pop("metrics", {}),
+        "evidence": kw.pop("evidence", {}),
+    }
+
+
+CATALOGUE = [
+    {"scenario": "fork", "variant": "fork", "kind": "hazard", "claims": ["002-fork-deadlock"]},
+    {"scenario": "fork", "variant": "spawn", "kind": "fix", "claims": ["002-fork-deadlock"]},
+    {"scenario": "ipc", "variant": "bench", "kind": "load", "claims": ["002-manager-queue-cost"]},
+    {"scenario": "cuda", "variant": "fork", "kind": "hazard", "claims": ["002-cuda-fork"]},
+]
+
+
+def _write_cell(path: Path, cell: str, results, skipped=(), fingerprint=None):
+    data = {
+        "schema": "splitrepro.cell/1",
+        "cell": cell,
+        "fingerprint": fingerprint or {"python": "3.11.7", "torch": "2.13.0", "build": cell.split("-")[1]},
+        "catalogue": CATALOGUE,
+        "results": list(results),
+        "skipped": list(skipped),
+        "pytest": {"exitstatus": 0},
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def two_cells(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    _write_cell(
+        cells / "py3.11-bundled.json",
+        "py3.11-bundled",
+        [
+            _result("fork", "fork", "hazard", "HANG", ["HANG"], reason="libgomp"),
+            _result("fork", "spawn", "fix", "PASS", ["PASS"]),
+            _result(
+                "ipc",
+                "bench",
+                "load",
+                "PASS",
+                ["PASS"],
+                metrics={"manager_ratio": 23.0, "targets": {"manager_ratio": ">=10"}, "key": "manager_ratio"},
+            ),
+        ],
+        skipped=[{"scenario": "cuda", "variant": "fork", "reason": "no CUDA device"}],
+    )
+    _write_cell(
+        cells / "py3.11-mkl.json",
+        "py3.11-mkl",
+        [
+            _result(
+                "fork",
+                "fork",
+                "hazard",
+                "PASS",
+                ["HANG"],
+                reason="libgomp",
+                evidence={"summary": "child finished <fine>"},
+            ),
+            _result("fork", "spawn", "fix", "PASS", ["PASS"]),
+        ],
+    )
+    return cells
+
+
+def test_merge_flags_mismatches_holes_and_missing_cells(two_cells):
+    cells = [matrix.read_cell(p) for p in matrix.collect_paths([two_cells])]
+    merged = matrix.merge(cells, ["py3.10-bundled", "py3.11-bundled", "py3.11-mkl"])
+    assert [c["name"] for c in merged["cells"]] == ["py3.11-bundled", "py3.11-mkl"]
+    assert merged["missing_cells"] == ["py3.10-bundled"]
+    rows = {(r["scenario"], r["variant"]): r for r in merged["rows"]}
+    assert rows[("fork", "fork")]["mismatches"] == ["py3.11-mkl"]
+    assert rows[("fork", "fork")]["differs_across_cells"]
+    assert rows[("cuda", "fork")]["flags"] == ["hole: no cell ran it"]
+    assert rows[("cuda", "fork")]["cells"]["py3.11-bundled"]["status"] == "skipped"
+    assert rows[("ipc", "bench")]["flags"][0].startswith("not run in py3.11-mkl")
+    key = rows[("ipc", "bench")]["cells"]["py3.11-bundled"]["key_figure"]
+    assert key["name"] == "manager_ratio" and key["ok"] is True
+    # a missing expected cell means nothing ran everywhere, even a variant both present cells ran
+    assert "py3.10-bundled" in rows[("fork", "spawn")]["flags"][0]
+    assert merged["summary"] == {"variants": 4, "mismatches": 1, "holes": 1, "partial": 3}
+
+
+def test_reports_render_and_escape(two_cells, tmp_path):
+    rc = matrix.main([str(two_cells), "-o", str(tmp_path / "out" / "report"), "--title", "T <b>"])
+    assert rc == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| `fork:fork` | hazard | ✅ HANG | ❌ PASS (expected HANG) |" in md
+    assert "`fork:fork` in py3.11-mkl: PASS, expected HANG — prediction: libgomp — summary: child finished <fine>" in md
+    assert "`cuda:fork`: hole: no cell ran it (skip reason: no CUDA device)" in md
+    assert "| `ipc:bench` | load | ✅ PASS · 23.0x >=10 ✓ | — |" in md
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "T &lt;b&gt;" in html and "<b>" not in html.split("<body>")[1].split("</h1>")[0]
+    assert "class='bad'" in html
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["schema"] == "splitrepro.matrix/1" and len(data["rows"]) == 4
+    assert matrix.main([str(two_cells), "-o", str(tmp_path / "strict"), "--strict"]) == 1
+
+
+def test_reads_plain_run_json(tmp_path):
+    """`python -m repro run --all --json F` output is a cell too (named after the file)."""
+    path = tmp_path / "adhoc.json"
+    path.write_text(
+        json.dumps(
+            {"fingerprint": {"python": "3.12.1"}, "results": [_result("fork", "spawn", "fix", "CRASH", ["PASS"])]}
+        )
+    )
+    cell = matrix.read_cell(path)
+    assert cell.name == "adhoc" and cell.fingerprint["python"] == "3.12.1"
+    entry = cell.entries[("fork", "spawn")]
+    assert entry.status == "ran" and entry.ok is False
+
+
+def test_duplicate_cell_rejected(two_cells, tmp_path):
+    other = _write_cell(tmp_path / "copy.json", "py3.11-mkl", [])
+    cells = [matrix.read_cell(p) for p in [*matrix.collect_paths([two_cells]), other]]
+    with pytest.raises(ValueError, match="two files for cell py3.11-mkl"):
+        matrix.merge(cells)
+
+
+def test_cell_order():
+    names = ["py3.13-mkl", "py3.10-bundled", "py3.11-mkl", "py3.11-bundled", "adhoc"]
+    assert sorted(names, key=matrix.cell_sort_key) == [
+        "py3.10-bundled",
+        "py3.11-bundled",
+        "py3.11-mkl",
+        "py3.13-mkl",
+        "adhoc",
+    ]
+
+
+# -- HAZARDS.md -----------------------------------------------------------------------------------------
+def test_hazards_verdicts(two_cells, tmp_path):
+    merged = hazards_doc.load_merged([str(two_cells)])
+    rows_fork = [r for r in merged["rows"] if r["scenario"] == "fork"]
+    v, shown = hazards_doc.verdict(rows_fork, "py3.11-bundled")
+    assert "hazard reproduces (HANG" in v and "fix holds" in v and "`fork:fork` HANG" in shown
+    v, _ = hazards_doc.verdict(rows_fork, "py3.11-mkl")
+    assert v.startswith("⚠ disagrees with prediction: fork:fork PASS (expected HANG)")
+    v, _ = hazards_doc.verdict([r for r in merged["rows"] if r["scenario"] == "cuda"], "py3.11-bundled")
+    assert v == "not tested (skipped: no CUDA device)"
+    text = hazards_doc.render(merged, {"002-fork-deadlock": ["fork"], "002-cuda-fork": ["cuda"]})
+    assert "| 002-fork-deadlock | 002 | `fork` | reproduces, fix holds | ⚠ unpredicted |" in text
+    assert "No scenario names this claim: untested." in text  # e.g. 000-mutex-harmless here
+
+
+# -- the pytest plugin, in a separate pytest process --------------------------------------------------------
+PLUGIN_SCENARIOS = """
+from repro.harness.spec import Outcome, fix, hazard, load, scenario
+
+def _never(build):
+    return "not on this build"
+
+@scenario(name="mx_demo", claims=("002-fork-deadlock",), timeout=30, variants=[
+    fix("ok"),
+    hazard("fails", expect=Outcome.FAIL),
+    load("figures"),
+    fix("skipped", requires=_never),
+])
+def mx_demo(ctx):
+    if ctx.variant == "fails":
+        ctx.fail("broken as predicted")
+    if ctx.variant == "figures":
+        ctx.record(overhead_ratio=1.01, targets={"overhead_ratio": "<=1.05"})
+"""
+
+PLUGIN_TEST = """
+import pytest
+from repro.harness.runner import run_variant
+from repro.harness.spec import Build
+import mx_scenarios  # registers mx_demo
+from repro.harness.spec import REGISTRY
+
+SC = REGISTRY["mx_demo"]
+
+@pytest.mark.parametrize("scenario,variant", [pytest.param(SC, v, id=v.name) for v in SC.variants])
+def test_demo(scenario, variant):
+    build = Build({"python": "3.11.7", "build": "bundled"}, variant.env)
+    reason = variant.skip_reason(build)
+    if reason:
+        pytest.skip(reason)
+    assert run_variant(scenario, variant, build=build).ok
+"""
+
+
+def test_plugin_writes_cell(tmp_path, monkeypatch):
+    (tmp_path / "mx_scenarios.py").write_text(textwrap.dedent(PLUGIN_SCENARIOS))
+    (tmp_path / "test_demo.py").write_text(textwrap.dedent(PLUGIN_TEST))
+    out = tmp_path / "cells"
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")  # no torch import for this test
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=demo",
+         "-p", "no:cacheprovider", "-q", "test_demo.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "demo.json").read_text())
+    assert data["schema"] == "splitrepro.cell/1" and data["cell"] == "demo"
+    assert data["pytest"]["tests"] == {"passed": 3, "skipped": 1}
+    got = {r["variant"]: r for r in data["results"] if r["scenario"] == "mx_demo"}
+    assert {v: r["outcome"] for v, r in got.items()} == {"ok": "PASS", "fails": "FAIL", "figures": "PASS"}
+    assert got["figures"]["metrics"]["overhead_ratio"] == 1.01
+    assert "fingerprint" not in got["ok"]  # once per cell
+    assert data["skipped"] == [
+        {"scenario": "mx_demo", "variant": "skipped", "kind": "fix", "reason": "not on this build", "nodeid": "test_demo.py::test_demo[skipped]"}
+    ]  # fmt: skip
+    assert {
+        "scenario": "mx_demo",
+        "variant": "ok",
+        "kind": "fix",
+        "claims": ["002-fork-deadlock"],
+        "seed": None,
+    } in data["catalogue"]
+    merged = matrix.merge([matrix.read_cell(out / "demo.json")])
+    demo = {r["variant"]: r for r in merged["rows"] if r["scenario"] == "mx_demo"}
+    assert demo["figures"]["cells"]["demo"]["key_figure"]["ok"] is True
+    assert demo["skipped"]["cells"]["demo"]["status"] == "skipped"

@@ -1,0 +1,199 @@
+"""TrunkServer + SplitClient: generation equals the full model's, per-session KV caches, bad
+input, auth, and faults (server killed mid-generation, client gone mid-request)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from fixtures.models import tiny_model_dir
+from fixtures.reference import full_model, mask_positions, padded_batch, split_parts
+from splitlearn.serving import HandshakeError, ServerError, ServerUnavailable, wire
+from splitlearn.serving.split_client import SplitClient, TrunkClient
+from splitlearn.serving.trunk_server import TrunkServer
+
+SPLITS = {"gpt2": (1, 3), "qwen2": (2, 4)}
+
+
+@pytest.fixture(scope="module")
+def server():
+    models = {f: {"model_type": f, "path": str(tiny_model_dir(f)), "split_points": list(s)} for f, s in SPLITS.items()}
+    srv = TrunkServer(models, start_timeout=180, handshake_timeout=3.0)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _split_client(srv, family):
+    return SplitClient.connect(srv.address, srv.authkey, family, model_type=family, path=tiny_model_dir(family), split_points=SPLITS[family])
+
+
+def test_bound_to_loopback_and_lists_models(server):
+    assert server.address[0] == "127.0.0.1"
+    with server.client() as c:
+        models = c.list_models()
+    assert set(models) == {"gpt2", "qwen2"}
+    assert models["gpt2"]["layers"] == [1, 3] and models["gpt2"]["hidden_size"] == 64
+
+
+@pytest.mark.parametrize("family", sorted(SPLITS))
+def test_generation_equals_full_model(server, family):
+    full = full_model(family)
+    ids, mask = padded_batch(seed=3, batch=3, length=7, pad_lengths=[0, 2, 4], side="left", vocab=250)
+    eos = int(full.config.eos_token_id)
+    expected = full.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with _split_client(server, family) as sc:
+        got = sc.generate(ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+        assert sc.calls >= 2  # the trunk really ran remotely, prefill + steps
+        st = sc.trunk.stats()
+    assert torch.equal(got, expected)
+    assert st["sessions_open"] == 0  # the session was closed at the end
+
+
+def test_sessions_are_isolated_when_interleaved(server):
+    bottom, trunk, _ = split_parts("gpt2", *SPLITS["gpt2"])
+    torch.manual_seed(0)
+    seqs = {"a": torch.randint(3, 250, (1, 9)), "b": torch.randint(3, 250, (2, 5))}
+    with server.client() as c:
+        sid = {k: c.open_session("gpt2") for k in seqs}
+        caches = {k: None for k in seqs}
+        bcaches = {k: None for k in seqs}
+        for step in range(3):  # prefill, then two single-token steps, alternating sessions
+            for k, ids in seqs.items():
+                n = ids.shape[1]
+                cur = ids if step == 0 else torch.randint(3, 250, (ids.shape[0], 1))
+                total = n + step
+                mask = torch.ones(ids.shape[0], total, dtype=torch.long)
+                pos = mask_positions(mask)[:, -cur.shape[1] :]
+                with torch.inference_mode():
+                    b = bottom(cur, mask, pos, bcaches[k], True)
+                    bcaches[k], h = b.past_key_values, b.hidden_states
+                    local = trunk(h, mask, pos, caches[k], True)
+                caches[k] = local.past_key_values
+                remote = c.forward(h, mask, pos, session=sid[k], step=step)
+                assert torch.allclose(remote, local.hidden_states, atol=1e-5), (k, step)
+        for s in sid.values():
+            c.close_session(s)
+
+
+def test_stateless_forward_equals_local_trunk(server):
+    bottom, trunk, _ = split_parts("qwen2", *SPLITS["qwen2"])
+    ids = torch.randint(3, 250, (2, 6))
+    with torch.inference_mode():
+        h = bottom(ids).hidden_states
+        ref = trunk(h).hidden_states
+    with server.client() as c:
+        assert torch.allclose(c.forward(h, model="qwen2"), ref, atol=1e-5)
+
+
+def test_bad_requests_get_errors_on_a_connection_that_keeps_working(server):
+    h = torch.randn(1, 4, 64)
+    with server.client() as c:
+        cases = [
+            (lambda: c.open_session("gpt3"), "unknown_model"),
+            (lambda: c.forward(h, model="nope"), "unknown_model"),
+            (lambda: c.forward(h.double(), model="gpt2"), "bad_input"),
+            (lambda: c.forward(torch.randn(1, 4, 65), model="gpt2"), "bad_input"),
+            (lambda: c.forward(torch.randn(4, 64), model="gpt2"), "bad_input"),
+            (lambda: c.forward(h, torch.ones(1, 3, dtype=torch.long), model="gpt2"), "bad_input"),
+            (lambda: c.forward(h, torch.ones(1, 4), model="gpt2"), "bad_input"),  # float mask
+            (lambda: c.forward(h, session="0123456789abcdef"), "unknown_session"),
+            (lambda: c.close_session("0123456789abcdef"), "unknown_session"),
+        ]
+        for call, code in cases:
+            with pytest.raises(ServerError) as e:
+                call()
+            assert e.value.code == code, (code, e.value)
+        sid = c.open_session("gpt2")
+        with pytest.raises(ServerError, match="does not follow") as e:
+            c.forward(h, torch.ones(1, 4, dtype=torch.long), session=sid, step=1)  # no prefill yet
+        assert e.value.code == "bad_step"
+        c.forward(h, torch.ones(1, 4, dtype=torch.long), session=sid, step=0)
+        with pytest.raises(ServerError, match="does not follow"):
+            c.forward(h[:, :1], torch.ones(1, 5, dtype=torch.long), session=sid, step=2)  # skipped a step
+        out = c.forward(h[:, :1], torch.ones(1, 5, dtype=torch.long), session=sid, step=1)
+        assert out.shape == (1, 1, 64)
+        c.send_raw(b"SLW garbage that is long enough")
+        f = c.recv_frame(timeout=10)
+        assert f.meta["error"] == "bad_frame"
+        assert set(c.list_models()) == {"gpt2", "qwen2"}
+
+
+def test_oversized_frame_closes_only_that_connection(server):
+    with server.client() as bystander, server.client(max_frame=1 << 30) as c:
+        try:
+            c.send_raw(b"\x00" * (server.max_frame + 1))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        # TCP may reset before the error frame is read; either way the connection ends, promptly
+        with pytest.raises((ServerUnavailable, wire.WireError, ServerError)):
+            f = c.recv_frame(timeout=10)
+            assert f.meta["error"] == "frame_too_large"
+            c.recv_frame(timeout=10)
+        assert set(bystander.list_models()) == {"gpt2", "qwen2"}
+
+
+def test_wrong_authkey_and_no_authkey(server):
+    t0 = time.monotonic()
+    with pytest.raises(HandshakeError, match="wrong authkey"):
+        TrunkClient(server.address, authkey=b"wrong" * 8, connect_timeout=5)
+    c = TrunkClient(server.address, authkey=None, connect_timeout=5, timeout=5)
+    try:
+        with pytest.raises((wire.WireError, ServerUnavailable)):
+            c.list_models()
+    finally:
+        c.close()
+    assert time.monotonic() - t0 < 10
+    with server.client() as ok:
+        assert ok.stats()["auth_failures"] >= 2
+
+
+def test_client_gone_mid_request_frees_its_sessions(server):
+    c = server.client()
+    sid = c.open_session("gpt2")
+    c.send_raw(wire.encode(wire.Frame(wire.MsgType.TRUNK, 99, {"session": sid, "step": 0}, [torch.randn(1, 30, 64)])))
+    c.close()
+    with server.client() as probe:
+        t_end = time.monotonic() + 30
+        while probe.stats()["sessions_open"] and time.monotonic() < t_end:
+            threading.Event().wait(0.02)  # bounded poll of the server's counters
+        st = probe.stats()
+        assert st["sessions_open"] == 0
+        assert set(probe.list_models()) == {"gpt2", "qwen2"}
+
+
+def test_server_killed_mid_generation_then_restarted():
+    d = tiny_model_dir("gpt2")
+    srv = TrunkServer({"gpt2": {"model_type": "gpt2", "path": str(d), "split_points": [1, 3]}}, start_timeout=180)
+    srv.start()
+    try:
+        sc = _split_client(srv, "gpt2")
+        sc.trunk.timeout = 30
+        orig = sc.trunk_fn
+
+        def killing_trunk_fn(h, m, p, step):
+            if step == 2:
+                os.kill(srv.pid, signal.SIGKILL)
+            return orig(h, m, p, step)
+
+        sc.trunk_fn = killing_trunk_fn
+        ids = torch.randint(3, 250, (1, 5))
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            sc.generate(ids, 6)
+        assert time.monotonic() - t0 < 30
+        sc.close()
+        port = srv.address[1]
+        srv.restart()
+        assert srv.address[1] == port
+        with _split_client(srv, "gpt2") as sc2:
+            assert sc2.generate(ids, 3).shape == (1, 8)
+    finally:
+        srv.close()
