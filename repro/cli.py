@@ -159,8 +159,9 @@ def cmd_script(args) -> int:
     r = run_script(args.path, timeout=args.timeout, args=extra, python=args.python, expect=args.expect, fingerprint=not args.no_fingerprint)
     print(_line(r))
     print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
-    if args.json:
-        _write_results(args.json, [r], r.fingerprint)
+    if args.json:  # one result, at the top level: outcome, seconds, evidence, fingerprint...
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(r.to_json())
     return 0 if r.ok else 1
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger("splitlearn.loading")
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -139,11 +140,24 @@ class ShardLoader:
         except Exception as exc:
             raise CorruptWeights(f"{self.model_dir / self.file_for(key)} does not hold tensor {key!r}: {exc}") from exc
 
-    def get_tensor(self, key: str):
+    def get_tensor(self, key: str, dtype: Any = None):
+        """Read one tensor. With ``dtype`` (floating tensors only), the tensor is converted and
+        the file is read through a handle of its own that is dropped at once, so the pages of
+        the source tensor are unmapped instead of staying resident until :meth:`close`."""
         fname = self.file_for(key)
         handle = self._handle(fname)
         try:
-            return handle.get_tensor(key)
+            if dtype is None:
+                return handle.get_tensor(key)
+            if handle.get_slice(key).get_dtype() not in _FLOAT_DTYPES:
+                return handle.get_tensor(key)
+            from safetensors import safe_open
+
+            with safe_open(str(self.model_dir / fname), framework="pt", device="cpu") as transient:
+                source = transient.get_tensor(key)
+                converted = source.to(dtype)
+                del source
+            return converted
         except Exception as exc:
             raise CorruptWeights(f"cannot read tensor {key!r} from {self.model_dir / fname}: {exc}") from exc
 
@@ -192,10 +206,7 @@ class LazyStateDict(Mapping):
     def __getitem__(self, key: str):
         if key not in self._loader.weight_map:
             raise KeyError(key)
-        tensor = self._loader.get_tensor(key)
-        if self._dtype is not None and tensor.is_floating_point() and tensor.dtype != self._dtype:
-            tensor = tensor.to(self._dtype)
-        return tensor
+        return self._loader.get_tensor(key, self._dtype)
 
     def __contains__(self, key: object) -> bool:
         return key in self._loader.weight_map

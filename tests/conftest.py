@@ -1,8 +1,31 @@
-"""Test session helpers: scenario items named after their scenario, and the build fingerprint."""
+"""Test session helpers: scenario items named after their scenario, the build fingerprint, and
+the run lock scoped to this pytest session."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+
+def pytest_configure(config):
+    """Serial (load) scenarios exclude the other runs of *this* session, xdist workers included
+    (they inherit the controller's environment), not those of unrelated sessions on the machine.
+    An explicit SPLITREPRO_LOCK_DIR wins."""
+    if hasattr(config, "workerinput") or os.environ.get("SPLITREPRO_LOCK_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="splitrepro-locks-")
+    os.environ["SPLITREPRO_LOCK_DIR"] = path
+    config._splitrepro_lock_dir = path
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_splitrepro_lock_dir", None)
+    if path:
+        os.environ.pop("SPLITREPRO_LOCK_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_pycollect_makeitem(collector, name, obj):

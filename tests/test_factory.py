@@ -58,7 +58,7 @@ def test_trunk_opens_only_its_shards(monkeypatch, caplog):
     want, all_files, index = expected_shards(path, ("transformer.h.2.", "transformer.h.3."))
     read = []
     original = ShardLoader.get_tensor
-    monkeypatch.setattr(ShardLoader, "get_tensor", lambda self, key: read.append(key) or original(self, key))
+    monkeypatch.setattr(ShardLoader, "get_tensor", lambda self, key, *a: read.append(key) or original(self, key, *a))
     with caplog.at_level(logging.INFO, logger="splitlearn"):
         bottom, trunk, top = ModelFactory.create_split_models("gpt2", path, 2, 4, parts=("trunk",))
     info = ModelFactory.last_load_info()
@@ -91,10 +91,14 @@ def test_load_split_model_quickstart():
     assert all(next(p.parameters()).device.type == "cpu" for p in (bottom, trunk, top))
 
 
-def test_dtype_cast():
-    path = tiny_model_dir("gpt2", sharded=True)
-    _, trunk, _ = ModelFactory.create_split_models("gpt2", path, 1, 3, parts=("trunk",), dtype=torch.bfloat16)
-    assert {p.dtype for p in trunk.parameters()} == {torch.bfloat16}
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_dtype_conversion_same_on_both_paths(family):
+    path = tiny_model_dir(family, sharded=True)
+    inc = ModelFactory.create_split_models(family, path, 1, 3, dtype=torch.bfloat16, low_memory=True)
+    trad = ModelFactory.create_split_models(family, path, 1, 3, dtype=torch.bfloat16, low_memory=False)
+    for a, b in zip(inc, trad, strict=True):
+        assert {p.dtype for p in a.parameters()} == {torch.bfloat16}
+        assert_same_part(a, b)
 
 
 def test_base_model_checkpoint_without_prefix():

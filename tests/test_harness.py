@@ -217,7 +217,7 @@ print("clean")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())["results"][0]
+    data = json.loads(out.read_text())
     for key in ("outcome", "seconds", "evidence", "fingerprint"):
         assert key in data
     assert data["fingerprint"].get("torch"), "the fingerprint came from a child"
@@ -273,3 +273,9 @@ def test_hang_at_interpreter_shutdown_is_named():
     assert_hang(r, processes=1)
     assert r.evidence["child_status"] == "pass"
     assert any("interpreter shutdown" in n for n in r.evidence["notes"])
+
+
+def test_session_lock_dir_reaches_xdist_workers():
+    """conftest scopes the run lock to this session; xdist workers must see the same dir."""
+    assert os.environ.get("SPLITREPRO_LOCK_DIR"), "tests/conftest.py sets it for the session"
+    assert runner.lock_dir() == Path(os.environ["SPLITREPRO_LOCK_DIR"])

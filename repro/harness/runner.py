@@ -315,8 +315,8 @@ def _run(
             )
         tree = ev.Tree(proc.pid, token)
         detector = HangDetector(window=window, deadline=deadline)
-        verdict, elapsed = _watch(proc, tree, detector, deadline, readable)
-        result.seconds = round(elapsed, 3)
+        verdict = _watch(proc, tree, detector, deadline, readable)
+        result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
         _finish(result, proc, tree, detector, verdict, t0, run_dir, evidence_dir, result_path, stderr_path, notes, window)
 
     result.evidence["run_token"] = token
@@ -344,9 +344,8 @@ def _after_dashdash(args: list[str]) -> list[str]:
     return args[args.index("--") :] if "--" in args else []
 
 
-def _watch(proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, deadline: float, readable: bool) -> tuple[str | None, float]:
-    """Wait for exit, HANG or the deadline. Returns (None | 'HANG' | 'TIMEOUT', seconds)."""
-    start = time.monotonic()
+def _watch(proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, deadline: float, readable: bool) -> str | None:
+    """Wait for exit, HANG or the deadline: None (exited), 'HANG' or 'TIMEOUT'."""
     pidfd = None
     poller = None
     if hasattr(os, "pidfd_open"):
@@ -362,21 +361,21 @@ def _watch(proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, deadli
             if poller is not None:
                 poller.poll(wait * 1000)
                 if proc.poll() is not None:
-                    return None, time.monotonic() - start
+                    return None
             else:
                 try:
                     proc.wait(timeout=wait)
-                    return None, time.monotonic() - start
+                    return None
                 except subprocess.TimeoutExpired:
                     pass
             if readable:
                 detector.sample(tree.pids())
                 if detector.hung():
-                    return "HANG", time.monotonic() - start
+                    return "HANG"
             if time.monotonic() >= deadline:
                 if proc.poll() is not None:
-                    return None, time.monotonic() - start
-                return "TIMEOUT", time.monotonic() - start
+                    return None
+                return "TIMEOUT"
     finally:
         if pidfd is not None:
             os.close(pidfd)

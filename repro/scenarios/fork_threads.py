@@ -80,10 +80,10 @@ def _fork_child(ctx, child_threads: int | None) -> None:
             code = 70
         finally:
             os._exit(code)
-    ctx.record(child_pid=pid)
-    ctx.stage("child-parallel-op")  # the child's first parallel op (the parent waits here)
     status = None
     try:
+        ctx.record(child_pid=pid)
+        ctx.stage("child-parallel-op")  # the child's first parallel op (the parent waits here)
         status = _wait_child(pid, ctx.remaining())
     finally:
         if status is None:  # still running at our deadline (or we were interrupted): reap it
@@ -102,9 +102,9 @@ def _mp_child(ctx, method: str, child_threads: int | None) -> None:
     mctx = mp.get_context(method)
     proc = mctx.Process(target=child_op, args=(child_threads,), name=f"fork-threads-{method}")
     proc.start()
-    ctx.record(child_pid=proc.pid)
-    ctx.stage("child-parallel-op")
     try:
+        ctx.record(child_pid=proc.pid)
+        ctx.stage("child-parallel-op")
         proc.join(ctx.remaining())
     finally:
         if proc.exitcode is None:

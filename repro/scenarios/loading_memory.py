@@ -29,6 +29,20 @@ SPLIT = (2, 10)
 TARGET_RATIO = 0.5
 
 
+def _fp32_expectation(build):
+    """Measured here (transformers 5.23, torch 2.13): the fp32 ratio is ~0.99, not <= 0.5.
+    transformers 5 memory-maps the safetensors checkpoint, so the traditional path only makes
+    resident the weights the split copies out; both paths then pay for the same trunk."""
+    major = str(build["transformers"] or "0").split(".")[0]
+    if major.isdigit() and int(major) >= 5:
+        return (
+            "FAIL",
+            "transformers>=5 loads safetensors memory-mapped: the traditional path no longer "
+            "materialises the whole fp32 model, so the 0.5x target is missed (finding)",
+        )
+    return "PASS", "transformers<5 materialises the whole model on the traditional path"
+
+
 def _worker(mode: str, model_dir: str, dtype_name: str = "") -> dict:
     """Runs in a fresh interpreter: import, then load the trunk through one path; report memory."""
     import resource
@@ -102,6 +116,7 @@ def _run_worker(mode: str, model_dir: str, timeout: float, dtype_name: str = "")
         load(
             "trunk_gpt2_small",
             params={"repeats": 3},
+            expect=_fp32_expectation,
             doc="trunk (2, 10) of a 12x768 fp32 GPT-2, loaded in its own dtype: incremental vs traditional peak RSS",
         ),
         load(

@@ -92,7 +92,8 @@ def manager_lock(ctx) -> None:
         t0 = time.perf_counter()
         path = gpt2_small_dir(sharded=True)
         ctx.record(checkpoint_build_s=round(time.perf_counter() - t0, 3))
-        slow_cfg = ModelConfig("slow", "huggingface", str(path), warmup=True, warmup_steps=2, warmup_seq_len=64)
+        slow_cfg = ModelConfig("slow", "huggingface", str(path), warmup=True,
+                               warmup_steps=int(p.get("warmup_steps", 6)), warmup_seq_len=int(p.get("warmup_seq_len", 128)))
     else:
         raise ValueError(f"unknown workload {workload!r}")
     resident_cfgs = [ModelConfig("resident", **resident_kw)]

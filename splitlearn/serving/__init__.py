@@ -5,8 +5,10 @@ Importing this package does not import torch.
 """
 
 from splitlearn.serving.client import InferenceClient
-from splitlearn.serving.server import InferenceServer, ServerStartError
+from splitlearn.serving.server import InferenceServer, ManagedServer, ServerStartError
+from splitlearn.serving.split_client import SplitClient, TrunkClient
 from splitlearn.serving.transport import HandshakeError, ServerError, ServerUnavailable, ServingError
+from splitlearn.serving.trunk_server import TrunkServer
 from splitlearn.serving.wire import Frame, MsgType, WireError
 
 __all__ = [
@@ -14,10 +16,14 @@ __all__ = [
     "HandshakeError",
     "InferenceClient",
     "InferenceServer",
+    "ManagedServer",
     "MsgType",
     "ServerError",
     "ServerStartError",
     "ServerUnavailable",
     "ServingError",
+    "SplitClient",
+    "TrunkClient",
+    "TrunkServer",
     "WireError",
 ]

@@ -43,9 +43,13 @@ class InferenceClient:
             if self._broken:
                 raise ServerUnavailable(f"connection unusable: {self._broken}")
             frame.request_id = next(self._ids)
+            data = wire.encode(frame, max_frame=self.max_frame)  # a WireError here leaves the connection intact
             t_end = time.monotonic() + timeout
             try:
-                transport.send_frame(self._conn, frame, max_frame=self.max_frame)
+                try:
+                    self._conn.send_bytes(data)
+                except (OSError, EOFError) as exc:
+                    raise ServerUnavailable(f"send failed: {type(exc).__name__}: {exc}") from None
                 while True:
                     left = t_end - time.monotonic()
                     if left <= 0:
