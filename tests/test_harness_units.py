@@ -129,3 +129,36 @@ def test_report_lists_every_result_and_details_unexpected_ones():
     assert "1/2 as expected" in text
     assert "| s | v | fix | PASS | **PASS** | ✅ | 1.00 | x=1.5 |" in text
     assert "<details><summary><b>s:h</b>: TIMEOUT (expected HANG)" in text
+
+
+def _snap(t, threads):
+    from repro.harness.verdict import Snapshot, ThreadState
+
+    snap = Snapshot(t)
+    for tid, (wait, ticks) in enumerate(threads):
+        snap.threads[(1, tid)] = ThreadState(1, tid, "x", "S", ticks, "futex", wait, raw=f"202 {tid}")
+    return snap
+
+
+def test_detector_needs_a_full_quiet_window_without_progress():
+    from repro.harness.verdict import HangDetector
+
+    d = HangDetector(window=1.0)
+    d._update(_snap(0.0, [("untimed", 5), ("untimed", 1)]))
+    d._update(_snap(0.5, [("untimed", 5), ("untimed", 1)]))
+    assert not d.hung()
+    d._update(_snap(0.9, [("untimed", 6), ("untimed", 1)]))  # a CPU tick: the window restarts
+    d._update(_snap(1.5, [("untimed", 6), ("untimed", 1)]))
+    assert not d.hung()
+    d._update(_snap(2.0, [("untimed", 6), ("untimed", 1), ("zombie", 0)]))  # zombies do not count
+    assert d.hung() and d.quiet_since == 0.9
+
+
+@pytest.mark.parametrize("other", ["timed", "sleep", "busy", "other", "unknown"])
+def test_detector_never_hangs_while_one_thread_is_not_blocked(other):
+    from repro.harness.verdict import HangDetector
+
+    d = HangDetector(window=1.0)
+    for t in range(10):
+        d._update(_snap(t * 0.5, [("untimed", 1), (other, 1)]))
+    assert not d.hung()

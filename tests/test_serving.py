@@ -125,7 +125,6 @@ def test_concurrent_clients_get_their_own_answers_and_batch():
 def test_one_client_never_waits_for_a_batch(demo):
     srv, _ = demo  # max_wait_ms=20: a lone client must not pay it
     with srv.client() as c:
-        before = c.stats()
         for _ in range(10):
             c.infer(torch.randn(1, 8))
         after = c.stats()

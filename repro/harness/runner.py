@@ -221,7 +221,7 @@ def run_variant(
         scenario=scenario.name, variant=variant.name, kind=variant.kind,
         expected=expected, reason=reason, timeout=limit, python=python, env=dict(variant.env),
         params=dict(variant.params), fingerprint=build.fp, serial=scenario.serial, out_dir=out_dir,
-        window=getattr(scenario, "hang_window", None) or HANG_WINDOW,
+        window=scenario.hang_window or HANG_WINDOW,
     )
 
 
@@ -314,10 +314,15 @@ def _run(
                 env=child_env(env, token=token, evidence_dir=str(evidence_dir)), start_new_session=True,
             )
         tree = ev.Tree(proc.pid, token)
-        detector = HangDetector(window=window, deadline=deadline)
-        verdict = _watch(proc, tree, detector, deadline, readable)
-        result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
-        _finish(result, proc, tree, detector, verdict, t0, run_dir, evidence_dir, result_path, stderr_path, notes, window)
+        try:
+            detector = HangDetector(window=window, deadline=deadline)
+            verdict = _watch(proc, tree, detector, deadline, readable)
+            result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
+            _finish(result, proc, tree, detector, verdict, t0, run_dir, evidence_dir, result_path, stderr_path, notes, window)
+        except BaseException:
+            # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
+            tree.kill_all(proc)
+            raise
 
     result.evidence["run_token"] = token
     result.evidence["pids"] = sorted(tree.seen)

@@ -182,6 +182,7 @@ class Scenario:
     timeout: float = 60.0  # hard deadline per variant, seconds
     serial: bool = False  # load scenarios: never run beside other scenarios
     markers: tuple[str, ...] = ()
+    hang_window: float | None = None  # seconds of quiescence that make a HANG (None: the harness default, 1 s)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -206,6 +207,7 @@ def scenario(
     timeout: float = 60.0,
     serial: bool = False,
     markers: Iterable[str] = (),
+    hang_window: float | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register ``fn`` as a scenario. ``fn`` must be importable at module level."""
 
@@ -228,6 +230,7 @@ def scenario(
             timeout=timeout,
             serial=serial,
             markers=tuple(markers),
+            hang_window=hang_window,
         )
         return fn
 

@@ -291,8 +291,10 @@ def ipc_transports(ctx):
     any_floor = ratios[big]["unix_connection_over_raw_floor"]
     ctx.record(
         ratios=ratios,
-        method="spawned echo per transport; latency = ping-pong median of up to %d round trips after %d warm-up; throughput with %d in flight; perf_counter"
-        % (p["rounds"], p["warmup"], p["window"]),
+        method=(
+            f"spawned echo per transport; latency = ping-pong median of up to {p['rounds']} round trips after "
+            f"{p['warmup']} warm-up; throughput with {p['window']} in flight; perf_counter"
+        ),
         targets={
             "manager_over_socket_10_to_50x": {"value": ratio, "claim": "10-50x", "within_claim": 10 <= ratio <= 50},
             "socket_round_trip_within_1.5x_floor": {

@@ -65,7 +65,15 @@ def serving_faults(ctx):
 
     import torch
 
-    from splitlearn.serving import HandshakeError, InferenceClient, InferenceServer, ServerError, ServerUnavailable, WireError, wire
+    from splitlearn.serving import (
+        HandshakeError,
+        InferenceClient,
+        InferenceServer,
+        ServerError,
+        ServerUnavailable,
+        WireError,
+        wire,
+    )
 
     never = threading.Event()
     v = ctx.variant

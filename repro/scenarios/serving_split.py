@@ -37,7 +37,7 @@ def _server(models, ctx, threads=None):
     timeout=600,
     variants=[
         fix("tiny", params={"families": {"gpt2": [1, 3], "qwen2": [2, 4]}, "new_tokens": 10}),
-        load("gpt2_small", params={"split": [2, 10], "prompt": 32, "new_tokens": 32, "repeats": 5, "threads": 1}),
+        load("gpt2_small", markers=("slow",), params={"split": [2, 10], "prompt": 32, "new_tokens": 32, "repeats": 5, "threads": 1}),
     ],
 )
 def serving_split(ctx):
@@ -52,7 +52,7 @@ def serving_split(ctx):
     p = ctx.params
     if ctx.variant == "tiny":
         dirs = {f: tiny_model_dir(f) for f in p["families"]}
-        srv = _server({f: {"model_type": f, "path": str(d), "split_points": s} for (f, s), d in zip(p["families"].items(), dirs.values())}, ctx)
+        srv = _server({f: {"model_type": f, "path": str(d), "split_points": s} for (f, s), d in zip(p["families"].items(), dirs.values(), strict=True)}, ctx)
         try:
             for fam, split in p["families"].items():
                 ctx.stage(f"{fam}: split over loopback vs full model")
@@ -117,7 +117,6 @@ def serving_split(ctx):
                 sc.trunk.ping()
                 rt.append(time.perf_counter() - t0)
             ctx.record(ping_ms_median=round(1e3 * statistics.median(rt), 4))
-        del trunk
         t_mono, t_local, t_remote = (statistics.median(times[k]) for k in ("monolithic", "split_local", "split_loopback"))
         ref, local, remote = outs["monolithic"], outs["split_local"], outs["split_loopback"]
         ctx.record(monolithic_s=round(t_mono, 4), split_local_s=round(t_local, 4), split_loopback_s=round(t_remote, 4))
@@ -138,3 +137,4 @@ def serving_split(ctx):
         ctx.observe(f"monolithic {t_mono:.3f}s, local split {t_local:.3f}s, loopback split {t_remote:.3f}s: {ratio:.3f}x")
     finally:
         srv.close()
+        ctx.record(server_exitcode=srv.last_exitcode)

@@ -36,9 +36,10 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Mapping
+from typing import Any
 
 from splitlearn.serving import transport, wire
 from splitlearn.serving.transport import ServingError
@@ -141,6 +142,7 @@ class ManagedServer:
         self._ctl: Connection | None = None
         self.info: dict[str, Any] = {}
         self.final_stats: dict[str, Any] | None = None
+        self.last_exitcode: int | None = None  # of the last server process, once reaped
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -244,6 +246,7 @@ class ManagedServer:
             if proc.is_alive():
                 proc.kill()
                 proc.join(3)
+            self.last_exitcode = proc.exitcode
             try:
                 proc.close()
             except ValueError:

@@ -24,9 +24,10 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Any, Iterator
+from typing import Any
 
 from splitlearn.serving import wire
 
@@ -191,7 +192,7 @@ def connect(address: str | tuple[str, int], *, authkey: bytes | None, timeout: f
     try:
         s.settimeout(timeout)
         s.connect(address)
-    except socket.timeout:
+    except TimeoutError:
         s.close()
         raise ServerUnavailable(f"connecting to {address!r} timed out after {timeout}s") from None
     except OSError as exc:

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from splitlearn.serving import wire
 from splitlearn.serving.server import ConnServer, ManagedServer, _Conn, build_model

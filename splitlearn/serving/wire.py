@@ -26,7 +26,7 @@ import json
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 MAGIC = b"SLW"
 VERSION = 1
