@@ -26,12 +26,13 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from splitlearn.errors import SplitLearnError
 
-__all__ = ["Pipeline", "PipelineError", "StageStalled", "PipelineResult", "QueueDataset"]
+__all__ = ["Pipeline", "PipelineError", "StageStalled", "PipelineResult", "QueueDataset"]  # noqa: F822 - QueueDataset: module __getattr__
 
 _END = "__splitlearn_pipeline_end__"  # end marker (a str: picklable, survives worker queues)
 _POLL = 0.2  # bound of every internal wait, so a stop request is seen promptly
@@ -240,7 +241,7 @@ class Pipeline:
                 outputs = self.model_fn(batch)
                 if len(outputs) != len(ids):
                     raise PipelineError(f"stage {self.stage_name!r} returned {len(outputs)} outputs for {len(ids)} items")
-                for seq, out in zip(ids, outputs):
+                for seq, out in zip(ids, outputs, strict=True):
                     self._put(q_out, (seq, out), f"{self.stage_name}_out", self.stage_name, "consumer", stop)
                     st.items_out += 1
                 st.progress("read")

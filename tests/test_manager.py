@@ -97,7 +97,7 @@ class Watch:
 def watched_loader(gates, names=("g",)):
     """A StagedLoader whose load starts poke a Watch of the running loop."""
     watch = Watch()
-    return StagedLoader(gates={n: gates[n] for n in names}, on_start=watch.poke), watch
+    return StagedLoader(gates={n: gates[n] for n in names}, on_start=watch.poke, gate_timeout=20.0), watch
 
 
 # -- happy path --------------------------------------------------------------------------

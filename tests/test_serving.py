@@ -235,7 +235,7 @@ def test_server_killed_mid_batch_every_caller_errors_then_restart(slow):
     for t in threads:
         t.start()
     with srv.client(timeout=10) as probe:
-        _wait_until(lambda: probe.stats()["in_batch"], 30, "a batch in progress")
+        _wait_until(lambda: (lambda st: st["requests"] >= 3 and st["in_batch"])(probe.stats()), 30, "all requests in, a batch in progress")
     t_kill = time.monotonic()
     os.kill(srv.pid, signal.SIGKILL)
     for t in threads:
@@ -311,3 +311,22 @@ def test_server_exits_when_its_owner_dies(tmp_path):
     except psutil.TimeoutExpired:
         proc.kill()
         pytest.fail("server outlived its owner by 30 s")
+
+
+def test_requests_in_flight_per_connection_are_capped():
+    kw = dict(KW, hidden=512, depth=4, repeat=1500)
+    srv = InferenceServer(DEMO, kw, num_threads=1, start_timeout=120, warmup=False, max_pending=2)
+    srv.start()
+    try:
+        with srv.client(timeout=120) as c:
+            for rid in range(1, 5):  # pipelined: the first is still computing when the others arrive
+                c.send_raw(wire.encode(wire.Frame(wire.MsgType.REQUEST, rid, tensors=[torch.randn(1, 8)])))
+            frames = {f.request_id: f for f in (c.recv_frame(timeout=120) for _ in range(4))}
+        assert sorted(frames) == [1, 2, 3, 4]
+        kinds = [frames[i].type for i in range(1, 5)]
+        assert kinds[:2] == [wire.MsgType.RESPONSE, wire.MsgType.RESPONSE]
+        assert all(frames[i].meta.get("error") == "too_many_pending" for i in (3, 4))
+        with srv.client(timeout=120) as c:  # the count came back down
+            assert c.infer(torch.randn(1, 8)).shape == (1, 4)
+    finally:
+        srv.close()

@@ -4,8 +4,8 @@ in the child: this module imports torch lazily too, but keep it out of the paren
 * :class:`StagedLoader` -- the real :class:`~splitlearn.model_loader.ModelLoader` preceded by a
   *fetch* stage that stands in for reading a large checkpoint from slow storage. The fetch is a
   workload, not synchronisation: ``io_seconds`` of waiting that is interruptible by the load's
-  cancel event (a chunked read that checks for cancellation) or not (a blocking read), or an
-  untimed wait on a gate ``threading.Event`` the scenario controls. Every call is recorded
+  cancel event (a chunked read that checks for cancellation) or not (a blocking read), or a
+  wait on a gate ``threading.Event`` the scenario controls. Every call is recorded
   (start, end, outcome, a weak reference to the model it produced).
 * The broken managers the hazard variants run: the whole load under the lock (on the loop, or
   awaited in an executor while the lock is held), check-then-act without a placeholder, and the
@@ -53,8 +53,10 @@ class StagedLoader(ModelLoader):
     (bool, default True) and ``gate`` (name of an event in ``self.gates``); ``ignore_cancel``
     hides the cancel event from the real loader too (a load Python cannot stop)."""
 
-    def __init__(self, gates: dict[str, threading.Event] | None = None, on_start: Any = None) -> None:
+    def __init__(self, gates: dict[str, threading.Event] | None = None, on_start: Any = None,
+                 gate_timeout: float = 60.0) -> None:
         self.gates = dict(gates or {})
+        self.gate_timeout = gate_timeout
         self.on_start = on_start
         self.records: list[LoadRecord] = []
         self._lock = threading.Lock()
@@ -95,8 +97,11 @@ class StagedLoader(ModelLoader):
         meta = config.metadata or {}
         gate_name = meta.get("gate")
         if gate_name:
-            log.info("fetch of %r waits on gate %r (untimed, not cancellable)", config.model_id, gate_name)
-            self.gates[gate_name].wait()
+            log.info("fetch of %r waits on gate %r (not cancellable)", config.model_id, gate_name)
+            # Bounded only as a safety net: a test that fails before opening the gate must not
+            # leave a worker that blocks interpreter exit forever.
+            if not self.gates[gate_name].wait(self.gate_timeout):
+                raise RuntimeError(f"gate {gate_name!r} was not opened within {self.gate_timeout} s")
         io = float(meta.get("io_seconds", 0.0))
         if io > 0:
             if meta.get("interruptible", True) and cancel_event is not None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # multiprocessing's own helper processes: they live until the interpreter exits and are
 # neither zombies nor orphans of a scenario

@@ -79,7 +79,6 @@ def threads_on(worker_id: int) -> None:
 
 # --- the scenario ---------------------------------------------------------------------------
 def _loader(ctx, dataset):
-    import torch
     from torch.utils.data import DataLoader
 
     p = ctx.params

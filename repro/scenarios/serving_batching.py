@@ -67,7 +67,7 @@ def _pct(xs, q):
         load(
             "demo",
             params={
-                "model_kwargs": {"in_features": 64, "hidden": 1024, "depth": 4, "out_features": 16},
+                "model_kwargs": {"in_features": 64, "hidden": 512, "depth": 32, "out_features": 16},
                 "threads": 1,
                 "n_direct": 300,
                 "n_server": 300,

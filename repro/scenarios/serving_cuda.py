@@ -58,7 +58,8 @@ def serving_cuda(ctx):
 
     ctx.stage("parent initialises CUDA")
     torch.manual_seed(0)
-    model = DemoNet(**KW).cuda().eval()
+    with torch.device("cuda"):  # build on the GPU: no CPU parallel region (libgomp team) in the parent before fork
+        model = DemoNet(**KW).eval()
     x = torch.randn(4, 64, device="cuda")
     with torch.inference_mode():
         ref = model(x).cpu()

@@ -112,7 +112,8 @@ def serving_faults(ctx):
             for t in threads:
                 t.start()
             with srv.client(timeout=10) as probe:
-                _wait_for(lambda: probe.stats()["in_batch"], 60, "a batch in progress", never)
+                # every caller connected and sent its request, and a batch is computing
+                _wait_for(lambda: (lambda st: st["requests"] >= p["callers"] and st["in_batch"])(probe.stats()), 60, "all requests in, a batch in progress", never)
             ctx.stage("SIGKILL the server mid-batch")
             t_kill = time.monotonic()
             os.kill(srv.pid, signal.SIGKILL)

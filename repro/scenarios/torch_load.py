@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from repro.harness.spec import Outcome, fix, hazard, probe, scenario
@@ -351,9 +350,8 @@ def torch_load_class_moved(ctx):
         (d / "partmodels_v1.py").write_text(_V1)
         sys.path.insert(0, str(d))
         try:
-            import torch
-
             import partmodels_v1  # noqa: F401 - generated above
+            import torch
 
             torch.manual_seed(0)
             m = partmodels_v1.Trunk()

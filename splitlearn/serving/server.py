@@ -300,9 +300,11 @@ class InferenceServer(ManagedServer):
         input_shape: tuple[int, ...] | None = None,
         input_dtype: str | None = None,
         warmup: bool = True,
+        max_pending: int = 64,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        self.max_pending = int(max_pending)
         if weights is not None and state_dict is not None:
             raise ValueError("give weights (a safetensors file) or state_dict, not both")
         if max_batch_size < 1:
@@ -340,6 +342,7 @@ class InferenceServer(ManagedServer):
             input_dtype=self.input_dtype,
             address=self.address,
             warmup=self.warmup,
+            max_pending=self.max_pending,
         )
         return cfg
 
@@ -366,6 +369,7 @@ class _Conn:
     cid: int
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
+    pending: int = 0  # requests queued or in a batch (inference server)
 
 
 @dataclass
@@ -608,6 +612,7 @@ class _InferenceWorker(ConnServer):
         self.max_wait = float(cfg["max_wait_ms"]) / 1e3
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.in_batch = False
+        self.max_pending = int(cfg.get("max_pending", 64))
 
     # -- setup -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -662,6 +667,14 @@ class _InferenceWorker(ConnServer):
             )
         if self.stopping.is_set():
             return self.reply_error(c, f.request_id, "shutting_down", "server is shutting down")
+        with self.stats.lock:
+            if c.pending >= self.max_pending:
+                full = True
+            else:
+                full = False
+                c.pending += 1
+        if full:
+            return self.reply_error(c, f.request_id, "too_many_pending", f"at most {self.max_pending} requests in flight per connection")
         self.queue.put(_Req(c, f.request_id, x, time.monotonic()))
 
     def snapshot(self) -> dict[str, Any]:
@@ -675,6 +688,10 @@ class _InferenceWorker(ConnServer):
 
     def main_loop(self) -> None:
         self.batch_loop()
+
+    def _done(self, r: _Req) -> None:
+        with self.stats.lock:
+            r.client.pending -= 1
 
     # -- batching --------------------------------------------------------------------------------
     def collect(self) -> list[_Req] | None:
@@ -730,9 +747,11 @@ class _InferenceWorker(ConnServer):
                     msg = f"{type(exc).__name__}: {exc}"
                     for r in reqs:
                         self.reply_error(r.client, r.rid, "model_error", msg)
+                        self._done(r)
                     continue
                 for i, r in enumerate(reqs):
                     ok = self.send(r.client, wire.Frame(wire.MsgType.RESPONSE, r.rid, tensors=[p[i] for p in parts]))
+                    self._done(r)
                     with self.stats.lock:
                         if ok:
                             self.stats.responses += 1
@@ -760,6 +779,7 @@ class _InferenceWorker(ConnServer):
                 break
             if r is not None:
                 self.reply_error(r.client, r.rid, "shutting_down", "server is shutting down")
+                self._done(r)
 
 
 def server_main(kind: str, config_json: str, ctl: Connection) -> None:

@@ -115,7 +115,9 @@ def _handshake(conn: Connection, authkey: bytes | None, timeout: float | None, s
             except (EOFError, OSError) as exc:
                 if st["expired"]:
                     raise TimeoutError() from exc
-                raise HandshakeError(f"the {who} closed the connection during authentication ({type(exc).__name__}: {exc}); wrong authkey?") from None
+                # a wrong key is reported by the peer (#FAILURE#, above); a bare close is the peer going away
+                err = ServerUnavailable if not server else HandshakeError
+                raise err(f"the {who} closed the connection during authentication ({type(exc).__name__}: {exc})") from None
     except TimeoutError:
         hint = "" if server else " (the server may have no authkey: a listener without one never sends a challenge)"
         raise HandshakeError(f"authentication with the {who} did not finish within {timeout:.3g}s{hint}") from None
