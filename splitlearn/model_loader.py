@@ -50,9 +50,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from splitlearn._logging import stage
 from splitlearn.errors import SplitLearnError
@@ -437,7 +438,7 @@ class ModelLoader:
             if config.dtype is not None:
                 kwargs["dtype"] = _dtype(config.dtype)
             parts = ModelFactory.create_split_models(config.model_type, str(config.model_path), s1, s2, **kwargs)
-        model = dict(zip(COMPONENTS, parts))[config.component]  # type: ignore[index]
+        model = dict(zip(COMPONENTS, parts, strict=True))[config.component]  # type: ignore[index]
         if model is None:
             raise ModelLoadError(f"ModelFactory returned no {config.component!r} part for {config.model_id!r}")
         return model.eval()

@@ -86,7 +86,9 @@ def _loader(ctx, dataset):
     kw = dict(batch_size=BATCH, num_workers=workers)
     if workers:
         kw["multiprocessing_context"] = p.get("method", "fork")
-        kw["timeout"] = float(p.get("dl_timeout", 8))
+        # fixes get a generous timeout: the first batch waits for the workers to start, and a
+        # spawn worker imports torch and this module first (over 8 s on a loaded 2-core box)
+        kw["timeout"] = float(p.get("dl_timeout", 45))
         kw["persistent_workers"] = bool(p.get("persistent", False))
         if p.get("worker_threads"):
             kw["worker_init_fn"] = threads_on
@@ -172,7 +174,7 @@ def _epoch(ctx, dl, label: str):
     name="dataloader_workers",
     seed="003",
     claims=("003-dataloader-fork-deadlock", "003-thread-env-fix", "003-zombies"),
-    timeout=60,
+    timeout=120,
     variants=[
         hazard(
             "fork_threads",

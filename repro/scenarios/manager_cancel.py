@@ -45,7 +45,12 @@ def manager_cancel(ctx) -> None:
     import time
     from pathlib import Path
 
-    from repro.scenarios._manager_common import SeedPlaceholderManager, StagedLoader, setup_logging, write_encoder_checkpoint
+    from repro.scenarios._manager_common import (
+        SeedPlaceholderManager,
+        StagedLoader,
+        setup_logging,
+        write_encoder_checkpoint,
+    )
     from splitlearn.manager import AsyncModelManager, DuplicateModelError, ModelNotFoundError
     from splitlearn.model_loader import ModelConfig, ModelLoadError
 

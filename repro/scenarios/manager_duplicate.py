@@ -36,7 +36,12 @@ def manager_duplicate(ctx) -> None:
     import threading
     import time
 
-    from repro.scenarios._manager_common import CheckThenActManager, StagedLoader, setup_logging, write_encoder_checkpoint
+    from repro.scenarios._manager_common import (
+        CheckThenActManager,
+        StagedLoader,
+        setup_logging,
+        write_encoder_checkpoint,
+    )
     from splitlearn.manager import AsyncModelManager, DuplicateModelError
     from splitlearn.model_loader import ModelConfig
 
