@@ -109,7 +109,7 @@ def _write_report(path: str, results) -> None:
 
 def cmd_run(args) -> int:
     from repro.harness.fingerprint import get_fingerprint
-    from repro.harness.runner import run_variant
+    from repro.harness.runner import Result, run_variant
     from repro.harness.spec import Build
 
     cat = _catalogue()
@@ -122,6 +122,7 @@ def cmd_run(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     total = len(chosen) * args.repeat
     results = []
+    skipped = []  # not run on this build: listed in the JSON and the report, never "observed"
     i = 0
     t0 = time.monotonic()
     for sc, v in chosen:
@@ -131,6 +132,8 @@ def cmd_run(args) -> int:
             i += 1
             if skip:
                 print(f"[{i}/{total}] skip {sc.name}:{v.name}: {skip}", flush=True)
+                skipped.append(Result(scenario=sc.name, variant=v.name, kind=v.kind, outcome="SKIP", expected=["SKIP"],
+                                      expected_reason=skip, ok=True, fingerprint=fp, env=dict(v.env), params=dict(v.params)))
                 continue
             if total > 1 and sys.stderr.isatty():
                 print(f"[{i}/{total}] running {sc.name}:{v.name} ...", end="\r", flush=True, file=sys.stderr)
@@ -142,14 +145,18 @@ def cmd_run(args) -> int:
             if args.verbose or not r.ok:
                 print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]), flush=True)
             if args.json:
-                _write_results(args.json, results, fp)
+                _write_results(args.json, results + skipped, fp)
     bad = [r for r in results if not r.ok]
-    print(f"{len(results) - len(bad)}/{len(results)} as expected in {time.monotonic() - t0:.1f}s" + (f"; unexpected: {', '.join(r.id for r in bad)}" if bad else ""))
+    print(f"{len(results) - len(bad)}/{len(results)} as expected in {time.monotonic() - t0:.1f}s"
+          + (f"; {len(skipped)} skipped" if skipped else "")
+          + (f"; unexpected: {', '.join(r.id for r in bad)}" if bad else ""))
     if args.json:
-        _write_results(args.json, results, fp)
+        _write_results(args.json, results + skipped, fp)
     if args.report:
-        _write_report(args.report, results)
-    return 0 if results and not bad else 1
+        _write_report(args.report, results + skipped)
+    if not results:
+        print(f"nothing ran: all {len(skipped)} selected variants are skipped on this build", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_script(args) -> int:

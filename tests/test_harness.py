@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -19,10 +20,21 @@ from repro.harness.runner import run_script
 PROGRAMS = Path(__file__).parent / "programs"
 ROOT = Path(__file__).resolve().parents[1]
 GENEROUS = 30.0  # deadline for programs that must be judged long before it
+_EVIDENCE_ROOT: str | None = None
+
+
+@pytest.fixture(autouse=True)
+def _evidence_root(tmp_path):
+    global _EVIDENCE_ROOT
+    _EVIDENCE_ROOT = str(tmp_path)
+    yield
+    _EVIDENCE_ROOT = None
 
 
 def run(name: str, timeout: float = GENEROUS, **kw):
-    result = run_script(PROGRAMS / f"{name}.py", timeout=timeout, fingerprint=False, **kw)
+    # evidence of runs with unexpected outcomes goes to pytest's tmp dirs, not to /tmp
+    out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_EVIDENCE_ROOT))
+    result = run_script(PROGRAMS / f"{name}.py", timeout=timeout, fingerprint=False, out_dir=out, **kw)
     assert_nothing_left(result)
     return result
 
@@ -196,8 +208,9 @@ def test_children_grandchildren_and_daemon_left_behind_are_killed_and_listed():
 
 # -- the harness parent ----------------------------------------------------------------------
 def test_parent_never_imports_torch(tmp_path):
-    """The CLI (list + script with a fingerprint taken in a child) and the catalogue with its
-    pytest items leave torch, numpy and transformers out of the parent."""
+    """The CLI (list, run of a scenario that imports torch, script with a fingerprint taken in a
+    child) and the catalogue with its pytest items leave torch, numpy and transformers out of
+    the parent."""
     out = tmp_path / "r.json"
     code = f"""
 import runpy, sys
@@ -205,7 +218,8 @@ from repro.scenarios import load_catalogue
 import repro.harness.runner, repro.harness.report, repro.harness.predict, repro.harness.fingerprint, repro.cli
 import tests.test_scenarios
 assert load_catalogue()
-for argv in (["list"], ["script", {str(PROGRAMS / 'ok.py')!r}, "--json", {str(out)!r}, "--", "a", "b"]):
+for argv in (["list"], ["run", "harness_overhead:import-torch"],
+             ["script", {str(PROGRAMS / 'ok.py')!r}, "--json", {str(out)!r}, "--", "a", "b"]):
     sys.argv = ["repro", *argv]
     try:
         runpy.run_module("repro", run_name="__main__")
@@ -225,7 +239,9 @@ print("clean")
 
 def test_cli_script_exit_status_follows_expectation(tmp_path):
     cmd = [sys.executable, "-m", "repro", "script", str(PROGRAMS / "sys_exit.py"), "--no-fingerprint"]
-    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # evidence of the unexpected run stays in tmp_path
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert "evidence kept in " + str(tmp_path) in bad.stdout, bad.stdout
     assert bad.returncode == 1 and "FAIL" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([*cmd, "--expect", "FAIL", "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert good.returncode == 0, good.stdout + good.stderr

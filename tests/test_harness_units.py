@@ -125,8 +125,11 @@ def test_top_frame_of_py_spy_dump():
 def test_report_lists_every_result_and_details_unexpected_ones():
     good = Result("s", "v", "fix", "PASS", ["PASS"], ok=True, seconds=1.0, metrics={"x": 1.5})
     bad = Result("s", "h", "hazard", "TIMEOUT", ["HANG"], ok=False, seconds=9.0, evidence={"stderr_tail": "boom"})
-    text = render([good, bad])
-    assert "1/2 as expected" in text
+    skipped = Result("s", "k", "hazard", "SKIP", ["SKIP"], expected_reason="needs CUDA", ok=True)
+    text = render([good, bad, skipped])
+    assert "1/2 as expected" in text and "1 skipped on this build" in text
+    assert "- `s:k` (hazard): needs CUDA" in text and "| s | k |" not in text
+    assert "Hazards reproduced" not in text
     assert "| s | v | fix | PASS | **PASS** | ✅ | 1.00 | x=1.5 |" in text
     assert "<details><summary><b>s:h</b>: TIMEOUT (expected HANG)" in text
 

@@ -54,9 +54,12 @@ def _fp_line(fp: dict[str, Any]) -> str:
 
 
 def render(results: list[Result], title: str = "splitrepro results") -> str:
-    ok = sum(r.ok for r in results)
+    skipped = [r for r in results if r.outcome == "SKIP"]
+    ran = [r for r in results if r.outcome != "SKIP"]
+    ok = sum(r.ok for r in ran)
     lines = [f"## {title}", ""]
-    lines.append(f"**{ok}/{len(results)} as expected**" + ("" if ok == len(results) else f" — {len(results) - ok} unexpected"))
+    lines.append(f"**{ok}/{len(ran)} as expected**" + ("" if ok == len(ran) else f" — {len(ran) - ok} unexpected")
+                 + (f" · {len(skipped)} skipped on this build" if skipped else ""))
     lines.append("")
     fps = {json.dumps(r.fingerprint, sort_keys=True, default=str): r.fingerprint for r in results}
     for fp in fps.values():
@@ -64,12 +67,16 @@ def render(results: list[Result], title: str = "splitrepro results") -> str:
         for w in fp.get("warnings") or []:
             lines.append(f"  - ⚠️ {w}")
     lines += ["", "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r in ran:
         mark = "✅" if r.ok else "❌"
         lines.append(
             f"| {_cell(r.scenario)} | {_cell(r.variant)} | {r.kind} | {'/'.join(r.expected)} | **{r.outcome}** | {mark} | {r.seconds:.2f} | {_cell(key_metrics(r))} |"
         )
-    bad = [r for r in results if not r.ok]
+    if skipped:
+        lines += ["", "<details><summary>Skipped on this build</summary>", ""]
+        lines += [f"- `{_cell(r.id)}` ({r.kind}): {_cell(r.expected_reason)}" for r in skipped]
+        lines += ["", "</details>"]
+    bad = [r for r in ran if not r.ok]
     if bad:
         lines += ["", "### Unexpected outcomes", ""]
         for r in bad:
@@ -84,7 +91,7 @@ def render(results: list[Result], title: str = "splitrepro results") -> str:
             lines.append("```")
             lines.append("</details>")
             lines.append("")
-    hazards = [r for r in results if r.kind == "hazard" and r.ok and r.outcome != "PASS"]
+    hazards = [r for r in ran if r.kind == "hazard" and r.ok and r.outcome != "PASS"]
     if hazards:
         lines += ["", "### Hazards reproduced where predicted", ""]
         seen = set()

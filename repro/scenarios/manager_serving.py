@@ -64,7 +64,7 @@ def manager_serving(ctx) -> None:
         ModelConfig("lm", "huggingface", str(tiny), warmup=True),
         ModelConfig("bottom", "gpt2", str(tiny), component="bottom", split_points=(2, 4), warmup=True),
     ]
-    slow = ModelConfig("gpt2-small", "huggingface", str(big), warmup=True, warmup_steps=2, warmup_seq_len=64)
+    slow = ModelConfig("gpt2-small", "huggingface", str(big), warmup=True, warmup_steps=6, warmup_seq_len=128)
     g = torch.Generator().manual_seed(0)
     inputs = {
         "encoder": torch.randn(1, 16, 128, generator=g),
