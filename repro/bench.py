@@ -73,6 +73,8 @@ def summarise(runs: list[dict[str, Any]], scenario: str | None = None, kind: str
             meta.setdefault(fig.name, fig)
             if fig.target and not meta[fig.name].target:
                 meta[fig.name].target = fig.target
+            if fig.claim and not meta[fig.name].claim:
+                meta[fig.name].claim = fig.claim
             if fig.key:
                 meta[fig.name].key = True
     out = []
@@ -89,6 +91,8 @@ def summarise(runs: list[dict[str, Any]], scenario: str | None = None, kind: str
                 "n": len(vals),
                 "target": fig.target,
                 "ok": _figures.meets(median, fig.target),
+                "claim": fig.claim,
+                "claim_ok": _figures.meets(median, fig.claim),
                 "key": fig.key,
             }
         )
@@ -263,6 +267,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         out.append("Every target met; every repetition passed.")
     out.append("")
+    claims = [(rec, f) for rec in report["cases"] for f in rec["figures"] if f.get("claim")]
+    if claims:
+        out.append("## The seeds' claims")
+        out.append("")
+        out.append("| scenario:variant | figure | median | min – max | claimed | within |")
+        out.append("|---|---|---|---|---|---|")
+        for rec, f in claims:
+            out.append(
+                f"| `{rec['scenario']}:{rec['variant']}` | {f['name']} | {_figures.fmt_value(f['median'], f['unit'])} | "
+                f"{_figures.fmt_value(f['min'], f['unit'])} – {_figures.fmt_value(f['max'], f['unit'])} | {f['claim']} | "
+                f"{'yes' if f['claim_ok'] else 'no'} |"
+            )
+        out.append("")
     suite = report.get("suite")
     if suite:
         out.append("## Full default suite")

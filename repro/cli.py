@@ -25,7 +25,10 @@ from typing import Any
 
 DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("repro.bench:main", "timed load scenarios (see python -m repro bench --help)"),
-    "matrix": ("repro.matrix:main", "merge per-cell results into one matrix report (see python -m repro matrix --help)"),
+    "matrix": (
+        "repro.matrix:main",
+        "merge per-cell results into one matrix report (see python -m repro matrix --help)",
+    ),
     "hazards": ("repro.hazards_doc:main", "write docs/HAZARDS.md from the claims and matrix results (see --help)"),
 }
 SUBCOMMANDS: dict[str, Callable[[Any], None] | str] = {}
@@ -65,15 +68,28 @@ def cmd_list(args) -> int:
     cat = _catalogue()
     if args.json:
         rows = [
-            {"scenario": s.name, "variant": v.name, "kind": v.kind, "seed": s.seed, "claims": list(s.claims),
-             "timeout": s.timeout_for(v), "serial": s.serial, "env": dict(v.env), "params": dict(v.params), "doc": v.doc or s.doc.split("\n")[0]}
-            for s in cat.values() for v in s.variants
+            {
+                "scenario": s.name,
+                "variant": v.name,
+                "kind": v.kind,
+                "seed": s.seed,
+                "claims": list(s.claims),
+                "timeout": s.timeout_for(v),
+                "serial": s.serial,
+                "env": dict(v.env),
+                "params": dict(v.params),
+                "doc": v.doc or s.doc.split("\n")[0],
+            }
+            for s in cat.values()
+            for v in s.variants
         ]
         print(json.dumps(rows, indent=1, default=str))
         return 0
     for s in cat.values():
         head = s.doc.splitlines()[0] if s.doc else ""
-        print(f"{s.name}  (seed {s.seed or '-'}; claims {', '.join(s.claims) or '-'}; timeout {s.timeout:g}s{'; serial' if s.serial else ''})")
+        print(
+            f"{s.name}  (seed {s.seed or '-'}; claims {', '.join(s.claims) or '-'}; timeout {s.timeout:g}s{'; serial' if s.serial else ''})"
+        )
         if head:
             print(f"    {head}")
         for v in s.variants:
@@ -132,8 +148,20 @@ def cmd_run(args) -> int:
             i += 1
             if skip:
                 print(f"[{i}/{total}] skip {sc.name}:{v.name}: {skip}", flush=True)
-                skipped.append(Result(scenario=sc.name, variant=v.name, kind=v.kind, outcome="SKIP", expected=["SKIP"],
-                                      expected_reason=skip, ok=True, fingerprint=fp, env=dict(v.env), params=dict(v.params)))
+                skipped.append(
+                    Result(
+                        scenario=sc.name,
+                        variant=v.name,
+                        kind=v.kind,
+                        outcome="SKIP",
+                        expected=["SKIP"],
+                        expected_reason=skip,
+                        ok=True,
+                        fingerprint=fp,
+                        env=dict(v.env),
+                        params=dict(v.params),
+                    )
+                )
                 continue
             if total > 1 and sys.stderr.isatty():
                 print(f"[{i}/{total}] running {sc.name}:{v.name} ...", end="\r", flush=True, file=sys.stderr)
@@ -147,9 +175,11 @@ def cmd_run(args) -> int:
             if args.json:
                 _write_results(args.json, results + skipped, fp)
     bad = [r for r in results if not r.ok]
-    print(f"{len(results) - len(bad)}/{len(results)} as expected in {time.monotonic() - t0:.1f}s"
-          + (f"; {len(skipped)} skipped" if skipped else "")
-          + (f"; unexpected: {', '.join(r.id for r in bad)}" if bad else ""))
+    print(
+        f"{len(results) - len(bad)}/{len(results)} as expected in {time.monotonic() - t0:.1f}s"
+        + (f"; {len(skipped)} skipped" if skipped else "")
+        + (f"; unexpected: {', '.join(r.id for r in bad)}" if bad else "")
+    )
     if args.json:
         _write_results(args.json, results + skipped, fp)
     if args.report:
@@ -163,7 +193,14 @@ def cmd_script(args) -> int:
     from repro.harness.runner import run_script
 
     extra = args.script_args
-    r = run_script(args.path, timeout=args.timeout, args=extra, python=args.python, expect=args.expect, fingerprint=not args.no_fingerprint)
+    r = run_script(
+        args.path,
+        timeout=args.timeout,
+        args=extra,
+        python=args.python,
+        expect=args.expect,
+        fingerprint=not args.no_fingerprint,
+    )
     print(_line(r))
     print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
     if args.json:  # one result, at the top level: outcome, seconds, evidence, fingerprint...
@@ -185,13 +222,31 @@ def cmd_env(args) -> int:
     if args.json:
         print(json.dumps(fp, indent=1, sort_keys=True, default=str))
         return 0
-    keys = ["python", "implementation", "executable", "platform", "cpu_count", "torch", "transformers", "numpy", "build",
-            "torch_parallel_backend", "torch_num_threads", "torch_interop_threads", "openmp_runtimes", "mkl_threading_layer",
-            "mkl_pip", "cuda", "cuda_devices"]
+    keys = [
+        "python",
+        "implementation",
+        "executable",
+        "platform",
+        "cpu_count",
+        "torch",
+        "transformers",
+        "numpy",
+        "build",
+        "torch_parallel_backend",
+        "torch_num_threads",
+        "torch_interop_threads",
+        "openmp_runtimes",
+        "mkl_threading_layer",
+        "mkl_pip",
+        "cuda",
+        "cuda_devices",
+    ]
     for k in keys:
         print(f"{k:>22}: {fp.get(k)}")
     for p in fp.get("threadpools") or []:
-        print(f"{'threadpool':>22}: {p.get('internal_api')} {p.get('prefix')} {p.get('version')} threads={p.get('num_threads')} {p.get('filepath')}")
+        print(
+            f"{'threadpool':>22}: {p.get('internal_api')} {p.get('prefix')} {p.get('version')} threads={p.get('num_threads')} {p.get('filepath')}"
+        )
     for w in fp.get("warnings") or []:
         print(f"WARNING: {w}")
     return 0
@@ -212,7 +267,9 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m repro", description="Run splitrepro scenarios in fresh interpreters and judge them.")
+    ap = argparse.ArgumentParser(
+        prog="python -m repro", description="Run splitrepro scenarios in fresh interpreters and judge them."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list scenarios and variants")
@@ -222,8 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run scenario variants (NAME or NAME:VARIANT)")
     p.add_argument("names", nargs="*", metavar="NAME[:VARIANT]")
     p.add_argument("--all", action="store_true", help="every variant of every scenario")
-    p.add_argument("--kind", action="append", choices=["hazard", "fix", "load", "probe"], help="only variants of this kind (repeatable)")
-    p.add_argument("--timeout", type=float, default=None, help="hard deadline per run, seconds (default: the scenario's)")
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=["hazard", "fix", "load", "probe"],
+        help="only variants of this kind (repeatable)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="hard deadline per run, seconds (default: the scenario's)"
+    )
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--json", metavar="FILE", help="write all results here (rewritten after each run)")
     p.add_argument("--report", metavar="FILE.md", help="write a Markdown report")
@@ -235,8 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--json", metavar="FILE")
-    p.add_argument("--expect", action="append", default=None, choices=["PASS", "FAIL", "ERROR", "CRASH", "HANG", "TIMEOUT"], help="expected outcome (repeatable; default PASS)")
-    p.add_argument("--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)")
+    p.add_argument(
+        "--expect",
+        action="append",
+        default=None,
+        choices=["PASS", "FAIL", "ERROR", "CRASH", "HANG", "TIMEOUT"],
+        help="expected outcome (repeatable; default PASS)",
+    )
+    p.add_argument(
+        "--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)"
+    )
     p.add_argument("--python", default=sys.executable)
     p.add_argument("script_args", nargs="*", help="the script's arguments, after --")
     p.set_defaults(handler=cmd_script)
@@ -245,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--refresh", action="store_true", help="ignore the cached fingerprint")
     p.add_argument("--python", default=sys.executable)
-    p.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # collect in this process (used by the harness)
+    p.add_argument(
+        "--here", action="store_true", help=argparse.SUPPRESS
+    )  # collect in this process (used by the harness)
     p.set_defaults(handler=cmd_env)
 
     p = sub.add_parser("report", help="Markdown report from result JSON files")

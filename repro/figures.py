@@ -10,7 +10,8 @@ mixed in one result:
 * ``targets={...}``: either ``{metric: "<=1.05"}`` for flat metrics, or named figures
   ``{name: {"value": 1.02, "target": 1.05, "met": True, ...}}``. A numeric ``target`` gets its
   direction from the name (``_le_``/``within``/``max`` -> ``<=``, ``_ge_``/``min``/``at_least``
-  -> ``>=``), else from the ``met`` the scenario computed; ``"claim": "10-50x"`` is a range.
+  -> ``>=``), else from the ``met`` the scenario computed. ``"claim": "10-50x"`` is a seed's
+  claimed range: reported beside the figure, never counted as a target of this suite.
 * ``target_X=1.5`` beside a figure ``X`` (or the one figure ending in ``_X``): an upper bound.
 * flat numbers (``ctx.record(overhead=1.02, rps=250.0)``), nested dicts flattened with dots.
   ``key="overhead"`` (or ``key_figure=``) names the key figure.
@@ -60,13 +61,26 @@ class Figure:
     unit: str = ""
     target: str | None = None
     key: bool = False
+    claim: str | None = None  # a seed's claimed range ("10..50"): compared, not a target of ours
 
     @property
     def ok(self) -> bool | None:
         return meets(self.value, self.target)
 
+    @property
+    def claim_ok(self) -> bool | None:
+        return meets(self.value, self.claim)
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value, "unit": self.unit, "target": self.target, "ok": self.ok}
+        return {
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "target": self.target,
+            "ok": self.ok,
+            "claim": self.claim,
+            "claim_ok": self.claim_ok,
+        }
 
 
 def _number(value: Any) -> float | None:
@@ -128,11 +142,14 @@ def target_from_spec(name: str, spec: Mapping[str, Any], value: float | None) ->
         if isinstance(met, bool) and value is not None and (value <= bound) != (value >= bound):
             return f"{'<=' if met == (value <= bound) else '>='}{_num_text(bound)}"
         return None
-    claim = spec.get("claim") or spec.get("range")
-    if isinstance(claim, str) and _RANGE.match(claim):
-        lo, hi = _RANGE.match(claim).groups()
-        return f"{lo}..{hi}"
     return None
+
+
+def claim_from_spec(spec: Mapping[str, Any]) -> str | None:
+    """A seed's claimed range in a ``targets`` entry (``"claim": "10-50x"``) as ``"10..50"``."""
+    claim = spec.get("claim") or spec.get("range")
+    m = _RANGE.match(claim) if isinstance(claim, str) else None
+    return f"{m.group(1)}..{m.group(2)}" if m else None
 
 
 def unit_from_name(name: str) -> str:
@@ -190,6 +207,7 @@ def extract(metrics: Mapping[str, Any] | None, *, scenario: str | None = None, k
                     str(spec.get("unit") or unit_from_name(str(name))),
                     target_from_spec(str(name), spec, value),
                     bool(spec.get("key")),
+                    claim_from_spec(spec),
                 )
             else:
                 value = _number(spec)
@@ -207,7 +225,12 @@ def extract(metrics: Mapping[str, Any] | None, *, scenario: str | None = None, k
                 target = target_from_spec(name, spec, value)
                 if value is not None and name not in figures:
                     figures[name] = Figure(
-                        name, value, str(spec.get("unit") or unit_from_name(name)), target, bool(spec.get("key"))
+                        name,
+                        value,
+                        str(spec.get("unit") or unit_from_name(name)),
+                        target,
+                        bool(spec.get("key")),
+                        claim_from_spec(spec),
                     )
                 elif target:
                     flat_targets[name] = target
@@ -251,6 +274,9 @@ def key_figure(figures: list[Figure]) -> Figure | None:
     for fig in figures:
         if fig.target:
             return fig
+    for fig in figures:
+        if fig.claim:
+            return fig
     return None
 
 
@@ -277,4 +303,6 @@ def fmt_figure(fig: Figure) -> str:
     text = f"{fig.name}={fmt_value(fig.value, fig.unit)}"
     if fig.target:
         text += f" ({fig.target}{' ✓' if fig.ok else ' ✗'})"
+    if fig.claim:
+        text += f" (claim {fig.claim}{' ✓' if fig.claim_ok else ' ✗'})"
     return text

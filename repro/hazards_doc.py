@@ -55,7 +55,11 @@ def _label(row: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
     key = entry.get("key_figure")
     if key:
         text += f" ({key['name']} {_figures.fmt_value(key['value'], key['unit'])}"
-        text += f", target {key['target']}{' met' if key['ok'] else ' missed'})" if key.get("target") else ")"
+        if key.get("target"):
+            text += f", target {key['target']}{' met' if key['ok'] else ' missed'}"
+        if key.get("claim"):
+            text += f", seed's claim {key['claim']}{' confirmed' if key['claim_ok'] else ' not confirmed'}"
+        text += ")"
     return text
 
 

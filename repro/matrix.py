@@ -169,6 +169,26 @@ def entry_from_result(result: Mapping[str, Any]) -> Entry:
     )
 
 
+def _own_results(results: list[Any], catalogued: set[tuple[str, str]]) -> list[Mapping[str, Any]]:
+    """The results that belong to the cell: with a catalogue, only its variants, and for a variant
+    that pytest ran under its own item (``nodeid`` ``...::<scenario>[...]``) only that item's run
+    (other tests of the harness may have run the same variant for their own purposes)."""
+    rows = [r for r in results if isinstance(r, Mapping) and "scenario" in r]
+    if catalogued:
+        rows = [r for r in rows if (str(r["scenario"]), str(r.get("variant") or "")) in catalogued]
+    own = {
+        (str(r["scenario"]), str(r.get("variant") or ""))
+        for r in rows
+        if f"::{r['scenario']}[" in str(r.get("nodeid", ""))
+    }
+    return [
+        r
+        for r in rows
+        if (str(r["scenario"]), str(r.get("variant") or "")) not in own
+        or f"::{r['scenario']}[" in str(r.get("nodeid", ""))
+    ]
+
+
 def _guess_cell_name(path: Path) -> str:
     return path.stem
 
@@ -196,9 +216,8 @@ def read_cell(path: Path) -> Cell:
         kinds[key] = str(item.get("kind") or "")
         claims[key[0]] = list(item.get("claims") or [])
         entries[key] = Entry(NOT_RUN)
-    for r in results:
-        if not isinstance(r, Mapping) or "scenario" not in r:
-            continue
+    catalogued = set(entries)
+    for r in _own_results(results, catalogued):
         key = (str(r["scenario"]), str(r.get("variant") or ""))
         kinds.setdefault(key, str(r.get("kind") or ""))
         new = entry_from_result(r)
@@ -337,6 +356,8 @@ def cell_text(entry: Mapping[str, Any], *, plain: bool = False) -> str:
         text += f" · {_figures.fmt_value(key['value'], key['unit'])}"
         if key.get("target"):
             text += f" {key['target']}{' ✓' if key['ok'] else ' ✗'}"
+        elif key.get("claim"):
+            text += f" (claim {key['claim']}{' ✓' if key['claim_ok'] else ' ✗'})"
     return text
 
 
@@ -488,7 +509,9 @@ def render_html(merged: Mapping[str, Any], title: str = "splitrepro matrix") -> 
             e = row["cells"][c]
             tip = e["detail"] or e["expected_reason"]
             figs = "; ".join(
-                _figures.fmt_figure(_figures.Figure(f["name"], f["value"], f["unit"], f["target"]))
+                _figures.fmt_figure(
+                    _figures.Figure(f["name"], f["value"], f["unit"], f["target"], claim=f.get("claim"))
+                )
                 for f in e["figures"][:12]
             )
             title_attr = esc("\n".join(x for x in (tip, figs) if x))

@@ -130,6 +130,11 @@ class CellRecorder:
 
     def _case(self, item: pytest.Item) -> dict[str, str] | None:
         """Which scenario variant a test item is about, from its parameters or its id."""
+        if not hasattr(item, "_splitrepro_case"):
+            item._splitrepro_case = self._find_case(item)  # type: ignore[attr-defined]
+        return item._splitrepro_case  # type: ignore[attr-defined]
+
+    def _find_case(self, item: pytest.Item) -> dict[str, str] | None:
         callspec = getattr(item, "callspec", None)
         if callspec is None:
             return None
@@ -168,12 +173,14 @@ class CellRecorder:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        case = self._case(item)
         for data in self.captured.pop(item.nodeid, []):
-            item.user_properties.append((RESULT_KEY, slim_result(data)))
-        if call.when == "setup":
-            case = self._case(item)
-            if case:
-                item.user_properties.append((CASE_KEY, case))
+            # Only the run of the item's own catalogue variant is the cell's result; tests of the
+            # harness itself (which run scenarios of their own) are not.
+            if case and (data.get("scenario"), data.get("variant")) == (case["scenario"], case["variant"]):
+                item.user_properties.append((RESULT_KEY, slim_result(data)))
+        if call.when == "setup" and case:
+            item.user_properties.append((CASE_KEY, case))
         yield
 
     # -- collect (in the controller, or the only process) ---------------------------------------

@@ -184,7 +184,15 @@ class Tree:
         for pid in pids:
             try:
                 p = psutil.Process(pid)
-                out.append({"pid": pid, "name": p.name(), "ppid": p.ppid(), "status": p.status(), "cmdline": " ".join(p.cmdline())[:200]})
+                out.append(
+                    {
+                        "pid": pid,
+                        "name": p.name(),
+                        "ppid": p.ppid(),
+                        "status": p.status(),
+                        "cmdline": " ".join(p.cmdline())[:200],
+                    }
+                )
             except psutil.Error:
                 out.append({"pid": pid, "name": self.seen.get(pid, "?"), "status": "gone"})
         return out
@@ -235,7 +243,9 @@ class Tree:
         try:
             for child in psutil.Process(me).children():
                 try:
-                    if child.status() == psutil.STATUS_ZOMBIE and (child.pid in self.seen or _session(child.pid) == self.session):
+                    if child.status() == psutil.STATUS_ZOMBIE and (
+                        child.pid in self.seen or _session(child.pid) == self.session
+                    ):
                         candidates.add(child.pid)
                 except psutil.Error:
                     pass
@@ -295,7 +305,9 @@ def find_py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-def stacks(pids: list[int], evidence_dir: str | os.PathLike, *, timeout: float = 20.0, native: bool = True) -> dict[str, Any]:
+def stacks(
+    pids: list[int], evidence_dir: str | os.PathLike, *, timeout: float = 20.0, native: bool = True
+) -> dict[str, Any]:
     """Python (and native) stacks of each pid, in parallel; each entry says its method."""
     out: dict[str, Any] = {}
     spy = find_py_spy()
@@ -309,7 +321,10 @@ def stacks(pids: list[int], evidence_dir: str | os.PathLike, *, timeout: float =
             for pid in remaining:
                 running[pid] = subprocess.Popen(
                     [spy, "dump", "--pid", str(pid), *extra],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
                 )
             end = time.monotonic() + timeout
             failed = []
@@ -327,7 +342,9 @@ def stacks(pids: list[int], evidence_dir: str | os.PathLike, *, timeout: float =
                     out[str(pid)] = {"method": "py-spy --native" if extra else "py-spy", "text": text}
                 else:
                     failed.append(pid)
-                    out.setdefault(str(pid), {})["py-spy" + (" --native" if extra else "") + " error"] = se.decode("utf-8", "replace").strip()[-500:]
+                    out.setdefault(str(pid), {})["py-spy" + (" --native" if extra else "") + " error"] = se.decode(
+                        "utf-8", "replace"
+                    ).strip()[-500:]
             remaining = failed
     for pid in remaining:
         entry = out.setdefault(str(pid), {})

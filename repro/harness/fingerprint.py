@@ -87,7 +87,10 @@ def collect() -> dict[str, Any]:
         pools = []
         fp["warnings"].append(f"threadpoolctl failed: {exc!r}")
     fp["threadpools"] = [
-        {k: p.get(k) for k in ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer", "filepath")}
+        {
+            k: p.get(k)
+            for k in ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer", "filepath")
+        }
         for p in pools
     ]
     omp = sorted({p["prefix"] for p in pools if p.get("internal_api") == "openmp"})
@@ -99,7 +102,9 @@ def collect() -> dict[str, Any]:
             fp["mkl_threading_layer"] = fp["mkl_threading_layer"] or p["threading_layer"]
     try:
         fp["cuda"] = bool(torch.cuda.is_available())
-        fp["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if fp["cuda"] else []
+        fp["cuda_devices"] = (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if fp["cuda"] else []
+        )
     except Exception as exc:  # noqa: BLE001
         fp["cuda"], fp["cuda_devices"] = False, []
         fp["warnings"].append(f"CUDA query failed: {exc!r}")
@@ -153,7 +158,12 @@ def get_fingerprint(python: str = sys.executable, *, refresh: bool = False, time
 
     proc = subprocess.run(
         [python, "-m", "repro", "env", "--json", "--here"],
-        capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"could not fingerprint {python}: exit {proc.returncode}\n{proc.stderr[-2000:]}")

@@ -58,15 +58,22 @@ def render(results: list[Result], title: str = "splitrepro results") -> str:
     ran = [r for r in results if r.outcome != "SKIP"]
     ok = sum(r.ok for r in ran)
     lines = [f"## {title}", ""]
-    lines.append(f"**{ok}/{len(ran)} as expected**" + ("" if ok == len(ran) else f" — {len(ran) - ok} unexpected")
-                 + (f" · {len(skipped)} skipped on this build" if skipped else ""))
+    lines.append(
+        f"**{ok}/{len(ran)} as expected**"
+        + ("" if ok == len(ran) else f" — {len(ran) - ok} unexpected")
+        + (f" · {len(skipped)} skipped on this build" if skipped else "")
+    )
     lines.append("")
     fps = {json.dumps(r.fingerprint, sort_keys=True, default=str): r.fingerprint for r in results}
     for fp in fps.values():
         lines.append(f"- {_fp_line(fp)}")
         for w in fp.get("warnings") or []:
             lines.append(f"  - ⚠️ {w}")
-    lines += ["", "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in ran:
         mark = "✅" if r.ok else "❌"
         lines.append(
@@ -80,7 +87,9 @@ def render(results: list[Result], title: str = "splitrepro results") -> str:
     if bad:
         lines += ["", "### Unexpected outcomes", ""]
         for r in bad:
-            lines.append(f"<details><summary><b>{_cell(r.id)}</b>: {r.outcome} (expected {'/'.join(r.expected)})</summary>")
+            lines.append(
+                f"<details><summary><b>{_cell(r.id)}</b>: {r.outcome} (expected {'/'.join(r.expected)})</summary>"
+            )
             lines.append("")
             lines.append("```text")
             lines.append(r.summary())
@@ -99,5 +108,8 @@ def render(results: list[Result], title: str = "splitrepro results") -> str:
             if r.id in seen:
                 continue
             seen.add(r.id)
-            lines.append(f"- `{r.id}`: {r.outcome} — {r.expected_reason or 'as expected'}" + (f" — {r.where()}" if r.where() else ""))
+            lines.append(
+                f"- `{r.id}`: {r.outcome} — {r.expected_reason or 'as expected'}"
+                + (f" — {r.where()}" if r.where() else "")
+            )
     return "\n".join(lines) + "\n"

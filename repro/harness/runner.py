@@ -41,7 +41,17 @@ SAMPLE_INTERVAL = 0.15  # seconds between samples of the tree
 HANG_WINDOW = 1.0  # seconds of quiescence that make a HANG
 
 # Inherited thread/runtime settings a run must not see unless its variant sets them.
-DROPPED_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "BLIS_", "NUMEXPR_", "SPLITREPRO_RUN_TOKEN", "SPLITREPRO_EVIDENCE_DIR")
+DROPPED_PREFIXES = (
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "GOMP_",
+    "OPENBLAS_",
+    "BLIS_",
+    "NUMEXPR_",
+    "SPLITREPRO_RUN_TOKEN",
+    "SPLITREPRO_EVIDENCE_DIR",
+)
 DROPPED_NAMES = ("GOTO_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "PYTHONSTARTUP", "PYTHONINSPECT")
 # Kept when the machine sets them: they keep old OpenBLAS builds from crashing on new CPUs.
 KEPT_NAMES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -99,7 +109,10 @@ class Result:
     def summary(self) -> str:
         """A few lines a human reads at a glance (used in pytest failures and the CLI)."""
         exp = "/".join(self.expected)
-        lines = [f"{self.id} [{self.kind}]: {self.outcome} (expected {exp}) in {self.seconds:.2f}s" + ("" if self.ok else "  <-- UNEXPECTED")]
+        lines = [
+            f"{self.id} [{self.kind}]: {self.outcome} (expected {exp}) in {self.seconds:.2f}s"
+            + ("" if self.ok else "  <-- UNEXPECTED")
+        ]
         if self.expected_reason:
             lines.append(f"  why expected: {self.expected_reason}")
         if self.where():
@@ -113,7 +126,9 @@ class Result:
                 lines.append(f"  pid {pid} main thread ({entry.get('method')}): " + " <- ".join(frames))
         hang = self.evidence.get("hang")
         if hang:
-            lines.append(f"  hang: decided {hang.get('detected_after_s')}s after start, quiescent since {hang.get('onset_estimate_s')}s, window {hang.get('window_s')}s")
+            lines.append(
+                f"  hang: decided {hang.get('detected_after_s')}s after start, quiescent since {hang.get('onset_estimate_s')}s, window {hang.get('window_s')}s"
+            )
         scalars = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
         if scalars:
             lines.append("  metrics: " + ", ".join(f"{k}={v}" for k, v in list(scalars.items())[:12]))
@@ -138,7 +153,9 @@ class Result:
 
 
 # -- environment ------------------------------------------------------------------------
-def child_env(extra: dict[str, str] | None = None, *, token: str | None = None, evidence_dir: str | None = None) -> dict[str, str]:
+def child_env(
+    extra: dict[str, str] | None = None, *, token: str | None = None, evidence_dir: str | None = None
+) -> dict[str, str]:
     env = {}
     for key, value in os.environ.items():
         if key in KEPT_NAMES or not (key.startswith(DROPPED_PREFIXES) or key in DROPPED_NAMES):
@@ -213,14 +230,31 @@ def run_variant(
     expected, reason = variant.expected(build)
     limit = float(timeout if timeout is not None else scenario.timeout_for(variant))
     argv = [
-        "--func", scenario.func, "--scenario", scenario.name, "--variant", variant.name,
-        "--kind", variant.kind, "--params", json.dumps(dict(variant.params), default=str),
+        "--func",
+        scenario.func,
+        "--scenario",
+        scenario.name,
+        "--variant",
+        variant.name,
+        "--kind",
+        variant.kind,
+        "--params",
+        json.dumps(dict(variant.params), default=str),
     ]
     return _run(
         argv,
-        scenario=scenario.name, variant=variant.name, kind=variant.kind,
-        expected=expected, reason=reason, timeout=limit, python=python, env=dict(variant.env),
-        params=dict(variant.params), fingerprint=build.fp, serial=scenario.serial, out_dir=out_dir,
+        scenario=scenario.name,
+        variant=variant.name,
+        kind=variant.kind,
+        expected=expected,
+        reason=reason,
+        timeout=limit,
+        python=python,
+        env=dict(variant.env),
+        params=dict(variant.params),
+        fingerprint=build.fp,
+        serial=scenario.serial,
+        out_dir=out_dir,
         window=scenario.hang_window or HANG_WINDOW,
     )
 
@@ -253,9 +287,19 @@ def run_script(
         fp = dict(fingerprint) if isinstance(fingerprint, dict) else {}
     argv = ["--script", str(path), "--scenario", path.name, "--kind", "script", "--", *map(str, args)]
     return _run(
-        argv, scenario=path.name, variant="", kind="script",
-        expected=frozenset(Outcome(e) for e in expect), reason="", timeout=float(timeout), python=python,
-        env=dict(env or {}), params={"args": list(map(str, args))}, fingerprint=fp, serial=serial, out_dir=out_dir,
+        argv,
+        scenario=path.name,
+        variant="",
+        kind="script",
+        expected=frozenset(Outcome(e) for e in expect),
+        reason="",
+        timeout=float(timeout),
+        python=python,
+        env=dict(env or {}),
+        params={"args": list(map(str, args))},
+        fingerprint=fp,
+        serial=serial,
+        out_dir=out_dir,
         window=HANG_WINDOW,
     )
 
@@ -269,9 +313,21 @@ def _ensure_subreaper() -> bool:
 
 
 def _run(
-    child_args: list[str], *, scenario: str, variant: str, kind: str, expected: frozenset[Outcome], reason: str,
-    timeout: float, python: str, env: dict[str, str], params: dict[str, Any], fingerprint: dict[str, Any],
-    serial: bool, out_dir: str | os.PathLike | None, window: float,
+    child_args: list[str],
+    *,
+    scenario: str,
+    variant: str,
+    kind: str,
+    expected: frozenset[Outcome],
+    reason: str,
+    timeout: float,
+    python: str,
+    env: dict[str, str],
+    params: dict[str, Any],
+    fingerprint: dict[str, Any],
+    serial: bool,
+    out_dir: str | os.PathLike | None,
+    window: float,
 ) -> Result:
     subreaper = _ensure_subreaper()
     token = uuid.uuid4().hex
@@ -289,9 +345,17 @@ def _run(
     stdout_path, stderr_path = run_dir / "stdout.txt", run_dir / "stderr.txt"
 
     result = Result(
-        scenario=scenario, variant=variant, kind=kind, outcome=Outcome.ERROR.value,
-        expected=sorted(o.value for o in expected), expected_reason=reason, env=env, params=params,
-        fingerprint=fingerprint, timeout=timeout, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        scenario=scenario,
+        variant=variant,
+        kind=kind,
+        outcome=Outcome.ERROR.value,
+        expected=sorted(o.value for o in expected),
+        expected_reason=reason,
+        env=env,
+        params=params,
+        fingerprint=fingerprint,
+        timeout=timeout,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     notes: list[str] = []
     if not subreaper:
@@ -305,20 +369,50 @@ def _run(
             result.evidence["lock_wait_s"] = round(waited, 3)
         t0 = time.monotonic()
         deadline = t0 + timeout
-        cmd = [python, "-m", "repro.harness.child", *_split_before_dashdash(child_args),
-               "--result", str(result_path), "--workdir", str(work), "--timeout", str(timeout),
-               "--deadline", repr(deadline), *_after_dashdash(child_args)]
+        cmd = [
+            python,
+            "-m",
+            "repro.harness.child",
+            *_split_before_dashdash(child_args),
+            "--result",
+            str(result_path),
+            "--workdir",
+            str(work),
+            "--timeout",
+            str(timeout),
+            "--deadline",
+            repr(deadline),
+            *_after_dashdash(child_args),
+        ]
         with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=se, cwd=work,
-                env=child_env(env, token=token, evidence_dir=str(evidence_dir)), start_new_session=True,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=so,
+                stderr=se,
+                cwd=work,
+                env=child_env(env, token=token, evidence_dir=str(evidence_dir)),
+                start_new_session=True,
             )
         tree = ev.Tree(proc.pid, token)
         try:
             detector = HangDetector(window=window, deadline=deadline)
             verdict = _watch(proc, tree, detector, deadline, readable)
             result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
-            _finish(result, proc, tree, detector, verdict, t0, run_dir, evidence_dir, result_path, stderr_path, notes, window)
+            _finish(
+                result,
+                proc,
+                tree,
+                detector,
+                verdict,
+                t0,
+                run_dir,
+                evidence_dir,
+                result_path,
+                stderr_path,
+                notes,
+                window,
+            )
         except BaseException:
             # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
             tree.kill_all(proc)
@@ -349,7 +443,9 @@ def _after_dashdash(args: list[str]) -> list[str]:
     return args[args.index("--") :] if "--" in args else []
 
 
-def _watch(proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, deadline: float, readable: bool) -> str | None:
+def _watch(
+    proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, deadline: float, readable: bool
+) -> str | None:
     """Wait for exit, HANG or the deadline: None (exited), 'HANG' or 'TIMEOUT'."""
     pidfd = None
     poller = None
@@ -393,9 +489,20 @@ def _read_child_result(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _finish(result: Result, proc: subprocess.Popen, tree: ev.Tree, detector: HangDetector, verdict: str | None,
-            t0: float, run_dir: Path, evidence_dir: Path, result_path: Path, stderr_path: Path,
-            notes: list[str], window: float) -> None:
+def _finish(
+    result: Result,
+    proc: subprocess.Popen,
+    tree: ev.Tree,
+    detector: HangDetector,
+    verdict: str | None,
+    t0: float,
+    run_dir: Path,
+    evidence_dir: Path,
+    result_path: Path,
+    stderr_path: Path,
+    notes: list[str],
+    window: float,
+) -> None:
     evd = result.evidence
     stacks: dict[str, Any] = {}
     if verdict in ("HANG", "TIMEOUT"):
@@ -423,8 +530,10 @@ def _finish(result: Result, proc: subprocess.Popen, tree: ev.Tree, detector: Han
         child = _read_child_result(result_path)
         result.outcome = verdict
         if child.get("status") in ("pass", "fail", "error", "exit"):
-            notes.append(f"the code had finished (result {child['status']!r}): the {verdict} is at interpreter shutdown "
-                         "(non-daemon threads, atexit handlers, or child processes joined at exit)")
+            notes.append(
+                f"the code had finished (result {child['status']!r}): the {verdict} is at interpreter shutdown "
+                "(non-daemon threads, atexit handlers, or child processes joined at exit)"
+            )
     else:
         child = _read_child_result(result_path)
         left = tree.alive(include_root=False)
@@ -437,7 +546,9 @@ def _finish(result: Result, proc: subprocess.Popen, tree: ev.Tree, detector: Han
         result.outcome = _outcome_from_exit(proc.returncode, child)
         if result.outcome == Outcome.CRASH.value and detector.last is not None:
             evd["threads"] = detector.table(detector.last)
-            notes.append(f"threads: the last sample, {time.monotonic() - detector.last.t:.2f}s before the exit was seen")
+            notes.append(
+                f"threads: the last sample, {time.monotonic() - detector.last.t:.2f}s before the exit was seen"
+            )
 
     rc = proc.returncode
     stderr_tail = ev.tail(stderr_path)
@@ -489,7 +600,11 @@ def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
 def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, signatures: list[str]) -> dict[str, Any]:
     status = child.get("status", "missing")
     if verdict:
-        return {"kind": "killed-by-harness", "signal": "SIGKILL", "description": f"killed by the harness (SIGKILL) after {verdict}"}
+        return {
+            "kind": "killed-by-harness",
+            "signal": "SIGKILL",
+            "description": f"killed by the harness (SIGKILL) after {verdict}",
+        }
     if rc is None:
         return {"kind": "unknown", "description": "exit status unknown"}
     if rc < 0:
@@ -504,17 +619,37 @@ def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, sig
     if rc == 0:
         if status == "pass":
             return {"kind": "exit", "code": 0, "description": "exited normally (0)"}
-        return {"kind": "exit-without-result", "code": 0, "description": f"exited 0 but the result says {status!r} (os._exit before the end?)"}
+        return {
+            "kind": "exit-without-result",
+            "code": 0,
+            "description": f"exited 0 but the result says {status!r} (os._exit before the end?)",
+        }
     if status == "exit":
         code = child.get("exit_code", rc)
-        return {"kind": "deliberate-exit", "code": rc, "deliberate": True, "description": f"deliberate exit: the program called sys.exit({code})"}
+        return {
+            "kind": "deliberate-exit",
+            "code": rc,
+            "deliberate": True,
+            "description": f"deliberate exit: the program called sys.exit({code})",
+        }
     if status in ("fail", "error"):
         return {"kind": "exit", "code": rc, "description": f"exited {rc} after reporting {status}"}
     if status == "pass":
-        return {"kind": "exit-after-pass", "code": rc, "description": f"exited {rc} after the scenario passed (crash or exit at interpreter shutdown)"}
+        return {
+            "kind": "exit-after-pass",
+            "code": rc,
+            "description": f"exited {rc} after the scenario passed (crash or exit at interpreter shutdown)",
+        }
     mkl = [s for s in signatures if s in ("intel-mkl-error", "mkl-threading-layer-incompatible")]
     if mkl:
-        return {"kind": "deliberate-native-exit", "code": rc, "deliberate": True,
-                "description": f"deliberate exit({rc}) from native code with a message ({', '.join(mkl)}): MKL refused to run, not a crash by signal"}
-    return {"kind": "exit-without-result", "code": rc,
-            "description": f"exited with code {rc} without writing a final result (os._exit or exit() from native code; no signal)"}
+        return {
+            "kind": "deliberate-native-exit",
+            "code": rc,
+            "deliberate": True,
+            "description": f"deliberate exit({rc}) from native code with a message ({', '.join(mkl)}): MKL refused to run, not a crash by signal",
+        }
+    return {
+        "kind": "exit-without-result",
+        "code": rc,
+        "description": f"exited with code {rc} without writing a final result (os._exit or exit() from native code; no signal)",
+    }

@@ -111,7 +111,9 @@ class Build:
         return int(self.fp.get("torch_num_threads") or 1)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"Build(python={self.fp.get('python')}, torch={self.torch}, openmp={sorted(self.openmp)}, env={self.env})"
+        return (
+            f"Build(python={self.fp.get('python')}, torch={self.torch}, openmp={sorted(self.openmp)}, env={self.env})"
+        )
 
 
 Expectation = Any  # Outcome | Iterable[Outcome] | Callable[[Build], ...]
@@ -141,7 +143,12 @@ class Variant:
             value = value(build)
         # (outcomes, reason): the second item is free text, not an outcome name. (Outcome is a
         # str subclass, so "is the first item a str" cannot tell the two shapes apart.)
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str) and value[1] not in Outcome._value2member_map_:
+        if (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and isinstance(value[1], str)
+            and value[1] not in Outcome._value2member_map_
+        ):
             value, reason = value
         return _as_outcomes(value), reason
 

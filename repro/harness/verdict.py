@@ -33,29 +33,94 @@ from typing import Any
 # -- syscall tables ---------------------------------------------------------------------
 # name -> number, for the architectures we can read. Only the calls the classifier needs.
 _X86_64 = {
-    "read": 0, "write": 1, "poll": 7, "readv": 19, "writev": 20, "select": 23, "pause": 34,
-    "nanosleep": 35, "connect": 42, "accept": 43, "sendto": 44, "recvfrom": 45, "sendmsg": 46,
-    "recvmsg": 47, "wait4": 61, "semop": 65, "msgrcv": 70, "flock": 73, "rt_sigtimedwait": 128,
-    "rt_sigsuspend": 130, "futex": 202, "semtimedop": 220, "clock_nanosleep": 230,
-    "epoll_wait": 232, "waitid": 247, "pselect6": 270, "ppoll": 271, "epoll_pwait": 281,
-    "accept4": 288, "recvmmsg": 299, "epoll_pwait2": 441, "futex_waitv": 449,
+    "read": 0,
+    "write": 1,
+    "poll": 7,
+    "readv": 19,
+    "writev": 20,
+    "select": 23,
+    "pause": 34,
+    "nanosleep": 35,
+    "connect": 42,
+    "accept": 43,
+    "sendto": 44,
+    "recvfrom": 45,
+    "sendmsg": 46,
+    "recvmsg": 47,
+    "wait4": 61,
+    "semop": 65,
+    "msgrcv": 70,
+    "flock": 73,
+    "rt_sigtimedwait": 128,
+    "rt_sigsuspend": 130,
+    "futex": 202,
+    "semtimedop": 220,
+    "clock_nanosleep": 230,
+    "epoll_wait": 232,
+    "waitid": 247,
+    "pselect6": 270,
+    "ppoll": 271,
+    "epoll_pwait": 281,
+    "accept4": 288,
+    "recvmmsg": 299,
+    "epoll_pwait2": 441,
+    "futex_waitv": 449,
 }
 _AARCH64 = {
-    "read": 63, "write": 64, "readv": 65, "writev": 66, "pselect6": 72, "ppoll": 73,
-    "nanosleep": 101, "clock_nanosleep": 115, "rt_sigsuspend": 133, "rt_sigtimedwait": 137,
-    "epoll_pwait": 22, "flock": 32, "waitid": 95, "futex": 98, "msgrcv": 188, "semtimedop": 192,
-    "semop": 193, "accept": 202, "connect": 203, "sendto": 206, "recvfrom": 207, "sendmsg": 211,
-    "recvmsg": 212, "recvmmsg": 243, "accept4": 242, "wait4": 260, "epoll_pwait2": 441,
+    "read": 63,
+    "write": 64,
+    "readv": 65,
+    "writev": 66,
+    "pselect6": 72,
+    "ppoll": 73,
+    "nanosleep": 101,
+    "clock_nanosleep": 115,
+    "rt_sigsuspend": 133,
+    "rt_sigtimedwait": 137,
+    "epoll_pwait": 22,
+    "flock": 32,
+    "waitid": 95,
+    "futex": 98,
+    "msgrcv": 188,
+    "semtimedop": 192,
+    "semop": 193,
+    "accept": 202,
+    "connect": 203,
+    "sendto": 206,
+    "recvfrom": 207,
+    "sendmsg": 211,
+    "recvmsg": 212,
+    "recvmmsg": 243,
+    "accept4": 242,
+    "wait4": 260,
+    "epoll_pwait2": 441,
     "futex_waitv": 449,
 }
 SYSCALL_TABLES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 
 # Calls that block without any timeout argument.
-UNTIMED_CALLS = frozenset({
-    "read", "readv", "write", "writev", "pause", "connect", "accept", "accept4", "sendto",
-    "sendmsg", "recvfrom", "recvmsg", "wait4", "waitid", "semop", "msgrcv", "flock",
-    "rt_sigsuspend",
-})
+UNTIMED_CALLS = frozenset(
+    {
+        "read",
+        "readv",
+        "write",
+        "writev",
+        "pause",
+        "connect",
+        "accept",
+        "accept4",
+        "sendto",
+        "sendmsg",
+        "recvfrom",
+        "recvmsg",
+        "wait4",
+        "waitid",
+        "semop",
+        "msgrcv",
+        "flock",
+        "rt_sigsuspend",
+    }
+)
 SLEEP_CALLS = frozenset({"nanosleep", "clock_nanosleep"})
 
 FUTEX_CMD_MASK = ~(128 | 256)  # FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME
@@ -98,8 +163,14 @@ class ThreadState:
 
     def as_dict(self) -> dict[str, Any]:
         d = {
-            "tid": self.tid, "name": self.name, "state": self.state, "syscall": self.syscall,
-            "wait": self.wait, "detail": self.detail, "wchan": self.wchan, "cpu_ticks": self.ticks,
+            "tid": self.tid,
+            "name": self.name,
+            "state": self.state,
+            "syscall": self.syscall,
+            "wait": self.wait,
+            "detail": self.detail,
+            "wchan": self.wchan,
+            "cpu_ticks": self.ticks,
         }
         if self.expires is not None:
             d["expires_in_s"] = round(self.expires - time.monotonic(), 3)
@@ -271,8 +342,23 @@ def read_thread(pid: int, tid: int, names: dict[int, str]) -> ThreadState | None
         return ThreadState(pid, tid, comm, state, ticks, "unreadable", "unknown", "syscall file unreadable", wchan)
     raw = raw.strip()
     if state in ("R", "D"):
-        what = "running" if raw == "running" else (names.get(int(raw.split()[0]), raw.split()[0]) if raw.split()[0].lstrip("-").isdigit() else raw)
-        return ThreadState(pid, tid, comm, state, ticks, str(what), "busy", "runnable" if state == "R" else "uninterruptible (D)", wchan, raw=raw)
+        what = (
+            "running"
+            if raw == "running"
+            else (names.get(int(raw.split()[0]), raw.split()[0]) if raw.split()[0].lstrip("-").isdigit() else raw)
+        )
+        return ThreadState(
+            pid,
+            tid,
+            comm,
+            state,
+            ticks,
+            str(what),
+            "busy",
+            "runnable" if state == "R" else "uninterruptible (D)",
+            wchan,
+            raw=raw,
+        )
     if raw == "running":
         return ThreadState(pid, tid, comm, state, ticks, "running", "busy", "", wchan, raw=raw)
     parts = raw.split()
@@ -341,7 +427,9 @@ class HangDetector:
             if stat:
                 try:
                     comm, state, _, extra = parse_stat(stat)
-                    info.update(name=comm, state=state, ppid=extra["ppid"], pgrp=extra["pgrp"], session=extra["session"])
+                    info.update(
+                        name=comm, state=state, ppid=extra["ppid"], pgrp=extra["pgrp"], session=extra["session"]
+                    )
                 except (ValueError, IndexError):
                     pass
             cmd = _read(f"/proc/{pid}/cmdline")

@@ -53,8 +53,9 @@ class StagedLoader(ModelLoader):
     (bool, default True) and ``gate`` (name of an event in ``self.gates``); ``ignore_cancel``
     hides the cancel event from the real loader too (a load Python cannot stop)."""
 
-    def __init__(self, gates: dict[str, threading.Event] | None = None, on_start: Any = None,
-                 gate_timeout: float = 60.0) -> None:
+    def __init__(
+        self, gates: dict[str, threading.Event] | None = None, on_start: Any = None, gate_timeout: float = 60.0
+    ) -> None:
         self.gates = dict(gates or {})
         self.gate_timeout = gate_timeout
         self.on_start = on_start
@@ -134,8 +135,9 @@ def write_encoder_checkpoint(workdir: Path, name: str = "encoder", d_model: int 
     }
 
 
-def write_gpt2_checkpoint(workdir: Path, name: str = "gpt2", n_layer: int = 4, n_embd: int = 64,
-                          vocab: int = 512, n_positions: int = 128) -> dict[str, Any]:
+def write_gpt2_checkpoint(
+    workdir: Path, name: str = "gpt2", n_layer: int = 4, n_embd: int = 64, vocab: int = 512, n_positions: int = 128
+) -> dict[str, Any]:
     """A randomly initialised GPT-2 saved with ``save_pretrained``; returns ModelConfig kwargs
     for the ``huggingface`` path."""
     import torch
@@ -144,8 +146,13 @@ def write_gpt2_checkpoint(workdir: Path, name: str = "gpt2", n_layer: int = 4, n
     path = Path(workdir) / name
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64) if n_embd >= 64 else 1,
-                         vocab_size=vocab, n_positions=n_positions)
+        cfg = GPT2Config(
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=max(1, n_embd // 64) if n_embd >= 64 else 1,
+            vocab_size=vocab,
+            n_positions=n_positions,
+        )
         GPT2LMHeadModel(cfg).save_pretrained(str(path))
     return {"model_type": "huggingface", "model_path": str(path), "warmup": True, "warmup_seq_len": 16}
 
@@ -170,7 +177,9 @@ class LockedLoadManager:
             if self.on_loop:
                 model = self.loader.load_from_config(config)
             else:
-                model = await asyncio.get_running_loop().run_in_executor(self.executor, self.loader.load_from_config, config)
+                model = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.loader.load_from_config, config
+                )
             self.models[config.model_id] = model
         return model
 
@@ -275,8 +284,9 @@ class Heartbeat:
         }
 
 
-def latency_summary(samples: list[tuple[float, float]], prefix: str, start: float = float("-inf"),
-                    end: float = float("inf")) -> dict[str, Any]:
+def latency_summary(
+    samples: list[tuple[float, float]], prefix: str, start: float = float("-inf"), end: float = float("inf")
+) -> dict[str, Any]:
     """p50 / p95 / max of the latencies of requests that *started* in ``[start, end]``."""
     s = sorted(lat for t, lat in samples if start <= t <= end)
     if not s:
@@ -289,8 +299,16 @@ def latency_summary(samples: list[tuple[float, float]], prefix: str, start: floa
     }
 
 
-async def client(get_model: Any, model_ids: list[str], inputs: dict[str, Any], stop: asyncio.Event,
-                 pause: float, samples: list[float], errors: list[str], first_done: asyncio.Event | None = None) -> None:
+async def client(
+    get_model: Any,
+    model_ids: list[str],
+    inputs: dict[str, Any],
+    stop: asyncio.Event,
+    pause: float,
+    samples: list[float],
+    errors: list[str],
+    first_done: asyncio.Event | None = None,
+) -> None:
     """Round-robin ``get_model`` + one forward pass per request; ``samples`` gets
     ``(start, latency)`` of each (``time.perf_counter`` seconds). ``pause`` paces the client (a
     request rate), it synchronises nothing."""

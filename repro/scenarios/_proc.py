@@ -94,7 +94,9 @@ def check_reaped(
         pid, ctime = (k, None) if isinstance(k, int) else k
         try:
             p = psutil.Process(pid)
-            ours = p.create_time() == ctime if ctime is not None else (since is not None and p.create_time() >= since - 1)
+            ours = (
+                p.create_time() == ctime if ctime is not None else (since is not None and p.create_time() >= since - 1)
+            )
             if ours:
                 alive.append(p)
         except psutil.Error:

@@ -261,7 +261,9 @@ def dataloader_workers(ctx):
         pids_per_epoch.append(ctx.metrics["worker_pids_seen"])
     ctx.record(pids_per_epoch=pids_per_epoch)
     if p.get("persistent"):
-        ctx.check(all(pe == pids_per_epoch[0] for pe in pids_per_epoch), f"persistent workers changed: {pids_per_epoch}")
+        ctx.check(
+            all(pe == pids_per_epoch[0] for pe in pids_per_epoch), f"persistent workers changed: {pids_per_epoch}"
+        )
         ctx.check(len(pids_per_epoch[0]) == workers, f"expected {workers} worker pids, saw {pids_per_epoch[0]}")
     ctx.stage("shutdown")
     if it is not None:

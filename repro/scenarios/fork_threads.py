@@ -46,7 +46,12 @@ def _midregion_expect(build: Build):
     # main thread never ran a parallel region in the parent, so libgomp gives it a fresh pool.
     outcome, reason = predict.gomp_fork_hang(build)
     if outcome is Outcome.HANG:
-        return Outcome.PASS, "forking thread never ran a parallel region: libgomp starts a fresh pool for it in the child (" + reason + ")"
+        return (
+            Outcome.PASS,
+            "forking thread never ran a parallel region: libgomp starts a fresh pool for it in the child ("
+            + reason
+            + ")",
+        )
     return outcome, reason
 
 
@@ -128,20 +133,47 @@ def _mp_child(ctx, method: str, child_threads: int | None) -> None:
     claims=("002-fork-deadlock",),
     timeout=60.0,
     variants=[
-        hazard("fork", params={"method": "fork"}, expect=predict.gomp_fork_hang, requires=predict.fork_available,
-               doc="parent runs parallel ops, os.fork(), child runs a parallel op"),
-        hazard("mp-fork", params={"method": "mp-fork"}, expect=predict.gomp_fork_hang, requires=predict.fork_available,
-               doc="the same through multiprocessing's 'fork' start method"),
-        hazard("fork-midregion", params={"method": "fork", "midregion": True}, expect=_midregion_expect,
-               requires=predict.fork_available,
-               doc="a background thread is inside a parallel region when the main thread (which never ran one) forks"),
+        hazard(
+            "fork",
+            params={"method": "fork"},
+            expect=predict.gomp_fork_hang,
+            requires=predict.fork_available,
+            doc="parent runs parallel ops, os.fork(), child runs a parallel op",
+        ),
+        hazard(
+            "mp-fork",
+            params={"method": "mp-fork"},
+            expect=predict.gomp_fork_hang,
+            requires=predict.fork_available,
+            doc="the same through multiprocessing's 'fork' start method",
+        ),
+        hazard(
+            "fork-midregion",
+            params={"method": "fork", "midregion": True},
+            expect=_midregion_expect,
+            requires=predict.fork_available,
+            doc="a background thread is inside a parallel region when the main thread (which never ran one) forks",
+        ),
         fix("spawn", params={"method": "spawn"}, doc="multiprocessing 'spawn': a fresh interpreter"),
-        fix("forkserver", params={"method": "forkserver"}, requires=predict.fork_available,
-            doc="multiprocessing 'forkserver': forks from a clean server process"),
-        fix("child-set-num-threads-1", params={"method": "fork", "child_threads": 1}, requires=predict.fork_available,
-            doc="os.fork, then torch.set_num_threads(1) in the child before any op"),
-        fix("omp-num-threads-1", params={"method": "fork"}, env={"OMP_NUM_THREADS": "1"}, requires=predict.fork_available,
-            doc="OMP_NUM_THREADS=1 in the environment before torch is imported"),
+        fix(
+            "forkserver",
+            params={"method": "forkserver"},
+            requires=predict.fork_available,
+            doc="multiprocessing 'forkserver': forks from a clean server process",
+        ),
+        fix(
+            "child-set-num-threads-1",
+            params={"method": "fork", "child_threads": 1},
+            requires=predict.fork_available,
+            doc="os.fork, then torch.set_num_threads(1) in the child before any op",
+        ),
+        fix(
+            "omp-num-threads-1",
+            params={"method": "fork"},
+            env={"OMP_NUM_THREADS": "1"},
+            requires=predict.fork_available,
+            doc="OMP_NUM_THREADS=1 in the environment before torch is imported",
+        ),
     ],
 )
 def fork_after_threads(ctx) -> None:
@@ -150,7 +182,9 @@ def fork_after_threads(ctx) -> None:
 
     method = ctx.params["method"]
     child_threads = ctx.params.get("child_threads")
-    ctx.record(method=method, parent_threads=torch.get_num_threads(), child_threads=child_threads or torch.get_num_threads())
+    ctx.record(
+        method=method, parent_threads=torch.get_num_threads(), child_threads=child_threads or torch.get_num_threads()
+    )
     stop = threading.Event()
     worker = None
     if ctx.params.get("midregion"):

@@ -50,11 +50,17 @@ def _startup(ctx) -> None:
         bare.append(time.perf_counter() - t)
     ratio = statistics.median(harness) / statistics.median(bare)
     ctx.record(
-        harness_s=[round(x, 4) for x in harness], bare_import_s=[round(x, 4) for x in bare],
-        harness_median_s=_median(harness), bare_median_s=_median(bare), overhead_ratio=round(ratio, 4),
+        harness_s=[round(x, 4) for x in harness],
+        bare_import_s=[round(x, 4) for x in bare],
+        harness_median_s=_median(harness),
+        bare_median_s=_median(bare),
+        overhead_ratio=round(ratio, 4),
         target_ratio=ctx.params["max_ratio"],
     )
-    ctx.check(ratio <= ctx.params["max_ratio"], f"harness run costs {ratio:.3f}x a bare `import torch` (target {ctx.params['max_ratio']}x)")
+    ctx.check(
+        ratio <= ctx.params["max_ratio"],
+        f"harness run costs {ratio:.3f}x a bare `import torch` (target {ctx.params['max_ratio']}x)",
+    )
 
 
 def _hang_latency(ctx) -> None:
@@ -84,8 +90,11 @@ def _hang_latency(ctx) -> None:
         after_start.append(hang["detected_after_s"])
     med = statistics.median(after_stage)
     ctx.record(
-        latency_after_onset_s=after_stage, detected_after_start_s=after_start,
-        median_latency_s=round(med, 3), deadline_s=deadline, window_s=r.evidence["hang"]["window_s"],
+        latency_after_onset_s=after_stage,
+        detected_after_start_s=after_start,
+        median_latency_s=round(med, 3),
+        deadline_s=deadline,
+        window_s=r.evidence["hang"]["window_s"],
         saved_vs_deadline_s=round(deadline - statistics.median(after_start), 3),
     )
     ctx.check(med <= ctx.params["max_latency_s"], f"median HANG latency {med:.2f}s > {ctx.params['max_latency_s']}s")
@@ -97,9 +106,17 @@ def _hang_latency(ctx) -> None:
     timeout=600.0,
     variants=[
         probe("import-torch", params={"what": "import-torch"}, timeout=120.0, doc="import torch, then pass"),
-        load("startup", params={"what": "startup", "rounds": 5, "max_ratio": 1.15}, doc="harness run vs bare import torch"),
-        load("hang-latency", params={"what": "hang-latency", "rounds": 5, "max_latency_s": 3.0, "deadline_s": 60.0},
-             markers=("slow",), doc="HANG verdict latency on fork_after_threads:fork"),
+        load(
+            "startup",
+            params={"what": "startup", "rounds": 5, "max_ratio": 1.15},
+            doc="harness run vs bare import torch",
+        ),
+        load(
+            "hang-latency",
+            params={"what": "hang-latency", "rounds": 5, "max_latency_s": 3.0, "deadline_s": 60.0},
+            markers=("slow",),
+            doc="HANG verdict latency on fork_after_threads:fork",
+        ),
     ],
 )
 def harness_overhead(ctx) -> None:

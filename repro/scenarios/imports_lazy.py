@@ -24,7 +24,7 @@ from repro.scenarios._proc import run_python
 
 FAMILIES = ("gpt2", "qwen2", "gemma")
 
-_MEASURE = r'''
+_MEASURE = r"""
 import json, sys, time
 mode = sys.argv[1]
 before = set(sys.modules)
@@ -53,7 +53,7 @@ res = {
 if mode == "lazy":
     res.update(package_seconds=t_pkg, torch_after_package_import=torch_after_pkg)
 print(json.dumps(res))
-'''
+"""
 
 
 @scenario(
@@ -99,14 +99,14 @@ def imports_eager_vs_lazy(ctx):
 
 
 # --- repeated nested imports (the seed's package shape) -------------------------------------
-_PART = '''import torch
+_PART = """import torch
 import torch.nn as nn
 from transformers import PreTrainedModel, PretrainedConfig
 import transformers
 
 class {cls}(nn.Module):
     pass
-'''
+"""
 
 
 def _write_seed_package(root: Path) -> list[str]:
@@ -215,7 +215,11 @@ def _import_family(fam: str, barrier: threading.Barrier, results: dict, via: str
             importlib.import_module(f"transformers.models.{fam}.modeling_{fam}")
         results[fam] = {"ok": True, "seconds": round(time.perf_counter() - t0, 4)}
     except BaseException as exc:  # noqa: BLE001 - recorded, the scenario decides
-        results[fam] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "seconds": round(time.perf_counter() - t0, 4)}
+        results[fam] = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
 
 
 @scenario(
@@ -224,10 +228,16 @@ def _import_family(fam: str, barrier: threading.Barrier, results: dict, via: str
     claims=("001-nested-import-deadlock",),
     timeout=120,
     variants=[
-        fix("transformers_modeling", params={"via": "transformers"},
-            doc="3 threads + the main thread import transformers' gpt2/qwen2/gemma modeling modules at once"),
-        fix("splitlearn_registry", params={"via": "registry"},
-            doc="the manager's executor threads resolve families through the registry while the main thread does too"),
+        fix(
+            "transformers_modeling",
+            params={"via": "transformers"},
+            doc="3 threads + the main thread import transformers' gpt2/qwen2/gemma modeling modules at once",
+        ),
+        fix(
+            "splitlearn_registry",
+            params={"via": "registry"},
+            doc="the manager's executor threads resolve families through the registry while the main thread does too",
+        ),
     ],
 )
 def imports_threaded_first(ctx):
@@ -254,4 +264,8 @@ def imports_threaded_first(ctx):
     bad = {f: r for f, r in results.items() if not r["ok"]}
     ctx.check(main["gpt2"]["ok"], f"main thread import failed: {main['gpt2']}")
     ctx.check(not bad, f"concurrent first imports failed: {bad}")
-    ctx.observe(f"{via}: " + ", ".join(f"{f} {r['seconds']}s" for f, r in results.items()) + f"; main {main['gpt2']['seconds']}s")
+    ctx.observe(
+        f"{via}: "
+        + ", ".join(f"{f} {r['seconds']}s" for f, r in results.items())
+        + f"; main {main['gpt2']['seconds']}s"
+    )

@@ -306,6 +306,8 @@ def ipc_transports(ctx):
             },
         },
     )
-    ctx.observe(f"{big} B: Manager().Queue / Unix connection latency = {ratio}x; Unix connection / raw socketpair = {floor_ratio}x (/ fastest raw floor {any_floor}x)")
+    ctx.observe(
+        f"{big} B: Manager().Queue / Unix connection latency = {ratio}x; Unix connection / raw socketpair = {floor_ratio}x (/ fastest raw floor {any_floor}x)"
+    )
     # the claim's direction is what a PASS asserts: the Manager is the slow one
     ctx.check(ratio > 1.0, f"Manager().Queue was not slower than the Unix connection ({ratio}x)")

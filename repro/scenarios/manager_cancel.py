@@ -30,10 +30,18 @@ from repro.harness.spec import Outcome, fix, hazard, scenario
         fix("raises", params={"mode": "raises", "manager": "fixed"}),
         fix("timeout", params={"mode": "timeout", "manager": "fixed", "io_seconds": 30.0, "give_up_s": 0.3}),
         fix("orphan", params={"mode": "orphan", "manager": "fixed", "give_up_s": 0.3}),
-        hazard("seed_raises", params={"mode": "raises", "manager": "seed"}, expect=Outcome.FAIL,
-               doc="seed manager: a load that raises leaves its placeholder; the retry is refused"),
-        hazard("seed_timeout", params={"mode": "timeout", "manager": "seed", "io_seconds": 2.0, "give_up_s": 0.3},
-               expect=Outcome.FAIL, doc="seed manager: a caller that gives up leaves the placeholder; the retry is refused"),
+        hazard(
+            "seed_raises",
+            params={"mode": "raises", "manager": "seed"},
+            expect=Outcome.FAIL,
+            doc="seed manager: a load that raises leaves its placeholder; the retry is refused",
+        ),
+        hazard(
+            "seed_timeout",
+            params={"mode": "timeout", "manager": "seed", "io_seconds": 2.0, "give_up_s": 0.3},
+            expect=Outcome.FAIL,
+            doc="seed manager: a caller that gives up leaves the placeholder; the retry is refused",
+        ),
     ],
 )
 def manager_cancel(ctx) -> None:
@@ -72,7 +80,11 @@ def manager_cancel(ctx) -> None:
             except ModelNotFoundError:
                 return "absent"
         entry = mgr.models.get(model_id)
-        return "absent" if entry is None else ("loading" if isinstance(entry, SeedPlaceholderManager.Placeholder) else "ready")
+        return (
+            "absent"
+            if entry is None
+            else ("loading" if isinstance(entry, SeedPlaceholderManager.Placeholder) else "ready")
+        )
 
     async def retry(cfg: ModelConfig) -> tuple[bool, str]:
         try:
@@ -93,8 +105,13 @@ def manager_cancel(ctx) -> None:
         after_failure = state("m")
         shutil.copyfile(good, broken)  # repaired
         ok, how = await retry(cfg)
-        return {"first_error": first, "state_after_failure": after_failure, "retry_ok": ok, "retry": how,
-                "state_after_retry": state("m")}
+        return {
+            "first_error": first,
+            "state_after_failure": after_failure,
+            "retry_ok": ok,
+            "retry": how,
+            "state_after_retry": state("m"),
+        }
 
     async def timeout() -> dict:
         slow = ModelConfig("m", **base, metadata={"io_seconds": float(p["io_seconds"])})
@@ -111,10 +128,16 @@ def manager_cancel(ctx) -> None:
         rec = loader.calls("m")[0]
         # Wait (off the loop) for the abandoned worker, bounded: does it stop, or run on?
         stopped = await asyncio.get_running_loop().run_in_executor(None, rec.done.wait, float(p["io_seconds"]) + 5)
-        return {"gave_up_after_ms": round((gave_up - t0) * 1e3, 3), "state_after_give_up": after, "retry_ok": ok,
-                "retry": how, "state_after_retry": state("m"), "abandoned_worker_outcome": rec.outcome,
-                "abandoned_worker_ran_ms_after_give_up": round(((rec.ended or time.perf_counter()) - gave_up) * 1e3, 3),
-                "abandoned_worker_stopped": stopped}
+        return {
+            "gave_up_after_ms": round((gave_up - t0) * 1e3, 3),
+            "state_after_give_up": after,
+            "retry_ok": ok,
+            "retry": how,
+            "state_after_retry": state("m"),
+            "abandoned_worker_outcome": rec.outcome,
+            "abandoned_worker_ran_ms_after_give_up": round(((rec.ended or time.perf_counter()) - gave_up) * 1e3, 3),
+            "abandoned_worker_stopped": stopped,
+        }
 
     async def orphan() -> dict:
         held = ModelConfig("m", **base, metadata={"gate": "held", "ignore_cancel": True})
@@ -134,12 +157,20 @@ def manager_cancel(ctx) -> None:
         # shutdown(wait=True) joins the pool's threads: after it, the orphan's worker has ended
         await mgr.shutdown()
         gc.collect()
-        return {"state_after_give_up": after, "retry_ok": ok, "retry": how, "state_after_retry": status_before_gate["status"],
-                "generation_after_retry": gen_after_retry, "generation_at_end": status_before_gate["generation"],
-                "orphan_loader_outcome": rec.outcome, "orphan_worker_stopped": stopped,
-                "workers_running_after_shutdown": mgr.stats()["workers_running"],
-                "orphan_model_freed": rec.model_ref is not None and rec.model_ref() is None,
-                "orphans_dropped": mgr.stats()["orphans_dropped"], "ready_models": ready_before_gate}
+        return {
+            "state_after_give_up": after,
+            "retry_ok": ok,
+            "retry": how,
+            "state_after_retry": status_before_gate["status"],
+            "generation_after_retry": gen_after_retry,
+            "generation_at_end": status_before_gate["generation"],
+            "orphan_loader_outcome": rec.outcome,
+            "orphan_worker_stopped": stopped,
+            "workers_running_after_shutdown": mgr.stats()["workers_running"],
+            "orphan_model_freed": rec.model_ref is not None and rec.model_ref() is None,
+            "orphans_dropped": mgr.stats()["orphans_dropped"],
+            "ready_models": ready_before_gate,
+        }
 
     async def main() -> dict:
         try:
@@ -158,23 +189,36 @@ def manager_cancel(ctx) -> None:
     if mode == "raises":
         if out["first_error"] is None:
             raise RuntimeError("the truncated checkpoint did not fail to load")
-        ctx.check(out["state_after_failure"] != "loading", f"placeholder leaked after a failed load (state {out['state_after_failure']})")
+        ctx.check(
+            out["state_after_failure"] != "loading",
+            f"placeholder leaked after a failed load (state {out['state_after_failure']})",
+        )
     else:
-        ctx.check(out["state_after_give_up"] != "loading", f"placeholder leaked after the caller gave up (state {out['state_after_give_up']})")
+        ctx.check(
+            out["state_after_give_up"] != "loading",
+            f"placeholder leaked after the caller gave up (state {out['state_after_give_up']})",
+        )
     ctx.check(out["retry_ok"], f"retry after the failed/abandoned load did not load: {out['retry']}")
     ctx.check(out["state_after_retry"] == "ready", f"state after retry is {out['state_after_retry']}")
     if mode == "timeout":
-        ctx.check(out["abandoned_worker_stopped"] and out["abandoned_worker_outcome"] == "cancelled",
-                  f"abandoned worker did not stop: outcome {out['abandoned_worker_outcome']}, "
-                  f"ran {out['abandoned_worker_ran_ms_after_give_up']} ms after the caller gave up")
-        ctx.check(out["abandoned_worker_ran_ms_after_give_up"] < 1000,
-                  f"abandoned worker ran on {out['abandoned_worker_ran_ms_after_give_up']} ms after the caller gave up")
+        ctx.check(
+            out["abandoned_worker_stopped"] and out["abandoned_worker_outcome"] == "cancelled",
+            f"abandoned worker did not stop: outcome {out['abandoned_worker_outcome']}, "
+            f"ran {out['abandoned_worker_ran_ms_after_give_up']} ms after the caller gave up",
+        )
+        ctx.check(
+            out["abandoned_worker_ran_ms_after_give_up"] < 1000,
+            f"abandoned worker ran on {out['abandoned_worker_ran_ms_after_give_up']} ms after the caller gave up",
+        )
     if mode == "orphan":
-        ctx.check(out["orphan_worker_stopped"] and out["workers_running_after_shutdown"] == 0,
-                  "the orphaned worker did not finish after the gate opened")
-        ctx.check(out["generation_at_end"] == out["generation_after_retry"],
-                  f"the orphan's late result replaced the retry's model (generation {out['generation_after_retry']} -> {out['generation_at_end']})")
+        ctx.check(
+            out["orphan_worker_stopped"] and out["workers_running_after_shutdown"] == 0,
+            "the orphaned worker did not finish after the gate opened",
+        )
+        ctx.check(
+            out["generation_at_end"] == out["generation_after_retry"],
+            f"the orphan's late result replaced the retry's model (generation {out['generation_after_retry']} -> {out['generation_at_end']})",
+        )
         ctx.check(out["orphans_dropped"] == 1, f"orphans_dropped = {out['orphans_dropped']} (expected 1)")
         ctx.check(out["orphan_model_freed"], "the orphan's model is still alive after it was dropped")
         ctx.check(out["ready_models"] == ["m"], f"ready models {out['ready_models']}")
-

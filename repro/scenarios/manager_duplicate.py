@@ -26,8 +26,12 @@ from repro.harness.spec import Outcome, fix, hazard, scenario
     timeout=90.0,
     variants=[
         fix("placeholder", params={"pattern": "placeholder", "tasks": 32}),
-        hazard("check_then_act", params={"pattern": "check_then_act", "tasks": 32}, expect=Outcome.FAIL,
-               doc="no placeholder: the check passes for every task before any load finishes"),
+        hazard(
+            "check_then_act",
+            params={"pattern": "check_then_act", "tasks": 32},
+            expect=Outcome.FAIL,
+            doc="no placeholder: the check passes for every task before any load finishes",
+        ),
     ],
 )
 def manager_duplicate(ctx) -> None:
@@ -70,10 +74,14 @@ def manager_duplicate(ctx) -> None:
         try:
             await asyncio.wait_for(settled.wait(), timeout=max(5.0, ctx.remaining() / 3))
         except asyncio.TimeoutError:
-            raise RuntimeError(f"tasks never settled: {sum(t.done() for t in tasks)} done, {loader.started} loads started") from None
+            raise RuntimeError(
+                f"tasks never settled: {sum(t.done() for t in tasks)} done, {loader.started} loads started"
+            ) from None
         settle_ms = (time.perf_counter() - t0) * 1e3
         refused_early = sum(1 for t in tasks if t.done() and isinstance(t.exception(), DuplicateModelError))
-        ctx.observe(f"settled in {settle_ms:.1f} ms: {refused_early} refused before the gate opened, {loader.started} loads started")
+        ctx.observe(
+            f"settled in {settle_ms:.1f} ms: {refused_early} refused before the gate opened, {loader.started} loads started"
+        )
         gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         late: BaseException | None = None
@@ -83,23 +91,52 @@ def manager_duplicate(ctx) -> None:
             late = exc
         status = mgr.status("shared") if isinstance(mgr, AsyncModelManager) else None
         await mgr.shutdown()
-        return {"results": results, "late": late, "status": status, "loads": loader.started,
-                "settle_ms": settle_ms, "refused_early": refused_early}
+        return {
+            "results": results,
+            "late": late,
+            "status": status,
+            "loads": loader.started,
+            "settle_ms": settle_ms,
+            "refused_early": refused_early,
+        }
 
     ctx.stage("concurrent loads")
     out = asyncio.run(main())
     results = out["results"]
     ok = [r for r in results if not isinstance(r, BaseException)]
     dup = [r for r in results if isinstance(r, DuplicateModelError)]
-    other = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException) and not isinstance(r, DuplicateModelError)]
-    ctx.record(tasks=n, loads=out["loads"], succeeded=len(ok), refused=len(dup), other_errors=other[:5],
-               refused_before_gate=out["refused_early"], settle_ms=round(out["settle_ms"], 3),
-               refusal_message=str(dup[0]) if dup else None, late_error=repr(out["late"]), status=out["status"])
-    ctx.observe(f"{n} tasks: {out['loads']} loads ran, {len(ok)} succeeded, {len(dup)} refused; late load: {out['late']!r}")
+    other = [
+        f"{type(r).__name__}: {r}"
+        for r in results
+        if isinstance(r, BaseException) and not isinstance(r, DuplicateModelError)
+    ]
+    ctx.record(
+        tasks=n,
+        loads=out["loads"],
+        succeeded=len(ok),
+        refused=len(dup),
+        other_errors=other[:5],
+        refused_before_gate=out["refused_early"],
+        settle_ms=round(out["settle_ms"], 3),
+        refusal_message=str(dup[0]) if dup else None,
+        late_error=repr(out["late"]),
+        status=out["status"],
+    )
+    ctx.observe(
+        f"{n} tasks: {out['loads']} loads ran, {len(ok)} succeeded, {len(dup)} refused; late load: {out['late']!r}"
+    )
     if other:
         raise RuntimeError(f"unexpected errors: {other[:3]}")
     ctx.check(out["loads"] == 1, f"{out['loads']} loads of one id ran for {n} concurrent requests (expected exactly 1)")
-    ctx.check(len(ok) == 1 and len(dup) == n - 1, f"{len(ok)} tasks got the model and {len(dup)} were refused (expected 1 and {n - 1})")
-    ctx.check(all("already loading" in str(e) for e in dup), f"refusals do not say the model is loading: {str(dup[0]) if dup else ''}")
-    ctx.check(isinstance(out["late"], DuplicateModelError) and "already loaded" in str(out["late"]),
-              f"a load after the model was ready was not refused as already loaded: {out['late']!r}")
+    ctx.check(
+        len(ok) == 1 and len(dup) == n - 1,
+        f"{len(ok)} tasks got the model and {len(dup)} were refused (expected 1 and {n - 1})",
+    )
+    ctx.check(
+        all("already loading" in str(e) for e in dup),
+        f"refusals do not say the model is loading: {str(dup[0]) if dup else ''}",
+    )
+    ctx.check(
+        isinstance(out["late"], DuplicateModelError) and "already loaded" in str(out["late"]),
+        f"a load after the model was ready was not refused as already loaded: {out['late']!r}",
+    )

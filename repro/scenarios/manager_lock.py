@@ -40,20 +40,38 @@ _COMMON = {"load_s": 2.5, "gap_limit_ms": 50.0, "heartbeat_ms": 5.0, "client_pau
     timeout=120.0,
     serial=True,
     variants=[
-        hazard("loop", params={**_COMMON, "pattern": "loop", "workload": "io"}, expect=Outcome.FAIL,
-               doc="load on the loop thread under the lock: the heartbeat stalls for the load time"),
-        hazard("lock", params={**_COMMON, "pattern": "lock", "workload": "io"}, expect=Outcome.FAIL,
-               doc="load in an executor awaited under the lock: get_model of another model waits for the load"),
-        fix("placeholder", params={**_COMMON, "pattern": "placeholder", "workload": "io"},
-            doc="placeholder under a short lock, load in a thread pool"),
-        hazard("cold_real", params={**_COMMON, "pattern": "placeholder", "workload": "real", "warm_family": False},
-               expect=Outcome.FAIL, markers=("slow",),
-               doc="placeholder pattern, but the process's first load of a Hugging Face model: the worker's "
-                   "lazy imports and the cyclic GC hold the GIL for 100-350 ms at a time and stall the loop"),
-        fix("placeholder_real", params={**_COMMON, "pattern": "placeholder", "workload": "real", "warm_family": True, "gc_freeze": True},
+        hazard(
+            "loop",
+            params={**_COMMON, "pattern": "loop", "workload": "io"},
+            expect=Outcome.FAIL,
+            doc="load on the loop thread under the lock: the heartbeat stalls for the load time",
+        ),
+        hazard(
+            "lock",
+            params={**_COMMON, "pattern": "lock", "workload": "io"},
+            expect=Outcome.FAIL,
+            doc="load in an executor awaited under the lock: get_model of another model waits for the load",
+        ),
+        fix(
+            "placeholder",
+            params={**_COMMON, "pattern": "placeholder", "workload": "io"},
+            doc="placeholder under a short lock, load in a thread pool",
+        ),
+        hazard(
+            "cold_real",
+            params={**_COMMON, "pattern": "placeholder", "workload": "real", "warm_family": False},
+            expect=Outcome.FAIL,
+            markers=("slow",),
+            doc="placeholder pattern, but the process's first load of a Hugging Face model: the worker's "
+            "lazy imports and the cyclic GC hold the GIL for 100-350 ms at a time and stall the loop",
+        ),
+        fix(
+            "placeholder_real",
+            params={**_COMMON, "pattern": "placeholder", "workload": "real", "warm_family": True, "gc_freeze": True},
             markers=("slow",),
             doc="placeholder pattern with a real GPT-2-small-sized load (~124M parameters), after a tiny model "
-                "of the same family went through the same load path at startup, and gc.freeze() after startup"),
+            "of the same family went through the same load path at startup, and gc.freeze() after startup",
+        ),
     ],
 )
 def manager_lock(ctx) -> None:
@@ -92,8 +110,14 @@ def manager_lock(ctx) -> None:
         t0 = time.perf_counter()
         path = gpt2_small_dir(sharded=True)
         ctx.record(checkpoint_build_s=round(time.perf_counter() - t0, 3))
-        slow_cfg = ModelConfig("slow", "huggingface", str(path), warmup=True,
-                               warmup_steps=int(p.get("warmup_steps", 6)), warmup_seq_len=int(p.get("warmup_seq_len", 128)))
+        slow_cfg = ModelConfig(
+            "slow",
+            "huggingface",
+            str(path),
+            warmup=True,
+            warmup_steps=int(p.get("warmup_steps", 6)),
+            warmup_seq_len=int(p.get("warmup_seq_len", 128)),
+        )
     else:
         raise ValueError(f"unknown workload {workload!r}")
     resident_cfgs = [ModelConfig("resident", **resident_kw)]
@@ -112,7 +136,9 @@ def manager_lock(ctx) -> None:
         mgr = LockedLoadManager(loader, on_loop=(pattern == "loop"))
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
-    ctx.observe(f"pattern={pattern} workload={workload} manager={type(mgr).__name__} torch_threads={torch.get_num_threads()}")
+    ctx.observe(
+        f"pattern={pattern} workload={workload} manager={type(mgr).__name__} torch_threads={torch.get_num_threads()}"
+    )
 
     async def main() -> dict:
         t_startup = time.perf_counter()
@@ -123,15 +149,21 @@ def manager_lock(ctx) -> None:
             # a full collection during the load no longer walks them while holding the GIL.
             gc.collect()
             gc.freeze()
-        ctx.record(startup_load_s=round(time.perf_counter() - t_startup, 3), residents=[c.model_id for c in resident_cfgs],
-                   gc_frozen=gc.get_freeze_count())
+        ctx.record(
+            startup_load_s=round(time.perf_counter() - t_startup, 3),
+            residents=[c.model_id for c in resident_cfgs],
+            gc_frozen=gc.get_freeze_count(),
+        )
         hb = Heartbeat(p["heartbeat_ms"] / 1e3)
         hb.start()
         stop, first = asyncio.Event(), asyncio.Event()
         samples: list[tuple[float, float]] = []
         errors: list[str] = []
-        ctask = asyncio.create_task(client(mgr.get_model, ["resident"], {"resident": x}, stop,
-                                           p["client_pause_ms"] / 1e3, samples, errors, first))
+        ctask = asyncio.create_task(
+            client(
+                mgr.get_model, ["resident"], {"resident": x}, stop, p["client_pause_ms"] / 1e3, samples, errors, first
+            )
+        )
         await first.wait()  # the first forward pays one-off costs: keep it out of the figures
         hb.reset()
         samples.clear()
@@ -149,8 +181,15 @@ def manager_lock(ctx) -> None:
         await ctask  # a request that was waiting for the lock finishes: it counts too
         await hb.stop()
         await mgr.shutdown()
-        return {"load_s": round(load_s, 3), **base, **hb.summary(), **latency_summary(samples, "client", t0, t_end),
-                "client_errors": errors[:5], "pattern": pattern, "workload": workload}
+        return {
+            "load_s": round(load_s, 3),
+            **base,
+            **hb.summary(),
+            **latency_summary(samples, "client", t0, t_end),
+            "client_errors": errors[:5],
+            "pattern": pattern,
+            "workload": workload,
+        }
 
     ctx.stage("run")
     figures = asyncio.run(main())
@@ -161,7 +200,9 @@ def manager_lock(ctx) -> None:
         f"p50 {figures.get('client_p50_ms')} ms over {figures.get('client_n')} requests"
     )
     if figures["load_s"] < p["min_load_s"]:
-        raise RuntimeError(f"the load took {figures['load_s']} s < {p['min_load_s']} s: too short to test responsiveness")
+        raise RuntimeError(
+            f"the load took {figures['load_s']} s < {p['min_load_s']} s: too short to test responsiveness"
+        )
     if figures["client_errors"]:
         raise RuntimeError(f"client requests failed: {figures['client_errors']}")
     ctx.check(

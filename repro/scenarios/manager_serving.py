@@ -29,8 +29,13 @@ _COMMON = {"idle_s": 1.0, "clients": 2, "client_pause_ms": 5.0}
     serial=True,
     variants=[
         load("placeholder", params={**_COMMON, "pattern": "placeholder"}, markers=("slow",)),
-        hazard("lock_held", params={**_COMMON, "pattern": "lock"}, expect=Outcome.FAIL, markers=("slow",),
-               doc="the load is awaited under the manager lock: requests for other models wait for it"),
+        hazard(
+            "lock_held",
+            params={**_COMMON, "pattern": "lock"},
+            expect=Outcome.FAIL,
+            markers=("slow",),
+            doc="the load is awaited under the manager lock: requests for other models wait for it",
+        ),
     ],
 )
 def manager_serving(ctx) -> None:
@@ -72,7 +77,11 @@ def manager_serving(ctx) -> None:
         "bottom": torch.randint(0, 256, (1, 16), generator=g),
     }
     loader = StagedLoader()
-    mgr = AsyncModelManager(loader, max_workers=1) if p["pattern"] == "placeholder" else LockedLoadManager(loader, on_loop=False)
+    mgr = (
+        AsyncModelManager(loader, max_workers=1)
+        if p["pattern"] == "placeholder"
+        else LockedLoadManager(loader, on_loop=False)
+    )
     ctx.observe(f"pattern={p['pattern']} manager={type(mgr).__name__} torch_threads={torch.get_num_threads()}")
 
     async def main() -> dict:
@@ -82,8 +91,14 @@ def manager_serving(ctx) -> None:
         stop, first = asyncio.Event(), asyncio.Event()
         samples: list[tuple[float, float]] = []
         errors: list[str] = []
-        clients = [asyncio.create_task(client(mgr.get_model, ids[i:] + ids[:i], inputs, stop, p["client_pause_ms"] / 1e3,
-                                              samples, errors, first)) for i in range(int(p["clients"]))]
+        clients = [
+            asyncio.create_task(
+                client(
+                    mgr.get_model, ids[i:] + ids[:i], inputs, stop, p["client_pause_ms"] / 1e3, samples, errors, first
+                )
+            )
+            for i in range(int(p["clients"]))
+        ]
         await first.wait()
         samples.clear()  # first forwards pay one-off costs
         await asyncio.sleep(p["idle_s"])  # the idle measurement window, not synchronisation
@@ -114,8 +129,12 @@ def manager_serving(ctx) -> None:
         raise RuntimeError(f"the load took {out['load_s']} s: too short to measure serving during it")
     bound_ms = out["load_s"] * 1e3 / 4
     served_min = 5
-    ctx.check(out.get("during_load_n", 0) >= served_min,
-              f"only {out.get('during_load_n', 0)} requests served during a {out['load_s']} s load (expected >= {served_min})")
-    ctx.check(out["during_load_max_ms"] < bound_ms,
-              f"a request waited {out['during_load_max_ms']} ms during a {out['load_s']} s load (bound {bound_ms:.0f} ms): "
-              "requests for other models queued behind the load")
+    ctx.check(
+        out.get("during_load_n", 0) >= served_min,
+        f"only {out.get('during_load_n', 0)} requests served during a {out['load_s']} s load (expected >= {served_min})",
+    )
+    ctx.check(
+        out["during_load_max_ms"] < bound_ms,
+        f"a request waited {out['during_load_max_ms']} ms during a {out['load_s']} s load (bound {bound_ms:.0f} ms): "
+        "requests for other models queued behind the load",
+    )

@@ -54,7 +54,10 @@ def expect_for(order: tuple[str, ...], layer: str | None):
         if not torch_first and layer == "SEQUENTIAL":
             return Outcome.PASS, "mkl first with SEQUENTIAL: torch starts with 1 intra-op thread, no team to inherit"
         if build.gomp and build.intra_threads > 1:
-            return Outcome.FAIL, f"torch's intra-op pool is libgomp with {build.intra_threads} threads: the forked child hangs"
+            return (
+                Outcome.FAIL,
+                f"torch's intra-op pool is libgomp with {build.intra_threads} threads: the forked child hangs",
+            )
         return Outcome.PASS, f"no libgomp team (gomp={build.gomp}, intra_threads={build.intra_threads})"
 
     return expect
@@ -86,8 +89,13 @@ def _variants():
     return out
 
 
-@scenario(name="mkl_import_order", seed="001", claims=("001-mkl-sequential-fix", "001-nested-import-deadlock"),
-          timeout=60, variants=_variants())
+@scenario(
+    name="mkl_import_order",
+    seed="001",
+    claims=("001-mkl-sequential-fix", "001-nested-import-deadlock"),
+    timeout=60,
+    variants=_variants(),
+)
 def mkl_import_order(ctx):
     """Import order x MKL_THREADING_LAYER on the dynamic-MKL build: runtimes, matmul, fork hazard."""
     p = ctx.params
@@ -109,7 +117,9 @@ def mkl_import_order(ctx):
     runtimes = sorted({d["prefix"] for d in info})
     ctx.record(
         runtimes=runtimes,
-        threadpools=[{k: d.get(k) for k in ("prefix", "internal_api", "threading_layer", "num_threads", "version")} for d in info],
+        threadpools=[
+            {k: d.get(k) for k in ("prefix", "internal_api", "threading_layer", "num_threads", "version")} for d in info
+        ],
         torch_threads=torch.get_num_threads(),
         mkl_service_max_threads=mkl.get_max_threads(),
         openmp_runtimes=sorted(d["prefix"] for d in info if d["internal_api"] == "openmp"),
@@ -122,7 +132,9 @@ def mkl_import_order(ctx):
     exact = a @ b  # int64: no BLAS
     t_ok = torch.equal((a.double() @ b.double()).round().long(), exact)
     t32_ok = torch.equal((a.float() @ b.float()).round().long(), exact)
-    n_ok = np.array_equal(np.rint(a.numpy().astype(np.float64) @ b.numpy().astype(np.float64)).astype(np.int64), exact.numpy())
+    n_ok = np.array_equal(
+        np.rint(a.numpy().astype(np.float64) @ b.numpy().astype(np.float64)).astype(np.int64), exact.numpy()
+    )
     ctx.record(matmul={"torch_f64": t_ok, "torch_f32": t32_ok, "numpy_f64": bool(n_ok)})
     if not (t_ok and t32_ok and n_ok):
         raise RuntimeError(f"matmul wrong: torch f64 {t_ok}, torch f32 {t32_ok}, numpy {n_ok}")
@@ -141,13 +153,27 @@ def mkl_import_order(ctx):
     if hung:
         proc.kill()
     proc.join(10)
-    ctx.record(fork_child={"hung": hung, "exitcode": proc.exitcode, "waited_s": round(waited, 3),
-                           "untimed_futex": untimed, "threads": nthreads, "states": states})
+    ctx.record(
+        fork_child={
+            "hung": hung,
+            "exitcode": proc.exitcode,
+            "waited_s": round(waited, 3),
+            "untimed_futex": untimed,
+            "threads": nthreads,
+            "states": states,
+        }
+    )
     ctx.check(not proc.is_alive(), "forked child survived SIGKILL")
     if hung:
         if nthreads == 0 or untimed != nthreads:
             raise RuntimeError(f"forked child slow but not quiescent: {states}")
-        ctx.observe(f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child hung")
-        ctx.fail(f"forked child's parallel op hangs ({untimed}/{nthreads} threads in untimed futex waits); runtimes {runtimes}")
+        ctx.observe(
+            f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child hung"
+        )
+        ctx.fail(
+            f"forked child's parallel op hangs ({untimed}/{nthreads} threads in untimed futex waits); runtimes {runtimes}"
+        )
     ctx.check(proc.exitcode == 0, f"forked child exited {proc.exitcode}")
-    ctx.observe(f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child ok")
+    ctx.observe(
+        f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child ok"
+    )

@@ -153,7 +153,9 @@ def _with_server(ctx, body):
         import torch
 
         with srv.client(timeout=10) as c:
-            ctx.check(torch.equal(c.infer(torch.ones(1, 3)), torch.full((1, 3), 2.0)), "wrong answer after the bad client")
+            ctx.check(
+                torch.equal(c.infer(torch.ones(1, 3)), torch.full((1, 3), 2.0)), "wrong answer after the bad client"
+            )
             st = c.stats()
         ctx.record(server_stats=st)
         return st

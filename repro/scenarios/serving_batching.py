@@ -106,7 +106,12 @@ def serving_batching(ctx):
     direct_ms = 1e3 * sum(d) / len(d)
 
     srv = InferenceServer(
-        MODEL, kw, state_dict=model.state_dict(), num_threads=p["threads"], max_batch_size=p["max_batch_size"], max_wait_ms=p["max_wait_ms"]
+        MODEL,
+        kw,
+        state_dict=model.state_dict(),
+        num_threads=p["threads"],
+        max_batch_size=p["max_batch_size"],
+        max_wait_ms=p["max_wait_ms"],
     )
     ctx.stage("start server")
     srv.start()
@@ -190,8 +195,16 @@ def serving_batching(ctx):
             ),
             targets={
                 "server_over_direct_le_1.05": {"value": round(overhead, 4), "target": 1.05, "met": overhead <= 1.05},
-                "4_clients_throughput_ge_2.5x": {"value": round(speedup4, 3) if speedup4 else None, "target": 2.5, "met": bool(speedup4 and speedup4 >= 2.5)},
-                "4_clients_mean_batch_ge_3": {"value": rows.get("4", {}).get("mean_batch"), "target": 3, "met": rows.get("4", {}).get("mean_batch", 0) >= 3},
+                "4_clients_throughput_ge_2.5x": {
+                    "value": round(speedup4, 3) if speedup4 else None,
+                    "target": 2.5,
+                    "met": bool(speedup4 and speedup4 >= 2.5),
+                },
+                "4_clients_mean_batch_ge_3": {
+                    "value": rows.get("4", {}).get("mean_batch"),
+                    "target": 3,
+                    "met": rows.get("4", {}).get("mean_batch", 0) >= 3,
+                },
             },
         )
     finally:

@@ -28,7 +28,9 @@ def _gpu_pids() -> list[int] | None:
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [exe, "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
@@ -64,7 +66,9 @@ def serving_cuda(ctx):
     with torch.inference_mode():
         ref = model(x).cpu()
     ctx.record(parent_cuda_initialized=torch.cuda.is_initialized(), device_name=torch.cuda.get_device_name(0))
-    srv = InferenceServer(MODEL, KW, state_dict=model.state_dict(), device="cuda", start_method=ctx.params["method"], start_timeout=120)
+    srv = InferenceServer(
+        MODEL, KW, state_dict=model.state_dict(), device="cuda", start_method=ctx.params["method"], start_timeout=120
+    )
     ctx.stage(f"start server ({ctx.params['method']}) on cuda")
     try:
         try:

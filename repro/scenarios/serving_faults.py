@@ -113,16 +113,26 @@ def serving_faults(ctx):
                 t.start()
             with srv.client(timeout=10) as probe:
                 # every caller connected and sent its request, and a batch is computing
-                _wait_for(lambda: (lambda st: st["requests"] >= p["callers"] and st["in_batch"])(probe.stats()), 60, "all requests in, a batch in progress", never)
+                _wait_for(
+                    lambda: (lambda st: st["requests"] >= p["callers"] and st["in_batch"])(probe.stats()),
+                    60,
+                    "all requests in, a batch in progress",
+                    never,
+                )
             ctx.stage("SIGKILL the server mid-batch")
             t_kill = time.monotonic()
             os.kill(srv.pid, signal.SIGKILL)
             for t in threads:
                 t.join(p["timeout"])
             waited = time.monotonic() - t_kill
-            ctx.record(callers_released_after_s=round(waited, 3), results={k: repr(r)[:120] for k, r in results.items()})
+            ctx.record(
+                callers_released_after_s=round(waited, 3), results={k: repr(r)[:120] for k, r in results.items()}
+            )
             ctx.check(not any(t.is_alive() for t in threads), "a caller still waits after the server died")
-            ctx.check(all(isinstance(r, ServerUnavailable) for r in results.values()), f"not every caller got ServerUnavailable: {results}")
+            ctx.check(
+                all(isinstance(r, ServerUnavailable) for r in results.values()),
+                f"not every caller got ServerUnavailable: {results}",
+            )
             ctx.stage("owner restarts the server")
             addr = srv.address
             srv.restart()
@@ -154,7 +164,9 @@ def serving_faults(ctx):
         return
 
     if v == "bad_input_storm":
-        srv = InferenceServer(ECHO, {"scale": 2.0}, input_shape=(3,), input_dtype="float32", handshake_timeout=3.0, start_timeout=120)
+        srv = InferenceServer(
+            ECHO, {"scale": 2.0}, input_shape=(3,), input_dtype="float32", handshake_timeout=3.0, start_timeout=120
+        )
         ctx.stage("start server")
         srv.start()
         bad_results: list[str] = []
@@ -218,7 +230,10 @@ def serving_faults(ctx):
             ctx.record(good_answers=good, bad_outcomes=sorted(set(bad_results)), server_stats=st)
             unexpected = [r for r in bad_results if r.startswith("unexpected")]
             ctx.check(not unexpected, f"bad clients saw unclear failures: {unexpected[:3]}")
-            ctx.check(st["auth_failures"] >= 1 and st["bad_frames"] >= 1 and st["errors"] >= 1, f"server did not count the bad clients: {st}")
+            ctx.check(
+                st["auth_failures"] >= 1 and st["bad_frames"] >= 1 and st["errors"] >= 1,
+                f"server did not count the bad clients: {st}",
+            )
             ctx.check(srv.alive, "server died")
         finally:
             stop.set()

@@ -80,7 +80,9 @@ def serving_fork(ctx):
             ctx.check(waited < p["start_timeout"] + 5, f"start timeout {p['start_timeout']}s overrun: {waited:.1f}s")
             ctx.check("not ready within" in str(exc) or "died" in str(exc), f"unclear start error: {exc}")
             ctx.check(srv.pid is None, "the failed server was not reaped")
-            children = [c for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+            children = [
+                c for c in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())
+            ]
             ctx.check(not children, f"processes left behind: {[c.pid for c in children]}")
             return
         ready_s = time.monotonic() - t0

@@ -41,7 +41,9 @@ def soak_client(address: str, authkey_hex: str, k: int, seconds: float, max_requ
                 answered[seq] = answered.get(seq, 0) + 1
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         error = f"{type(exc).__name__}: {exc}"
-    results.put({"k": k, "sent": sent, "wrong": wrong[:10], "n_wrong": len(wrong), "answered": answered, "error": error})
+    results.put(
+        {"k": k, "sent": sent, "wrong": wrong[:10], "n_wrong": len(wrong), "answered": answered, "error": error}
+    )
 
 
 @scenario(
@@ -49,7 +51,12 @@ def soak_client(address: str, authkey_hex: str, k: int, seconds: float, max_requ
     seed="002",
     claims=("002-server-overhead",),
     timeout=180,
-    variants=[fix("soak", params={"clients": 12, "seconds": 15.0, "max_requests": 20000, "max_batch_size": 8, "max_wait_ms": 2.0})],
+    variants=[
+        fix(
+            "soak",
+            params={"clients": 12, "seconds": 15.0, "max_requests": 20000, "max_batch_size": 8, "max_wait_ms": 2.0},
+        )
+    ],
 )
 def serving_soak(ctx):
     import multiprocessing as mp
@@ -59,7 +66,9 @@ def serving_soak(ctx):
     from splitlearn.serving import InferenceServer
 
     p = ctx.params
-    srv = InferenceServer(ECHO, {"scale": 2.0}, max_batch_size=p["max_batch_size"], max_wait_ms=p["max_wait_ms"], start_timeout=120)
+    srv = InferenceServer(
+        ECHO, {"scale": 2.0}, max_batch_size=p["max_batch_size"], max_wait_ms=p["max_wait_ms"], start_timeout=120
+    )
     ctx.stage("start server")
     srv.start()
     mpctx = mp.get_context("spawn")
@@ -67,7 +76,11 @@ def serving_soak(ctx):
     try:
         start, results = mpctx.Event(), mpctx.Queue()
         procs = [
-            mpctx.Process(target=soak_client, args=(srv.address, srv.authkey.hex(), k, p["seconds"], p["max_requests"], start, results), daemon=True)
+            mpctx.Process(
+                target=soak_client,
+                args=(srv.address, srv.authkey.hex(), k, p["seconds"], p["max_requests"], start, results),
+                daemon=True,
+            )
             for k in range(p["clients"])
         ]
         ctx.stage(f"{p['clients']} clients for {p['seconds']} s")

@@ -37,7 +37,11 @@ def _server(models, ctx, threads=None):
     timeout=600,
     variants=[
         fix("tiny", params={"families": {"gpt2": [1, 3], "qwen2": [2, 4]}, "new_tokens": 10}),
-        load("gpt2_small", markers=("slow",), params={"split": [2, 10], "prompt": 32, "new_tokens": 32, "repeats": 5, "threads": 1}),
+        load(
+            "gpt2_small",
+            markers=("slow",),
+            params={"split": [2, 10], "prompt": 32, "new_tokens": 32, "repeats": 5, "threads": 1},
+        ),
     ],
 )
 def serving_split(ctx):
@@ -52,7 +56,13 @@ def serving_split(ctx):
     p = ctx.params
     if ctx.variant == "tiny":
         dirs = {f: tiny_model_dir(f) for f in p["families"]}
-        srv = _server({f: {"model_type": f, "path": str(d), "split_points": s} for (f, s), d in zip(p["families"].items(), dirs.values(), strict=True)}, ctx)
+        srv = _server(
+            {
+                f: {"model_type": f, "path": str(d), "split_points": s}
+                for (f, s), d in zip(p["families"].items(), dirs.values(), strict=True)
+            },
+            ctx,
+        )
         try:
             for fam, split in p["families"].items():
                 ctx.stage(f"{fam}: split over loopback vs full model")
@@ -60,8 +70,17 @@ def serving_split(ctx):
                 ids, mask = padded_batch(seed=5, batch=3, length=8, pad_lengths=[0, 3, 1], side="left", vocab=250)
                 eos = int(full.config.eos_token_id)
                 with torch.inference_mode():
-                    ref = full.generate(ids, attention_mask=mask, max_new_tokens=p["new_tokens"], do_sample=False, eos_token_id=eos, pad_token_id=0)
-                with SplitClient.connect(srv.address, srv.authkey, fam, model_type=fam, path=dirs[fam], split_points=tuple(split)) as sc:
+                    ref = full.generate(
+                        ids,
+                        attention_mask=mask,
+                        max_new_tokens=p["new_tokens"],
+                        do_sample=False,
+                        eos_token_id=eos,
+                        pad_token_id=0,
+                    )
+                with SplitClient.connect(
+                    srv.address, srv.authkey, fam, model_type=fam, path=dirs[fam], split_points=tuple(split)
+                ) as sc:
                     got = sc.generate(ids, p["new_tokens"], attention_mask=mask, eos_token_id=eos, pad_token_id=0)
                     ctx.record(**{f"{fam}_remote_calls": sc.calls})
                 ctx.check(torch.equal(got, ref), f"{fam}: split generation differs from the full model:\n{got}\n{ref}")
@@ -75,7 +94,9 @@ def serving_split(ctx):
     ctx.stage("build/locate the GPT-2-small checkpoint")
     d = gpt2_small_dir()
     s1, s2 = p["split"]
-    srv = _server({"gpt2-small": {"model_type": "gpt2", "path": str(d), "split_points": [s1, s2]}}, ctx, threads=p["threads"])
+    srv = _server(
+        {"gpt2-small": {"model_type": "gpt2", "path": str(d), "split_points": [s1, s2]}}, ctx, threads=p["threads"]
+    )
     try:
         ctx.stage("load monolithic model")
         full = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True).eval()
@@ -87,10 +108,18 @@ def serving_split(ctx):
         from splitlearn.factory import ModelFactory
 
         _, trunk, _ = ModelFactory.create_split_models("gpt2", d, s1, s2, parts=("trunk",))
-        with SplitClient.connect(srv.address, srv.authkey, "gpt2-small", model_type="gpt2", path=d, split_points=(s1, s2)) as sc:
+        with SplitClient.connect(
+            srv.address, srv.authkey, "gpt2-small", model_type="gpt2", path=d, split_points=(s1, s2)
+        ) as sc:
             runs = {
                 "monolithic": lambda: full.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
                 ),
                 "split_local": lambda: greedy_generate(sc.bottom, trunk, sc.top, ids, n),
                 "split_loopback": lambda: sc.generate(ids, n),
@@ -117,10 +146,15 @@ def serving_split(ctx):
                 sc.trunk.ping()
                 rt.append(time.perf_counter() - t0)
             ctx.record(ping_ms_median=round(1e3 * statistics.median(rt), 4))
-        t_mono, t_local, t_remote = (statistics.median(times[k]) for k in ("monolithic", "split_local", "split_loopback"))
+        t_mono, t_local, t_remote = (
+            statistics.median(times[k]) for k in ("monolithic", "split_local", "split_loopback")
+        )
         ref, local, remote = outs["monolithic"], outs["split_local"], outs["split_loopback"]
         ctx.record(monolithic_s=round(t_mono, 4), split_local_s=round(t_local, 4), split_loopback_s=round(t_remote, 4))
-        ctx.check(torch.equal(local, ref[:, : local.shape[1]]), "split (local trunk) tokens differ from the monolithic model's")
+        ctx.check(
+            torch.equal(local, ref[:, : local.shape[1]]),
+            "split (local trunk) tokens differ from the monolithic model's",
+        )
         ctx.check(torch.equal(remote, local), "split over loopback tokens differ from the local split")
         ratio = t_remote / t_mono
         ctx.record(
@@ -132,9 +166,13 @@ def serving_split(ctx):
                 f"torch threads={p['threads']} in client and server (same machine), median of {p['repeats']} interleaved runs after warm-up; "
                 "monolithic = transformers generate(do_sample=False)"
             ),
-            targets={"split_loopback_over_monolithic_le_1.2": {"value": round(ratio, 4), "target": 1.2, "met": ratio <= 1.2}},
+            targets={
+                "split_loopback_over_monolithic_le_1.2": {"value": round(ratio, 4), "target": 1.2, "met": ratio <= 1.2}
+            },
         )
-        ctx.observe(f"monolithic {t_mono:.3f}s, local split {t_local:.3f}s, loopback split {t_remote:.3f}s: {ratio:.3f}x")
+        ctx.observe(
+            f"monolithic {t_mono:.3f}s, local split {t_local:.3f}s, loopback split {t_remote:.3f}s: {ratio:.3f}x"
+        )
     finally:
         srv.close()
         ctx.record(server_exitcode=srv.last_exitcode)

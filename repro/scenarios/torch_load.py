@@ -60,8 +60,9 @@ def _save_trunk(ctx, d: Path) -> dict[str, str]:
     from splitlearn import ModelFactory
 
     ctx.stage("build and save trunk")
-    bottom, trunk, _ = ModelFactory.create_split_models("gpt2", tiny_model_dir("gpt2"), 1, 3, device="cpu",
-                                                        parts=("bottom", "trunk"))
+    bottom, trunk, _ = ModelFactory.create_split_models(
+        "gpt2", tiny_model_dir("gpt2"), 1, 3, device="cpu", parts=("bottom", "trunk")
+    )
     ids = torch.randint(0, 250, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = bottom(ids).hidden_states
@@ -102,17 +103,27 @@ def torch_load_threads(ctx):
         for mode in ("full", "state_dict", "safetensors"):
             ctx.stage(f"load {mode} in a fresh interpreter")
             out = d / f"{mode}.json"
-            arg = json.dumps({"mode": mode, "file": files[mode], "ref": files["ref"], "threads": ctx.params["threads"],
-                              "out": str(out)})
+            arg = json.dumps(
+                {
+                    "mode": mode,
+                    "file": files[mode],
+                    "ref": files["ref"],
+                    "threads": ctx.params["threads"],
+                    "out": str(out),
+                }
+            )
             env = {k: None for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
-            rc, _, err, secs = run_python(["-m", "repro.scenarios._load_child", arg], timeout=min(90.0, max(10.0, ctx.remaining() - 10)),
-                                          env=env)
+            rc, _, err, secs = run_python(
+                ["-m", "repro.scenarios._load_child", arg], timeout=min(90.0, max(10.0, ctx.remaining() - 10)), env=env
+            )
             res = json.loads(out.read_text()) if out.exists() else {}
             res.update(rc=rc, wall_s=round(secs, 3), stderr_signatures=_signatures(err), stderr_tail=err[-600:])
             results[mode] = res
             ctx.record(loads=results)
             ctx.check(rc == 0, f"{mode}: loader exited {rc}: {err[-800:]}")
-            ctx.check(res.get("output_equal"), f"{mode}: loaded trunk gives different output ({res.get('max_abs_diff')})")
+            ctx.check(
+                res.get("output_equal"), f"{mode}: loaded trunk gives different output ({res.get('max_abs_diff')})"
+            )
         import torch
 
         # the variables only count when set before import; after it torch keeps its default
@@ -165,8 +176,12 @@ def torch_load_lock_message(ctx):
             nbytes += len(data)
             if LOCK_MSG in data or b"mutex.cc" in data and b"absl" in data:
                 holders.append(lib)
-        ctx.record(libraries_scanned=scanned, bytes_scanned=nbytes, libraries_with_message=holders,
-                   torch_libs=[lib for lib in libs if "/torch/" in lib])
+        ctx.record(
+            libraries_scanned=scanned,
+            bytes_scanned=nbytes,
+            libraries_with_message=holders,
+            torch_libs=[lib for lib in libs if "/torch/" in lib],
+        )
         ctx.check(scanned > 5 and any("libtorch_cpu" in lib for lib in libs), f"scan saw too little: {libs}")
         ctx.observe(f"{scanned} mapped libraries ({nbytes >> 20} MiB): abseil lock message in {holders or 'none'}")
     finally:
@@ -202,8 +217,10 @@ def torch_load_weights_only(ctx):
         ctx.record(default_error=err and err[:1500], torch=torch.__version__)
         ctx.check(err is not None, "torch.load's default loaded a full pickle (weights_only default is not True)")
         ctx.check("Weights only load failed" in err, f"unexpected refusal message: {err[:300]}")
-        ctx.observe(f"default torch.load refuses: {err.splitlines()[0]} ... "
-                    + next((ln.strip() for ln in err.splitlines() if "Unsupported global" in ln), ""))
+        ctx.observe(
+            f"default torch.load refuses: {err.splitlines()[0]} ... "
+            + next((ln.strip() for ln in err.splitlines() if "Unsupported global" in ln), "")
+        )
         ctx.stage("state dict and safetensors")
         from safetensors.torch import load_file
 
@@ -297,7 +314,7 @@ def torch_load_malicious(ctx):
 
 
 # --- a model class moved or renamed ----------------------------------------------------------
-_V1 = '''
+_V1 = """
 import torch
 from torch import nn
 
@@ -309,10 +326,10 @@ class Trunk(nn.Module):
 
     def forward(self, x):
         return self.down(torch.nn.functional.gelu(self.up(x)))
-'''
+"""
 _V2 = _V1.replace("class Trunk(", "class TrunkPart(")  # refactor: module and class renamed
 
-_LOADER = '''
+_LOADER = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 mode, d = sys.argv[2], sys.argv[1]
@@ -329,7 +346,7 @@ try:
 except Exception as exc:
     res = {"error": f"{type(exc).__name__}: {exc}"}
 print(json.dumps(res))
-'''
+"""
 
 
 @scenario(
@@ -338,8 +355,11 @@ print(json.dumps(res))
     claims=("000-weights-only",),
     timeout=90,
     variants=[
-        hazard("full_pickle", params={"mode": "full"},
-               expect=(Outcome.FAIL, "a full pickle names the class by module path: a rename breaks it on every build")),
+        hazard(
+            "full_pickle",
+            params={"mode": "full"},
+            expect=(Outcome.FAIL, "a full pickle names the class by module path: a rename breaks it on every build"),
+        ),
         fix("state_dict", params={"mode": "state_dict"}),
     ],
 )
@@ -368,7 +388,9 @@ def torch_load_class_moved(ctx):
         (d / "partmodels_v2.py").write_text(_V2)
         shutil.rmtree(d / "__pycache__", ignore_errors=True)
         ctx.stage(f"load {ctx.params['mode']} after the rename")
-        rc, out, err, secs = run_python(["-c", _LOADER, str(d), ctx.params["mode"]], timeout=max(10, ctx.remaining() - 5))
+        rc, out, err, secs = run_python(
+            ["-c", _LOADER, str(d), ctx.params["mode"]], timeout=max(10, ctx.remaining() - 5)
+        )
         ctx.check(rc == 0, f"loader exited {rc}: {err[-800:]}")
         res = json.loads(out.strip().splitlines()[-1])
         ctx.record(result=res, seconds=round(secs, 3))
