@@ -311,6 +311,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def rerender(path: Path, markdown: str | None) -> int:
+    """Summarise the stored runs of a bench JSON again (current figure rules) and re-render."""
+    report = json.loads(path.read_text("utf-8"))
+    for rec in report["cases"]:
+        rec["figures"] = summarise(rec["runs"], rec["scenario"], rec.get("kind"))
+    report["missed"] = missed_targets(report)
+    path.write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+    text = render_markdown(report)
+    if markdown:
+        Path(markdown).write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m repro bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", metavar="NAME[:VARIANT]", help="scenarios (default: every load variant)")
@@ -322,7 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", action="store_true", help="also time the full default suite (python -m pytest)")
     ap.add_argument("--suite-timeout", type=float, default=3600.0)
     ap.add_argument("--list", action="store_true", help="list what would run and exit")
+    ap.add_argument(
+        "--render",
+        metavar="BENCH_JSON",
+        help="re-read the runs of an earlier bench JSON and rewrite its tables (no runs)",
+    )
     args = ap.parse_args(argv)
+    if args.render:
+        return rerender(Path(args.render), args.markdown)
     if args.repeat < 1 or args.warmup < 0:
         ap.error("--repeat must be >= 1 and --warmup >= 0")
 

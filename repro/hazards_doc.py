@@ -108,6 +108,13 @@ def verdict(rows: list[Mapping[str, Any]], cell: str) -> tuple[str, str]:
     for r, e in measured:
         if e.get("key_figure") or r["kind"] == "probe":
             shown.append(_label(r, e))
+    claims = [(r, f) for r, e in ran for f in e.get("figures") or [] if f.get("claim")]
+    for r, f in claims:
+        verdict_word = "within" if f.get("claim_ok") else "outside"
+        parts.append(
+            f"seed's figure {verdict_word} its claim: {f['name']} = {_figures.fmt_value(f['value'], f['unit'])} "
+            f"(claimed {f['claim']}, `{r['scenario']}:{r['variant']}`)"
+        )
     if measured and not hazards and not fixes:
         outcomes = "/".join(sorted({e["outcome"] for _, e in measured}))
         missed = [e for _, e in measured if e.get("key_figure") and e["key_figure"].get("ok") is False]
@@ -184,8 +191,12 @@ def _short(text: str) -> str:
         bits.append("fix holds")
     if "fix fails" in text:
         bits.append("fix FAILS")
-    if text.startswith("measured"):
+    if "measured" in text:
         bits.append("missed target" if "missed" in text else "measured")
+    if "outside its claim" in text:
+        bits.append("claim not confirmed")
+    elif "within its claim" in text:
+        bits.append("claim confirmed")
     return ", ".join(bits) or text[:40]
 
 

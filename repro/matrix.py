@@ -420,12 +420,16 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
     out.append("")
     if not flagged:
         out.append("Every variant ran in every cell.")
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for r in flagged:
         reasons = sorted(
             {r["cells"][c]["detail"] for c in cells if r["cells"][c]["status"] == SKIPPED and r["cells"][c]["detail"]}
         )
         extra = f" (skip reason: {'; '.join(reasons)})" if reasons else ""
-        out.append(f"- `{r['scenario']}:{r['variant']}`: {'; '.join(r['flags'])}{extra}")
+        groups.setdefault((r["scenario"], "; ".join(r["flags"]), extra), []).append(r["variant"])
+    for (scenario, flags, extra), variants in groups.items():
+        names = ", ".join(f"`{v}`" for v in variants) if len(variants) <= 4 else f"{len(variants)} variants"
+        out.append(f"- `{scenario}` {names}: {flags}{extra}")
     out.append("")
 
     out.append("## Cells")

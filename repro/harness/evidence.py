@@ -277,6 +277,15 @@ def _session(pid: int) -> int | None:
         return None
 
 
+def wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait (bounded) until the given processes have exited by themselves."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    _wait_dead(procs, timeout)
+
+
 def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
     """Until every process is gone or a zombie (killed processes that are not our children
     stay zombies until their parent reaps them)."""

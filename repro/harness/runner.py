@@ -34,6 +34,8 @@ from repro.harness import evidence as ev
 from repro.harness.spec import Build, Outcome, Scenario, Variant
 from repro.harness.verdict import HangDetector, proc_readable
 
+LEFTOVER_GRACE_S = 1.0
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SITE_DIR = Path(__file__).resolve().parent / "_site"
 
@@ -537,6 +539,12 @@ def _finish(
     else:
         child = _read_child_result(result_path)
         left = tree.alive(include_root=False)
+        if left:
+            # Descendants orphaned by the root's exit get a short grace to leave on their own:
+            # multiprocessing's resource tracker, for one, exits when its pipe closes, just
+            # after the root. Only what is still alive after the grace counts as left behind.
+            ev.wait_gone(left, LEFTOVER_GRACE_S)
+            left = tree.alive(include_root=False)
         described = tree.describe(left)
         kill = tree.kill_all(proc)
         extra = [p for p in kill["killed"] if p not in left and p != proc.pid]
