@@ -160,6 +160,14 @@ class SplitPart(nn.Module):
         """Per-forward inputs shared by the layers (rotary cos/sin)."""
         return None
 
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Bottom only: token ids to the first layer's input (embedding, positions, scaling, dropout)."""
+        raise NotImplementedError
+
+    def _head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top only: the last layer's output to ``(normed hidden states, logits)``."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ forward helpers
     def _prepare(
         self,
@@ -217,6 +225,19 @@ class SplitPart(nn.Module):
         for layer, layer_type in zip(self.layers, self._layer_types, strict=False):
             hidden = self._call_layer(layer, hidden, masks[layer_type], position_ids, cache, use_cache, extra)
         return hidden
+
+    def _forward(self, inputs, attention_mask, position_ids, past_key_values, use_cache) -> SplitOutput:
+        """The forward pass of every part: cache and position ids, embedding (bottom), the layers,
+        final norm and LM head (top). ``inputs`` are token ids for a bottom, hidden states otherwise."""
+        cache, position_ids = self._prepare(
+            inputs.shape[1], inputs.device, attention_mask, position_ids, past_key_values, use_cache
+        )
+        hidden = self._embed(inputs, position_ids) if self.part == "bottom" else inputs
+        hidden = self._run_layers(hidden, attention_mask, position_ids, cache, use_cache)
+        logits = None
+        if self.part == "top":
+            hidden, logits = self._head(hidden)
+        return SplitOutput(hidden, logits, cache if use_cache else None, attention_mask, position_ids)
 
     # ------------------------------------------------------------------ weights
     def checkpoint_key(self, local_key: str, prefix: str | None = None) -> str:
@@ -398,6 +419,86 @@ class SplitPart(nn.Module):
 
     def extra_repr(self) -> str:
         return f"family={self.family}, part={self.part}, layers=[{self.start_layer}, {self.end_layer})"
+
+
+# ---------------------------------------------------------------------------- the three parts
+# A family's part class derives from its family class first, then from one of these
+# (``class Qwen2TopModel(_Qwen2Part, TopPart)``): these give ``part`` and the public forward.
+
+
+class BottomPart(SplitPart):
+    part = "bottom"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        return self._forward(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+
+
+class TrunkPart(SplitPart):
+    part = "trunk"
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        return self._forward(hidden_states, attention_mask, position_ids, past_key_values, use_cache)
+
+
+class TopPart(SplitPart):
+    part = "top"
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        return self._forward(hidden_states, attention_mask, position_ids, past_key_values, use_cache)
+
+
+class RotaryPart(SplitPart):
+    """Families laid out like Llama (Qwen2, Gemma): ``model.embed_tokens``, ``model.layers.N``,
+    ``model.norm``, ``lm_head``, rotary position embeddings. transformers computes the rotary
+    cos/sin once at model level; here every part owns a rotary embedding and computes them from
+    the position ids it is given (or derives). A family sets the three classes below."""
+
+    base_prefix = "model."
+    layers_name = "layers"
+    embed_name = "embed_tokens"
+    layer_cls: ClassVar[type[nn.Module]]  # e.g. Qwen2DecoderLayer
+    rotary_cls: ClassVar[type[nn.Module]]  # e.g. Qwen2RotaryEmbedding
+    norm_cls: ClassVar[type[nn.Module]]  # e.g. Qwen2RMSNorm
+
+    def _make_layer(self, config: Any, layer_index: int) -> nn.Module:
+        return self.layer_cls(config, layer_index)
+
+    def _set_cache_index(self, layer: nn.Module, local_index: int) -> None:
+        layer.self_attn.layer_idx = local_index
+
+    def _make_embedding(self, config: Any) -> nn.Module:
+        return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+    def _build_extra(self, config: Any) -> None:
+        self.rotary_emb = self.rotary_cls(config=config)
+        if self.part == "bottom":
+            self.embed_tokens = self._make_embedding(config)
+        elif self.part == "top":
+            self.norm = self.norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def _init_nonpersistent(self) -> None:
+        self.rotary_emb = self.rotary_cls(config=self.config)
+
+    def _layer_extra(self, hidden, position_ids):
+        return self.rotary_emb(hidden, position_ids)
+
+    def _call_layer(self, layer, hidden, mask, position_ids, cache, use_cache, extra):
+        return layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            position_embeddings=extra,
+        )
+
+    def _embed(self, input_ids, position_ids):
+        return self.embed_tokens(input_ids)
+
+    def _head(self, hidden):
+        hidden = self.norm(hidden)
+        return hidden, self.lm_head(hidden)
 
 
 _LAYER_RE_CACHE: dict[tuple[str, str], re.Pattern] = {}

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from splitlearn.models.base import SplitOutput, SplitPart
+from splitlearn.models.base import BottomPart, SplitPart, TopPart, TrunkPart
 
 
 class _GPT2Part(SplitPart):
@@ -34,51 +34,30 @@ class _GPT2Part(SplitPart):
         return layer(hidden, cache, mask, use_cache=use_cache, position_ids=position_ids)
 
 
-class GPT2BottomModel(_GPT2Part):
-    part = "bottom"
-
+class GPT2BottomModel(_GPT2Part, BottomPart):
     def _build_extra(self, config: Any) -> None:
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.drop = nn.Dropout(config.embd_pdrop)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        cache, position_ids = self._prepare(
-            input_ids.shape[1], input_ids.device, attention_mask, position_ids, past_key_values, use_cache
-        )
+    def _embed(self, input_ids, position_ids):
         inputs_embeds = self.wte(input_ids)
         hidden = inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device)
-        hidden = self.drop(hidden)
-        hidden = self._run_layers(hidden, attention_mask, position_ids, cache, use_cache)
-        return SplitOutput(hidden, None, cache if use_cache else None, attention_mask, position_ids)
+        return self.drop(hidden)
 
 
-class GPT2TrunkModel(_GPT2Part):
-    part = "trunk"
-
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        cache, position_ids = self._prepare(
-            hidden_states.shape[1], hidden_states.device, attention_mask, position_ids, past_key_values, use_cache
-        )
-        hidden = self._run_layers(hidden_states, attention_mask, position_ids, cache, use_cache)
-        return SplitOutput(hidden, None, cache if use_cache else None, attention_mask, position_ids)
+class GPT2TrunkModel(_GPT2Part, TrunkPart):
+    pass
 
 
-class GPT2TopModel(_GPT2Part):
-    part = "top"
-
+class GPT2TopModel(_GPT2Part, TopPart):
     def _build_extra(self, config: Any) -> None:
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        cache, position_ids = self._prepare(
-            hidden_states.shape[1], hidden_states.device, attention_mask, position_ids, past_key_values, use_cache
-        )
-        hidden = self._run_layers(hidden_states, attention_mask, position_ids, cache, use_cache)
+    def _head(self, hidden):
         hidden = self.ln_f(hidden)
-        logits = self.lm_head(hidden)
-        return SplitOutput(hidden, logits, cache if use_cache else None, attention_mask, position_ids)
+        return hidden, self.lm_head(hidden)
 
 
 PART_CLASSES = {"bottom": GPT2BottomModel, "trunk": GPT2TrunkModel, "top": GPT2TopModel}
