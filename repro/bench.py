@@ -66,8 +66,8 @@ def summarise(runs: list[dict[str, Any]], scenario: str | None = None, kind: str
     values: dict[str, list[float]] = {}
     meta: dict[str, _figures.Figure] = {}
     for run in runs:
-        if run.get("outcome") != "PASS":
-            continue  # a failed run's partial figures are not a measurement
+        if not run.get("ok", run.get("outcome") == "PASS"):
+            continue  # a run that did not end as predicted: its partial figures are not a measurement
         for fig in _figures.extract(run.get("metrics") or {}, scenario=scenario, kind=kind):
             values.setdefault(fig.name, []).append(fig.value)
             meta.setdefault(fig.name, fig)
@@ -144,6 +144,33 @@ def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
         "source": str(path.relative_to(ROOT)),
         "date": data.get("started"),
     }
+
+
+def cell_key_figures(python: str, build: str) -> dict[str, Any] | None:
+    """Key figures of the hazard/fix variants in this build's matrix cell (one run each), e.g. the
+    manager's heartbeat gap with the lock held against the placeholder fix."""
+    path = ROOT / "results" / "cells" / f"py{python}-{build}.json"
+    try:
+        from repro import matrix
+
+        cell = matrix.read_cell(path)
+    except (OSError, ValueError):
+        return None
+    rows = []
+    for (scenario, variant), entry in sorted(cell.entries.items()):
+        key = entry.key
+        if entry.status == matrix.RAN and key is not None and cell.kinds.get((scenario, variant)) in ("hazard", "fix"):
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "variant": variant,
+                    "kind": cell.kinds[(scenario, variant)],
+                    "outcome": entry.outcome,
+                    "ok": entry.ok,
+                    "figure": key.to_json(),
+                }
+            )
+    return {"source": str(path.relative_to(ROOT)), "date": cell.meta.get("started"), "rows": rows}
 
 
 def time_suite(timeout: float) -> dict[str, Any]:
@@ -226,7 +253,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = ["# Benchmarks", ""]
     out.append(
         f"Measured {report['date']} with `{report['command']}`: {report['repeat']} repetitions after "
-        f"{report['warmup']} warm-up per variant, round-robin, one fresh interpreter per run, nothing else run beside. "
+        f"{report['warmup']} warm-up per variant, round-robin, one fresh interpreter per run, one run at a time (the harness's serial lock). "
         "Figures are medians with min–max over the repetitions; ratios were measured side by side inside each run."
     )
     out.append("")
@@ -289,6 +316,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{suite.get('source')}, {suite.get('date')})."
         )
         out.append("")
+    cellfig = report.get("cell_figures")
+    if cellfig and cellfig.get("rows"):
+        out.append("## Hazard against fix (single runs from the matrix cell)")
+        out.append("")
+        out.append(f"One run each, from {cellfig['source']} ({cellfig.get('date')}): not medians.")
+        out.append("")
+        out.append("| scenario:variant | kind | outcome | figure | value | target |")
+        out.append("|---|---|---|---|---|---|")
+        for r in cellfig["rows"]:
+            f = r["figure"]
+            out.append(
+                f"| `{r['scenario']}:{r['variant']}` | {r['kind']} | {r['outcome']}{'' if r['ok'] else ' (unpredicted)'} | "
+                f"{f['name']} | {_figures.fmt_value(f['value'], f['unit'])} | {f['target'] or ''} |"
+            )
+        out.append("")
     out.append("## All figures")
     for rec in report["cases"]:
         out.append("")
@@ -317,6 +359,9 @@ def rerender(path: Path, markdown: str | None) -> int:
     for rec in report["cases"]:
         rec["figures"] = summarise(rec["runs"], rec["scenario"], rec.get("kind"))
     report["missed"] = missed_targets(report)
+    fp = report.get("fingerprint") or {}
+    pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
+    report["cell_figures"] = cell_key_figures(pyver, str(fp.get("build") or "bundled"))
     path.write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     text = render_markdown(report)
     if markdown:
@@ -376,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": records,
         "suite": suite,
     }
+    report["cell_figures"] = cell_key_figures(pyver, str(fp.get("build") or "bundled"))
     report["missed"] = missed_targets(report)
     text = render_markdown(report)
     if args.json_out:

@@ -29,12 +29,20 @@ def test_select_defaults_to_load_variants():
         bench.select(cat, ["nope"])
 
 
+def test_summarise_counts_runs_that_ended_as_predicted():
+    """A variant predicted to FAIL (a measured miss) still measures: its figures count."""
+    runs = [{"outcome": "FAIL", "ok": True, "metrics": {"ratio": v}} for v in (0.9, 1.0, 1.1)]
+    (ratio,) = bench.summarise(runs)
+    assert (ratio["median"], ratio["n"]) == (1.0, 3)
+
+
 def test_summarise_medians_and_targets_on_the_median():
     runs = [
         {"outcome": "PASS", "metrics": {"ratio": 1.0, "targets": {"ratio": "<=1.05"}}},
         {"outcome": "PASS", "metrics": {"ratio": 1.1}},
         {"outcome": "PASS", "metrics": {"ratio": 2.0, "rps": 10}},
-        {"outcome": "TIMEOUT", "metrics": {"ratio": 0.1}},  # partial figures of a failed run do not count
+        {"outcome": "TIMEOUT", "ok": False, "metrics": {"ratio": 0.1}},  # partial figures of a failed run do not count
+        {"outcome": "FAIL", "ok": False, "metrics": {"ratio": 0.2}},
     ]
     (ratio, rps) = bench.summarise(runs)
     assert ratio["name"] == "ratio" and (ratio["median"], ratio["min"], ratio["max"], ratio["n"]) == (1.1, 1.0, 2.0, 3)
