@@ -229,11 +229,17 @@ def dataloader_workers(ctx):
     if p.get("kill_at") is not None:
         ctx.stage("epoch with a killed worker")
         dl = _loader(ctx, SquaresDataset(kill_at=int(p["kill_at"])))
-        it = iter(dl)
-        keys = _worker_keys(it)
+        import psutil  # noqa: F401  (imported before the workers start: see below)
+
         t0 = time.monotonic()
         err = None
+        keys: list = []
+        it = None
         try:
+            # The worker may die while the parent is still here: torch's SIGCHLD handler then
+            # raises out of whatever the parent runs (seen once in a slow import of psutil).
+            it = iter(dl)
+            keys = _worker_keys(it)
             for _ in it:
                 pass
         except RuntimeError as exc:
@@ -244,7 +250,10 @@ def dataloader_workers(ctx):
         ctx.check("DataLoader worker (pid" in err, f"unexpected error: {err}")
         ctx.check(waited < float(p["dl_timeout"]), f"error came only after {waited:.1f}s (timeout {p['dl_timeout']})")
         ctx.observe(f"killed worker reported after {waited:.3f}s: {err}")
-        _shutdown(it)
+        if it is not None:
+            _shutdown(it)
+        if not keys:
+            ctx.observe("the worker died before its pids were read: reaping checked on the children left, if any")
         check_reaped(ctx, keys)
         return
 

@@ -21,14 +21,15 @@ latency < ``gap_limit_ms``.
   process's first Hugging Face load: the worker's first-use imports (transformers' loading code,
   torch._dynamo, sympy...) and the cyclic garbage collector hold the GIL for 100-350 ms at a time,
   so the loop stalls although no lock is held (FAIL where measured: torch 2.13 / transformers 5).
-* fix ``placeholder_real``: the same load after a tiny model of the family went through the same
-  path at startup (a rehearsal before serving) and ``gc.freeze()`` ended startup: the loop stays
-  under the limit.
+* load ``placeholder_real``: the same load after a tiny model of the family went through the same
+  path at startup (a rehearsal before serving) and ``gc.freeze()`` ended startup. Recorded as a
+  figure against the limit, not a verdict: 15-40 ms on a quiet machine, 66-580 ms when the
+  2 cores are shared (matrix cells), so it is no fix that holds on every build.
 """
 
 from __future__ import annotations
 
-from repro.harness.spec import Outcome, fix, hazard, scenario
+from repro.harness.spec import Outcome, fix, hazard, load, scenario
 
 _COMMON = {"load_s": 2.5, "gap_limit_ms": 50.0, "heartbeat_ms": 5.0, "client_pause_ms": 10.0, "min_load_s": 1.0}
 
@@ -65,12 +66,21 @@ _COMMON = {"load_s": 2.5, "gap_limit_ms": 50.0, "heartbeat_ms": 5.0, "client_pau
             doc="placeholder pattern, but the process's first load of a Hugging Face model: the worker's "
             "lazy imports and the cyclic GC hold the GIL for 100-350 ms at a time and stall the loop",
         ),
-        fix(
+        load(
             "placeholder_real",
-            params={**_COMMON, "pattern": "placeholder", "workload": "real", "warm_family": True, "gc_freeze": True},
+            params={
+                **_COMMON,
+                "pattern": "placeholder",
+                "workload": "real",
+                "warm_family": True,
+                "gc_freeze": True,
+                "check_limit": False,
+            },
             markers=("slow",),
             doc="placeholder pattern with a real GPT-2-small-sized load (~124M parameters), after a tiny model "
-            "of the same family went through the same load path at startup, and gc.freeze() after startup",
+            "of the same family went through the same load path at startup, and gc.freeze() after startup. "
+            "A figure, not a verdict: measured 15-40 ms on a quiet machine but 66-580 ms in matrix cells "
+            "sharing 2 cores, so the 50 ms limit is reported as a target (see docs/BENCHMARKS.md)",
         ),
     ],
 )
@@ -205,6 +215,16 @@ def manager_lock(ctx) -> None:
         )
     if figures["client_errors"]:
         raise RuntimeError(f"client requests failed: {figures['client_errors']}")
+    if not p.get("check_limit", True):
+        ctx.record(
+            limit_ms=limit_ms,
+            heartbeat_gap_target={
+                "value": figures["heartbeat_max_gap_ms"],
+                "target": limit_ms,
+                "met": figures["heartbeat_max_gap_ms"] < limit_ms,
+            },
+        )
+        return
     ctx.check(
         figures["heartbeat_max_gap_ms"] < limit_ms,
         f"event loop blocked: heartbeat max gap {figures['heartbeat_max_gap_ms']} ms >= {limit_ms} ms "
