@@ -42,3 +42,18 @@ def base_fingerprint():
     from repro.harness.fingerprint import get_fingerprint
 
     return get_fingerprint()
+
+
+@pytest.fixture(autouse=True)
+def _share_the_machine(request):
+    """Every test but the scenario items (which take the run lock themselves) holds the machine
+    lock shared: a serial (load) scenario in another xdist worker then waits for the test in
+    hand and runs with the machine to itself, so its figures and latency checks measure the
+    code, not a neighbouring hypothesis run."""
+    if request.module.__name__.endswith("test_scenarios"):
+        yield
+        return
+    from repro.harness.runner import machine_shared
+
+    with machine_shared():
+        yield

@@ -295,3 +295,24 @@ def test_session_lock_dir_reaches_xdist_workers():
     """conftest scopes the run lock to this session; xdist workers must see the same dir."""
     assert os.environ.get("SPLITREPRO_LOCK_DIR"), "tests/conftest.py sets it for the session"
     assert runner.lock_dir() == Path(os.environ["SPLITREPRO_LOCK_DIR"])
+
+
+def test_serial_run_waits_for_tests_sharing_the_machine(tmp_path, monkeypatch):
+    """A serial run takes the machine lock exclusively: not while a test shares it; and a run
+    started inside such a test takes the run lock alone (no self-deadlock)."""
+    import fcntl
+
+    monkeypatch.setenv("SPLITREPRO_LOCK_DIR", str(tmp_path))
+    monkeypatch.delenv(runner.MACHINE_SHARED_ENV, raising=False)
+    machine = tmp_path / f"splitrepro-{os.getuid()}.machine"
+    with runner.machine_shared():
+        assert os.environ[runner.MACHINE_SHARED_ENV] == "1"
+        with open(machine) as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with runner.run_lock(serial=True):  # inside the shared test: must not wait on itself
+            pass
+    assert runner.MACHINE_SHARED_ENV not in os.environ
+    with runner.run_lock(serial=True):
+        with open(machine) as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)

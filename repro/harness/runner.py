@@ -186,28 +186,73 @@ def lock_dir() -> Path:
     return d
 
 
+# Set while a process (and so its children) runs inside a test that shares the machine lock.
+MACHINE_SHARED_ENV = "SPLITREPRO_MACHINE_SHARED"
+
+
+def _lock_paths() -> tuple[str, str, str]:
+    base = lock_dir() / f"splitrepro-{os.getuid()}"
+    return f"{base}.turnstile", f"{base}.lock", f"{base}.machine"
+
+
 @contextlib.contextmanager
 def run_lock(serial: bool) -> Iterator[float]:
     """LOCK_EX for serial scenarios, LOCK_SH for the rest, across processes (xdist workers).
 
-    A turnstile lock taken briefly by everyone gives a waiting serial run priority over a
-    stream of shared holders. Yields the seconds spent waiting.
+    A serial run also takes the *machine* lock exclusively, so that work which is not a
+    scenario run but holds :func:`machine_shared` (the unit tests under pytest) does not run
+    beside it either. Locks are always taken in the order turnstile, machine, run. A turnstile
+    taken briefly by everyone gives a waiting serial run priority over a stream of shared
+    holders. A process inside a test that already shares the machine lock (``MACHINE_SHARED_ENV``)
+    takes the run lock alone: it can neither wait on the turnstile (a serial run holding it
+    waits for that very test) nor get the machine to itself. Yields the seconds spent waiting.
     """
     t0 = time.monotonic()
     if os.environ.get("SPLITREPRO_IN_RUN") == "1":
         yield 0.0
         return
-    base = lock_dir() / f"splitrepro-{os.getuid()}"
-    with open(f"{base}.turnstile", "a") as turn, open(f"{base}.lock", "a") as lock:
-        fcntl.flock(turn, fcntl.LOCK_EX)
-        try:
+    turn_path, run_path, machine_path = _lock_paths()
+    inside_shared_test = os.environ.get(MACHINE_SHARED_ENV) == "1"
+    with open(turn_path, "a") as turn, open(run_path, "a") as lock, open(machine_path, "a") as machine:
+        if inside_shared_test:
             fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
-        finally:
-            fcntl.flock(turn, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            try:
+                if serial:
+                    fcntl.flock(machine, fcntl.LOCK_EX)
+                fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+            finally:
+                fcntl.flock(turn, fcntl.LOCK_UN)
         try:
             yield time.monotonic() - t0
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(machine, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def machine_shared() -> Iterator[float]:
+    """Hold the machine lock shared: no serial scenario run starts meanwhile (and a waiting one
+    goes first). Marks the environment so that runs started inside take the run lock alone."""
+    t0 = time.monotonic()
+    turn_path, _, machine_path = _lock_paths()
+    previous = os.environ.get(MACHINE_SHARED_ENV)
+    with open(turn_path, "a") as turn, open(machine_path, "a") as machine:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(machine, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        os.environ[MACHINE_SHARED_ENV] = "1"
+        try:
+            yield time.monotonic() - t0
+        finally:
+            if previous is None:
+                os.environ.pop(MACHINE_SHARED_ENV, None)
+            else:
+                os.environ[MACHINE_SHARED_ENV] = previous
+            fcntl.flock(machine, fcntl.LOCK_UN)
 
 
 # -- public entry points ----------------------------------------------------------------
