@@ -132,7 +132,9 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         f"results of {merged.get('generated', '?')} ({len(cells)} cell(s): {', '.join(cells) or 'none'}). "
         "Each claim is one of the seeds' hypotheses; the verdict says what its scenarios showed on each build. "
         "A hazard *reproduces* when its hazard variant did not pass; a *fix holds* when its fix variants passed; "
-        "⚠ marks an outcome the build's prediction did not allow. Details of every variant: docs/matrix/."
+        "⚠ marks an outcome the build's prediction did not allow. Details of every variant: docs/matrix/. "
+        "The *finding* column is this suite's reading of the claim from those outcomes and their figures "
+        "(`repro/claims.py`); the per-build columns are generated and show where it would stop holding."
     )
     out.append("")
     if merged.get("missing_cells"):
@@ -140,8 +142,8 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         out.append("")
     out.append("## Summary")
     out.append("")
-    out.append("| claim | seed | scenarios | " + " | ".join(cells) + " |")
-    out.append("|---|---|---|" + "---|" * len(cells))
+    out.append("| claim | seed | finding | scenarios | " + " | ".join(cells) + " |")
+    out.append("|---|---|---|---|" + "---|" * len(cells))
     details = []
     for cid, info in CLAIMS.items():
         names = scenarios_by_claim.get(cid, [])
@@ -149,7 +151,7 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         per_cell = {c: verdict(rows, c) for c in cells}
         short = [_short(per_cell[c][0]) for c in cells]
         out.append(
-            f"| {cid} | {info['seed']} | {', '.join(f'`{n}`' for n in names) or '**none**'} | "
+            f"| {cid} | {info['seed']} | {info.get('verdict', '–')} | {', '.join(f'`{n}`' for n in names) or '**none**'} | "
             + " | ".join(short)
             + " |"
         )
@@ -160,6 +162,9 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         out.append("")
         out.append(f"> {info['claim']}")
         out.append("")
+        if info.get("finding"):
+            out.append(f"**Finding: {info.get('verdict', '')}.** {info['finding']}")
+            out.append("")
         if not names:
             out.append("No scenario names this claim: untested.")
             out.append("")

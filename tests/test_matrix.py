@@ -251,7 +251,9 @@ def test_hazards_verdicts(two_cells, tmp_path):
     v, _ = hazards_doc.verdict([r for r in merged["rows"] if r["scenario"] == "cuda"], "py3.11-bundled")
     assert v == "not tested (skipped: no CUDA device)"
     text = hazards_doc.render(merged, {"002-fork-deadlock": ["fork"], "002-cuda-fork": ["cuda"]})
-    assert "| 002-fork-deadlock | 002 | `fork` | reproduces, fix holds | ⚠ unpredicted |" in text
+    finding = hazards_doc.CLAIMS["002-fork-deadlock"]["verdict"]
+    assert f"| 002-fork-deadlock | 002 | {finding} | `fork` | reproduces, fix holds | ⚠ unpredicted |" in text
+    assert f"**Finding: {finding}.**" in text
     assert "No scenario names this claim: untested." in text  # e.g. 000-mutex-harmless here
 
 
