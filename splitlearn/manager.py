@@ -88,6 +88,24 @@ class ModelStatus(str, enum.Enum):
         return self.value
 
 
+def _info(entry: Any, **fields: Any) -> dict[str, Any]:
+    """The status row every registry entry (placeholder, model, failed load) reports."""
+    row = {
+        "model_id": entry.model_id,
+        "status": entry.status.value,
+        "generation": entry.generation,
+        "model_type": entry.config.model_type,
+        "component": entry.config.component,
+        "elapsed_s": None,
+        "load_seconds": None,
+        "estimated_bytes": entry.estimated_bytes,
+        "param_bytes": None,
+        "error": None,
+    }
+    row.update(fields)
+    return row
+
+
 @dataclass
 class LoadingPlaceholder:
     """Stands in the table for a model while its load runs."""
@@ -104,18 +122,7 @@ class LoadingPlaceholder:
     status: ModelStatus = ModelStatus.LOADING
 
     def info(self) -> dict[str, Any]:
-        return {
-            "model_id": self.model_id,
-            "status": self.status.value,
-            "generation": self.generation,
-            "model_type": self.config.model_type,
-            "component": self.config.component,
-            "elapsed_s": round(time.monotonic() - self.started, 6),
-            "load_seconds": None,
-            "estimated_bytes": self.estimated_bytes,
-            "param_bytes": None,
-            "error": None,
-        }
+        return _info(self, elapsed_s=round(time.monotonic() - self.started, 6))
 
 
 @dataclass
@@ -134,19 +141,9 @@ class ManagedModel:
     status: ModelStatus = ModelStatus.READY
 
     def info(self) -> dict[str, Any]:
-        return {
-            "model_id": self.model_id,
-            "status": self.status.value,
-            "generation": self.generation,
-            "model_type": self.config.model_type,
-            "component": self.config.component,
-            "elapsed_s": None,
-            "load_seconds": round(self.load_seconds, 6),
-            "estimated_bytes": self.estimated_bytes,
-            "param_bytes": self.param_bytes,
-            "requests": self.requests,
-            "error": None,
-        }
+        return _info(
+            self, load_seconds=round(self.load_seconds, 6), param_bytes=self.param_bytes, requests=self.requests
+        )
 
 
 @dataclass
@@ -162,18 +159,7 @@ class FailedLoad:
     status: ModelStatus = ModelStatus.FAILED
 
     def info(self) -> dict[str, Any]:
-        return {
-            "model_id": self.model_id,
-            "status": self.status.value,
-            "generation": self.generation,
-            "model_type": self.config.model_type,
-            "component": self.config.component,
-            "elapsed_s": None,
-            "load_seconds": round(self.seconds, 6),
-            "estimated_bytes": self.estimated_bytes,
-            "param_bytes": None,
-            "error": self.error,
-        }
+        return _info(self, load_seconds=round(self.seconds, 6), error=self.error)
 
 
 def _available_memory() -> int:
@@ -212,8 +198,15 @@ class AsyncModelManager:
         self._failures: dict[str, FailedLoad] = {}
         self._generations = itertools.count(1)
         self._stats_lock = threading.Lock()
-        self._stats = {"loads_started": 0, "loads_ready": 0, "loads_failed": 0, "loads_cancelled": 0,
-                       "orphans_dropped": 0, "duplicates_refused": 0, "workers_running": 0}
+        self._stats = {
+            "loads_started": 0,
+            "loads_ready": 0,
+            "loads_failed": 0,
+            "loads_cancelled": 0,
+            "orphans_dropped": 0,
+            "duplicates_refused": 0,
+            "workers_running": 0,
+        }
         self._closed = False
 
     # -- context management -------------------------------------------------------------
@@ -233,7 +226,9 @@ class AsyncModelManager:
                     self._cancel_placeholder(entry, "manager shut down")
             self._entries.clear()
         if wait:
-            await asyncio.get_running_loop().run_in_executor(None, lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
+            )
         else:
             self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("manager shut down")
@@ -260,11 +255,20 @@ class AsyncModelManager:
             ph = LoadingPlaceholder(model_id, config, next(self._generations), estimate)
             self._entries[model_id] = ph
             self._failures.pop(model_id, None)
-        log.info("placeholder for %r (generation %d) inserted in %.3f ms; estimate %.1f MiB",
-                 model_id, ph.generation, (time.perf_counter() - t_lock) * 1e3, estimate / 2**20)
+        log.info(
+            "placeholder for %r (generation %d) inserted in %.3f ms; estimate %.1f MiB",
+            model_id,
+            ph.generation,
+            (time.perf_counter() - t_lock) * 1e3,
+            estimate / 2**20,
+        )
 
         t0 = time.perf_counter()
-        limit = timeout if timeout is not None else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
+        limit = (
+            timeout
+            if timeout is not None
+            else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
+        )
         try:
             ph.aborted = asyncio.get_running_loop().create_future()
             ph.future = self._executor.submit(self._run_load, ph)
@@ -285,8 +289,9 @@ class AsyncModelManager:
                     raise LoadCancelled(
                         f"load of {model_id!r} (generation {ph.generation}) finished after it was unloaded or replaced"
                     )
-                managed = ManagedModel(model_id, config, model, ph.generation, time.perf_counter() - t0,
-                                       estimate, param_bytes(model))
+                managed = ManagedModel(
+                    model_id, config, model, ph.generation, time.perf_counter() - t0, estimate, param_bytes(model)
+                )
                 self._entries[model_id] = managed
                 del model
         except BaseException as exc:
@@ -295,8 +300,13 @@ class AsyncModelManager:
         finally:
             ph.future = ph.waiter = None  # the placeholder keeps no result alive
         self._bump("loads_ready")
-        log.info("model %r ready (generation %d) in %.3f s, %.1f MiB of parameters",
-                 model_id, ph.generation, managed.load_seconds, managed.param_bytes / 2**20)
+        log.info(
+            "model %r ready (generation %d) in %.3f s, %.1f MiB of parameters",
+            model_id,
+            ph.generation,
+            managed.load_seconds,
+            managed.param_bytes / 2**20,
+        )
         return managed
 
     def _refuse_duplicate(self, model_id: str) -> None:
@@ -310,7 +320,9 @@ class AsyncModelManager:
                 f"model {model_id!r} is already loading (generation {entry.generation}, "
                 f"started {time.monotonic() - entry.started:.3f} s ago); wait for it or unload it first"
             )
-        raise DuplicateModelError(f"model {model_id!r} is already loaded (generation {entry.generation}); unload it first")
+        raise DuplicateModelError(
+            f"model {model_id!r} is already loaded (generation {entry.generation}); unload it first"
+        )
 
     def _check_memory(self, model_id: str, estimate: int) -> None:
         if not self.check_resources:
@@ -337,8 +349,11 @@ class AsyncModelManager:
             if ph.cancel_event.is_set():
                 del model  # the only reference: nothing registers it
                 self._bump("orphans_dropped")
-                log.warning("load of %r (generation %d) finished after its caller gave up; result dropped",
-                            ph.model_id, ph.generation)
+                log.warning(
+                    "load of %r (generation %d) finished after its caller gave up; result dropped",
+                    ph.model_id,
+                    ph.generation,
+                )
                 raise LoadCancelled(f"load of {ph.model_id!r} finished after its caller gave up; result dropped")
             return model
         finally:
@@ -364,18 +379,32 @@ class AsyncModelManager:
         if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
             # The worker had already returned: its model exists but will never be registered.
             self._bump("orphans_dropped")
-            log.warning("load of %r (generation %d) finished but is not registered (%s); result dropped",
-                        ph.model_id, ph.generation, type(exc).__name__)
+            log.warning(
+                "load of %r (generation %d) finished but is not registered (%s); result dropped",
+                ph.model_id,
+                ph.generation,
+                type(exc).__name__,
+            )
         if ph.waiter is not None and not ph.waiter.done():
             ph.waiter.cancel()  # no "exception never retrieved" later; the worker result is discarded
         if self._entries.get(ph.model_id) is ph:
             del self._entries[ph.model_id]
         if ph.model_id not in self._entries:
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._failures[ph.model_id] = FailedLoad(ph.model_id, ph.config, ph.generation, message, seconds, ph.estimated_bytes)
+            self._failures[ph.model_id] = FailedLoad(
+                ph.model_id, ph.config, ph.generation, message, seconds, ph.estimated_bytes
+            )
         self._bump("loads_cancelled" if cancelled else "loads_failed")
-        log.log(logging.INFO if cancelled else logging.ERROR, "load of %r (generation %d) %s after %.3f s: %s: %s",
-                ph.model_id, ph.generation, "cancelled" if cancelled else "failed", seconds, type(exc).__name__, exc)
+        log.log(
+            logging.INFO if cancelled else logging.ERROR,
+            "load of %r (generation %d) %s after %.3f s: %s: %s",
+            ph.model_id,
+            ph.generation,
+            "cancelled" if cancelled else "failed",
+            seconds,
+            type(exc).__name__,
+            exc,
+        )
 
     # -- serving --------------------------------------------------------------------------
     async def get_model(self, model_id: str) -> Any:
@@ -388,7 +417,8 @@ class AsyncModelManager:
                 return entry.model
         if isinstance(entry, LoadingPlaceholder):
             raise ModelNotReadyError(
-                f"model {model_id!r} is still loading ({time.monotonic() - entry.started:.3f} s so far)")
+                f"model {model_id!r} is still loading ({time.monotonic() - entry.started:.3f} s so far)"
+            )
         failure = self._failures.get(model_id)
         if failure is not None:
             raise ModelNotFoundError(f"model {model_id!r} is not loaded: its last load failed: {failure.error}")
@@ -398,7 +428,9 @@ class AsyncModelManager:
         """loading / ready / failed, with load time and memory; ModelNotFoundError if unknown."""
         entry = self._entries.get(model_id) or self._failures.get(model_id)
         if entry is None:
-            raise ModelNotFoundError(f"no model {model_id!r} (known: {sorted(set(self._entries) | set(self._failures))})")
+            raise ModelNotFoundError(
+                f"no model {model_id!r} (known: {sorted(set(self._entries) | set(self._failures))})"
+            )
         return entry.info()
 
     def list_models(self) -> list[dict[str, Any]]:
