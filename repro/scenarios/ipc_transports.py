@@ -8,8 +8,11 @@ the Manager costs 10-50x native IPC.
 Method: one spawned echo process per transport; the parent sends ``size``-byte messages and
 the echo process sends each back.
 
-* latency: one message in flight (ping-pong), ``rounds`` round trips after ``warmup``;
-  median, mean and p99 in microseconds;
+* latency: one message in flight (ping-pong), ``rounds`` round trips per transport after
+  ``warmup``; median, mean and p99 in microseconds. Every transport is open at once and the
+  round trips run in blocks of ``block``, interleaved across transports with the order
+  rotating, so a drift in the machine's speed hits them all alike; each ratio is the median
+  over blocks of the two transports' block medians;
 * throughput: a window of ``window`` messages in flight (the window keeps pipes and sockets
   below their buffer size, so neither side blocks on a full buffer), messages per second.
 
@@ -197,25 +200,21 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def _measure(t: _Transport, size: int, rounds: int, warmup: int, window: int, budget_s: float) -> dict:
-    msg = b"\x01" + os.urandom(size - 1)
-    for _ in range(warmup):
-        t.send(msg)
-        if t.recv() != msg:
-            raise AssertionError(f"{t.name}: echo returned different bytes")
-    lat = []
-    t_end = time.perf_counter() + budget_s
-    for _ in range(rounds):
+def _round_trips(t: _Transport, msg: bytes, n: int) -> list[float]:
+    size = len(msg)
+    out = []
+    for _ in range(n):
         t0 = time.perf_counter()
         t.send(msg)
         r = t.recv()
-        lat.append(time.perf_counter() - t0)
+        out.append(time.perf_counter() - t0)
         if len(r) != size:
             raise AssertionError(f"{t.name}: echo returned {len(r)} bytes, sent {size}")
-        if t0 > t_end:
-            break
-    # throughput: `window` messages in flight
-    n = max(len(lat), window * 4)
+    return out
+
+
+def _throughput(t: _Transport, msg: bytes, n: int, window: int) -> float:
+    """Messages per second with ``window`` messages in flight."""
     t0 = time.perf_counter()
     sent = got = 0
     while sent < min(window, n):
@@ -227,17 +226,48 @@ def _measure(t: _Transport, size: int, rounds: int, warmup: int, window: int, bu
         if sent < n:
             t.send(msg)
             sent += 1
-    dt = time.perf_counter() - t0
-    us = [x * 1e6 for x in lat]
-    return {
-        "rounds": len(lat),
-        "latency_us_median": round(_percentile(us, 50), 2),
-        "latency_us_mean": round(sum(us) / len(us), 2),
-        "latency_us_p99": round(_percentile(us, 99), 2),
-        "throughput_msgs_per_s": round(n / dt, 1),
-        "throughput_MB_per_s": round(n * size / dt / 1e6, 2),
-        "window": window,
-    }
+    return n / (time.perf_counter() - t0)
+
+
+def _measure_all(ts: dict[str, _Transport], size: int, p: dict) -> tuple[dict, dict]:
+    """Latency of every transport in interleaved blocks (each block of ``block`` round trips,
+    the order rotating), then throughput of each. Returns per-transport figures and the
+    per-block medians (for ratios taken block by block, side by side)."""
+    msg = b"\x01" + os.urandom(size - 1)
+    for t in ts.values():
+        for _ in range(p["warmup"]):
+            t.send(msg)
+            if t.recv() != msg:
+                raise AssertionError(f"{t.name}: echo returned different bytes")
+    names = list(ts)
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    blocks: dict[str, list[float]] = {n: [] for n in names}
+    t_end = time.perf_counter() + p["budget_s"]
+    for b in range(max(1, p["rounds"] // p["block"])):
+        for name in names[b % len(names) :] + names[: b % len(names)]:
+            xs = _round_trips(ts[name], msg, p["block"])
+            lat[name] += xs
+            blocks[name].append(_percentile(xs, 50))
+        if time.perf_counter() > t_end:
+            break
+    out = {}
+    for name in names:
+        us = [x * 1e6 for x in lat[name]]
+        rate = _throughput(ts[name], msg, max(len(us), p["window"] * 4), p["window"])
+        out[name] = {
+            "rounds": len(us),
+            "latency_us_median": round(_percentile(us, 50), 2),
+            "latency_us_mean": round(sum(us) / len(us), 2),
+            "latency_us_p99": round(_percentile(us, 99), 2),
+            "throughput_msgs_per_s": round(rate, 1),
+            "throughput_MB_per_s": round(rate * size / 1e6, 2),
+            "window": p["window"],
+        }
+    return out, blocks
+
+
+def _block_ratio(blocks: dict[str, list[float]], num: str, den: str) -> float:
+    return round(_percentile([a / b for a, b in zip(blocks[num], blocks[den], strict=True)], 50), 2)
 
 
 @scenario(
@@ -249,7 +279,7 @@ def _measure(t: _Transport, size: int, rounds: int, warmup: int, window: int, bu
     variants=[
         load(
             "4k",
-            params={"sizes": [64, 4096], "rounds": 2000, "warmup": 200, "window": 8, "budget_s": 4.0},
+            params={"sizes": [64, 4096], "rounds": 2000, "block": 100, "warmup": 200, "window": 8, "budget_s": 8.0},
             doc="all transports, 64 B and 4 KiB messages",
         ),
     ],
@@ -260,27 +290,30 @@ def ipc_transports(ctx):
     p = ctx.params
     mpctx = mp.get_context("spawn")
     results: dict[str, dict[str, dict]] = {}
-    for size in p["sizes"]:
-        results[str(size)] = {}
-        for name in TRANSPORTS:
-            ctx.stage(f"{name} {size}B")
-            t = _Transport(name, size, mpctx, str(ctx.workdir))
-            try:
-                results[str(size)][name] = _measure(t, size, p["rounds"], p["warmup"], p["window"], p["budget_s"])
-            finally:
-                t.close()
-            ctx.check(t.proc.exitcode is not None, f"{name}: echo process not reaped")
-            ctx.record(results=results)
     ratios = {}
-    for size, row in results.items():
+    for size in p["sizes"]:
+        ctx.stage(f"{size}B: start {len(TRANSPORTS)} echo processes")
+        ts: dict[str, _Transport] = {}
+        try:
+            for name in TRANSPORTS:
+                ts[name] = _Transport(name, size, mpctx, str(ctx.workdir))
+            ctx.stage(f"{size}B: interleaved round trips, then throughput")
+            row, blocks = _measure_all(ts, size, p)
+        finally:
+            for t in ts.values():
+                t.close()
+        for name, t in ts.items():
+            ctx.check(t.proc.exitcode is not None, f"{name}: echo process not reaped")
+        results[str(size)] = row
+        ctx.record(results=results)
         med = {k: v["latency_us_median"] for k, v in row.items()}
-        floor = min(med["raw_socketpair"], med["raw_pipe"])
-        ratios[size] = {
-            "manager_over_unix_connection": round(med["manager_queue"] / med["unix_connection"], 2),
-            "manager_over_mp_queue": round(med["manager_queue"] / med["mp_queue"], 2),
-            "mp_queue_over_unix_connection": round(med["mp_queue"] / med["unix_connection"], 2),
-            "unix_connection_over_raw_floor": round(med["unix_connection"] / floor, 2),
-            "unix_connection_over_raw_socketpair": round(med["unix_connection"] / med["raw_socketpair"], 2),
+        floor = "raw_socketpair" if med["raw_socketpair"] <= med["raw_pipe"] else "raw_pipe"
+        ratios[str(size)] = {
+            "manager_over_unix_connection": _block_ratio(blocks, "manager_queue", "unix_connection"),
+            "manager_over_mp_queue": _block_ratio(blocks, "manager_queue", "mp_queue"),
+            "mp_queue_over_unix_connection": _block_ratio(blocks, "mp_queue", "unix_connection"),
+            "unix_connection_over_raw_floor": _block_ratio(blocks, "unix_connection", floor),
+            "unix_connection_over_raw_socketpair": _block_ratio(blocks, "unix_connection", "raw_socketpair"),
             "manager_throughput_fraction_of_unix": round(
                 row["manager_queue"]["throughput_msgs_per_s"] / row["unix_connection"]["throughput_msgs_per_s"], 3
             ),
@@ -292,8 +325,10 @@ def ipc_transports(ctx):
     ctx.record(
         ratios=ratios,
         method=(
-            f"spawned echo per transport; latency = ping-pong median of up to {p['rounds']} round trips after "
-            f"{p['warmup']} warm-up; throughput with {p['window']} in flight; perf_counter"
+            f"spawned echo per transport, all open at once; latency = ping-pong, up to {p['rounds']} round trips "
+            f"per transport after {p['warmup']} warm-up, in blocks of {p['block']} interleaved across transports "
+            f"(order rotating); ratios = median over blocks of the two transports' block medians; throughput "
+            f"with {p['window']} in flight; perf_counter"
         ),
         targets={
             "manager_over_socket_10_to_50x": {"value": ratio, "claim": "10-50x", "within_claim": 10 <= ratio <= 50},
