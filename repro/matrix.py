@@ -435,8 +435,8 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
     out.append("## Cells")
     out.append("")
     keys = [k for k in FINGERPRINT_KEYS if any(k in c["fingerprint"] for c in merged["cells"])]
-    out.append("| cell | ran | as predicted | disagree | skipped | not run | wall | " + " | ".join(keys) + " |")
-    out.append("|---|---|---|---|---|---|---|" + "---|" * len(keys))
+    out.append("| cell | ran | as predicted | disagree | skipped | not run | wall | code | " + " | ".join(keys) + " |")
+    out.append("|---|---|---|---|---|---|---|---|" + "---|" * len(keys))
     for c in merged["cells"]:
         n = c["counts"]
         fp = [_md_escape(_fp_value(c["fingerprint"].get(k))) for k in keys]
@@ -444,9 +444,17 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
         wall_text = f"{wall / 60:.1f} min" if isinstance(wall, (int, float)) else "–"
         out.append(
             f"| {c['name']} | {n['ran']} | {n['as_predicted']} | {n['disagree']} | {n['skipped']} | {n['not_run']} | "
-            f"{wall_text} | " + " | ".join(fp) + " |"
+            f"{wall_text} | {source_text(c['meta'].get('source'))} | " + " | ".join(fp) + " |"
         )
     out.append("")
+    commits = sorted({source_text(c["meta"].get("source")) for c in merged["cells"]})
+    if len(commits) > 1 or any(c.endswith("+") or c == "?" for c in commits):
+        out.append(
+            "**Cells ran different code** (commit; `+` = uncommitted changes, `?` = not recorded): "
+            + ", ".join(f"{c['name']} {source_text(c['meta'].get('source'))}" for c in merged["cells"])
+            + ". A disagreement may come from that, not from the build."
+        )
+        out.append("")
     machines = sorted({_machine_text(c["meta"].get("machine")) for c in merged["cells"]} - {""})
     if machines:
         out.append("Machine: " + "; ".join(machines) + ".")
@@ -456,6 +464,13 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
         out.append(f"Partial runs (pytest selected a subset with -k/-m): {', '.join(partial)}.")
         out.append("")
     return "\n".join(out)
+
+
+def source_text(source: Any) -> str:
+    """'abc1234' for a cell's commit, 'abc1234+' with uncommitted changes, '?' when unknown."""
+    if not isinstance(source, Mapping) or not source.get("commit"):
+        return "?"
+    return str(source["commit"])[:7] + ("+" if source.get("dirty") else "")
 
 
 def _machine_text(machine: Any) -> str:

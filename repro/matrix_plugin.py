@@ -66,6 +66,24 @@ def slim_result(data: dict[str, Any]) -> dict[str, Any]:
     return _trim(out)
 
 
+def source_stamp(root: Path | None = None) -> dict[str, Any]:
+    """The code a cell ran: git commit and whether the tree had uncommitted changes to tracked
+    files (empty when git or the repository is not there)."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return {}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def _machine() -> dict[str, Any]:
     try:
         from repro.bench import machine_info
@@ -81,6 +99,7 @@ class CellRecorder:
         self.path = path
         self.is_worker = hasattr(config, "workerinput")
         self.started = time.time()
+        self.source = source_stamp()  # at the start: what the run imported
         self.captured: dict[str, list[dict[str, Any]]] = {}
         self.current: str | None = None
         self.results: list[dict[str, Any]] = []
@@ -261,6 +280,7 @@ class CellRecorder:
             "build": build,
             "python": platform.python_version(),
             "machine": _machine(),
+            "source": self.source,
             "started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).replace(microsecond=0).isoformat(),
             "wall_seconds": round(time.time() - self.started, 1),
             "pytest": {

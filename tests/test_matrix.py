@@ -208,6 +208,26 @@ def test_reports_render_and_escape(two_cells, tmp_path):
     assert matrix.main([str(two_cells), "-o", str(tmp_path / "strict"), "--strict"]) == 1
 
 
+def test_cells_on_different_code_are_flagged(two_cells, tmp_path):
+    for name, source in (("py3.11-bundled", {"commit": "a" * 40, "dirty": False}), ("py3.11-mkl", {"commit": "b" * 40, "dirty": True})):
+        path = two_cells / f"{name}.json"
+        data = json.loads(path.read_text())
+        data["source"] = source
+        path.write_text(json.dumps(data))
+    cells = [matrix.read_cell(p) for p in matrix.collect_paths([two_cells])]
+    md = matrix.render_markdown(matrix.merge(cells))
+    assert "**Cells ran different code**" in md and "py3.11-bundled aaaaaaa, py3.11-mkl bbbbbbb+" in md
+    # the same clean commit everywhere: no flag
+    path = two_cells / "py3.11-mkl.json"
+    data = json.loads(path.read_text())
+    data["source"] = {"commit": "a" * 40, "dirty": False}
+    path.write_text(json.dumps(data))
+    cells = [matrix.read_cell(p) for p in matrix.collect_paths([two_cells])]
+    md = matrix.render_markdown(matrix.merge(cells))
+    assert "Cells ran different code" not in md and "| aaaaaaa |" in md
+    assert matrix.source_text(None) == "?" and matrix.source_text({"commit": "c" * 40, "dirty": True}) == "ccccccc+"
+
+
 def test_reads_plain_run_json(tmp_path):
     """`python -m repro run --all --json F` output is a cell too (named after the file)."""
     path = tmp_path / "adhoc.json"
@@ -316,6 +336,7 @@ def test_plugin_writes_cell(tmp_path, monkeypatch):
     assert {v: r["outcome"] for v, r in got.items()} == {"ok": "PASS", "fails": "FAIL", "figures": "PASS"}
     assert got["figures"]["metrics"]["overhead_ratio"] == 1.01
     assert "fingerprint" not in got["ok"]  # once per cell
+    assert len(data["source"]["commit"]) == 40 and isinstance(data["source"]["dirty"], bool)
     assert data["skipped"] == [
         {"scenario": "mx_demo", "variant": "skipped", "kind": "fix", "reason": "not on this build", "nodeid": "test_demo.py::test_demo[skipped]"}
     ]  # fmt: skip
