@@ -6,11 +6,28 @@ seeds' hypotheses, not facts. ``verdict`` and ``finding`` say what this suite me
 (torch 2.13 CPU wheel, transformers 5.23, Python 3.11, bundled and pip-MKL builds, 2 cores,
 2026-11-23); the per-build outcomes behind them are generated into docs/HAZARDS.md from the
 latest results, so a finding that stops matching them shows there.
+
+``checks`` tie a claim to the variants that bear on it, so each build gets a verdict on the
+claim itself rather than on its scenarios' hazard/fix outcomes. Each check is
+``(scenario:variant, test, means, what)``:
+
+* ``test`` is either outcomes (``"HANG"``, ``"FAIL|HANG|TIMEOUT"``) or a comparison of one of
+  the variant's figures with a number (``"heartbeat_max_gap_ms <= 50"``; figure names as in
+  the matrix report, nested metrics joined with dots);
+* ``means`` says what a true test does to the claim: ``for`` (supports it; a false test
+  counts against), ``against`` (the reverse), or ``observe`` (shown, not counted);
+* ``what`` is the test in words, shown beside its result.
+
+A build's verdict: *holds* when every counted check supports the claim, *refuted* when
+every one counts against it, *mixed* otherwise, *not tested* when none ran there
+(:func:`repro.hazards_doc.claim_verdict`).
 """
 
 from __future__ import annotations
 
-CLAIMS: dict[str, dict[str, str]] = {
+from typing import Any
+
+CLAIMS: dict[str, dict[str, Any]] = {
     "000-mutex-harmless": {
         "seed": "000",
         "claim": "`[mutex.cc : 452] RAW: Lock blocking` at torch.load of a fully pickled model is harmless PyTorch C++ initialisation.",
@@ -18,6 +35,11 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "The message never appeared: 9 fresh-interpreter loads per build (full pickle, state dict, safetensors; thread variables set before import, after import, and `set_num_threads` before the load), and none of the ~85 libraries mapped after the load contains the string. It is abseil's mutex diagnostic (public reports tie it to two copies of abseil/protobuf in one process, mostly on macOS), not PyTorch C++ initialisation. Thread variables only count when set before `import torch`."
         ),
+        "checks": [
+            ("torch_load_threads:env_before_import", "raw_lock_blocking.full > 0", "observe", "the message appears at the full-pickle load"),
+            ("torch_load_threads:env_after_import", "raw_lock_blocking.full > 0", "observe", "the message appears at the full-pickle load"),
+            ("torch_load_threads:set_num_threads", "raw_lock_blocking.full > 0", "observe", "the message appears at the full-pickle load"),
+        ],
     },
     "000-weights-only": {
         "seed": "000",
@@ -26,6 +48,11 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "torch's default `weights_only=True` refuses the fully pickled part (`Unsupported global ... GPT2TrunkModel`); a crafted pickle runs code under `weights_only=False` (marker file written) and is refused by `weights_only=True` and by the safetensors loader; after a class is renamed the full pickle no longer loads while the state dict still does. State dict / safetensors load in milliseconds against seconds for the full pickle."
         ),
+        "checks": [
+            ("torch_load_malicious:weights_only_false", "FAIL", "against", "a crafted pickle runs code under weights_only=False"),
+            ("torch_load_class_moved:full_pickle", "FAIL", "against", "a renamed class breaks the full pickle"),
+            ("torch_load_weights_only:default_refuses_full_pickle", "PASS", "against", "torch's default refuses the full pickle"),
+        ],
     },
     "001-nested-import-deadlock": {
         "seed": "001",
@@ -34,6 +61,12 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "After the first import, 8 more nested model modules importing torch and transformers took at most 0.6 ms and loaded 0 new modules (a repeated import statement costs about 1 µs); first imports from 4 threads at once complete; none of the 24 import-order x MKL_THREADING_LAYER combinations of the pip-MKL build hangs at import. What import order does change is which OpenMP runtime and MKL layer load: MKL_THREADING_LAYER=INTEL with torch imported first stops the process with a deliberate exit(1) ('incompatible with libgomp.so.1'), which is not a deadlock."
         ),
+        "checks": [
+            ("imports_nested_repeated:nested_default", "HANG|TIMEOUT", "for", "nested imports hang"),
+            ("imports_nested_repeated:nested_mkl_sequential", "HANG|TIMEOUT", "for", "nested imports hang with MKL_THREADING_LAYER=SEQUENTIAL"),
+            ("imports_threaded_first:transformers_modeling", "HANG|TIMEOUT", "for", "first imports from 4 threads hang"),
+            ("imports_threaded_first:splitlearn_registry", "HANG|TIMEOUT", "for", "first family imports from 4 threads hang"),
+        ],
     },
     "001-lazy-import-fix": {
         "seed": "001",
@@ -42,6 +75,10 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "`import splitlearn` takes a few ms and imports no torch; asking for one family imports only that module. Importing one family instead of all three changes little once torch and transformers load (2352 vs 2360 modules, within noise on the bundled build). It removes no deadlock, because the nested-import deadlock does not reproduce."
         ),
+        "checks": [
+            ("imports_eager_vs_lazy:eager_vs_lazy", "speedup >= 1.1", "for", "one family loads at least 1.1x faster than all three"),
+            ("imports_nested_repeated:nested_default", "HANG|TIMEOUT", "observe", "there is an import deadlock to fix"),
+        ],
     },
     "001-mkl-sequential-fix": {
         "seed": "001",
@@ -50,6 +87,14 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "With torch imported first, MKL_THREADING_LAYER=SEQUENTIAL leaves the fork hazard in place (the hang is in libgomp, which torch uses whatever MKL's layer). With mkl imported first, SEQUENTIAL leaves torch with one intra-op thread: no hang, but no parallelism. What removed the fork hang on the MKL build was mkl imported first with the layer unset or INTEL, which binds torch's OpenMP calls to libiomp5. matmul results were exact in all 24 combinations."
         ),
+        "checks": [
+            ("mkl_import_order:torch-mkl-numpy_SEQUENTIAL", "PASS", "for", "no fork hang with SEQUENTIAL, torch imported first"),
+            ("mkl_import_order:torch-numpy-mkl_SEQUENTIAL", "PASS", "for", "no fork hang with SEQUENTIAL, torch imported first"),
+            ("mkl_import_order:numpy-torch-mkl_SEQUENTIAL", "PASS", "for", "no fork hang with SEQUENTIAL, numpy then torch first"),
+            ("mkl_import_order:mkl-torch-numpy_SEQUENTIAL", "PASS", "for", "no fork hang with SEQUENTIAL, mkl imported first"),
+            ("mkl_import_order:mkl-numpy-torch_SEQUENTIAL", "PASS", "for", "no fork hang with SEQUENTIAL, mkl imported first"),
+            ("mkl_import_order:numpy-mkl-torch_SEQUENTIAL", "PASS", "for", "no fork hang with SEQUENTIAL, mkl before torch"),
+        ],
     },
     "002-fork-deadlock": {
         "seed": "002",
@@ -58,6 +103,13 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "After parallel intra-op work in the parent, a child started by `os.fork` or multiprocessing 'fork' hangs in its first parallel op (native stacks: inside MKL sgemm on libgomp, untimed futex waits); the harness calls it HANG about 1.2 s after onset. A server started by fork hangs at start-up the same way. spawn, forkserver, `torch.set_num_threads(1)` in the child and `OMP_NUM_THREADS=1` before import all pass. Forking while another thread is inside a parallel region does not reproduce: the forking thread never ran a parallel region itself, so libgomp gives it a fresh pool."
         ),
+        "checks": [
+            ("fork_after_threads:fork", "HANG", "for", "an os.fork child hangs in its first parallel op"),
+            ("fork_after_threads:mp-fork", "HANG", "for", "a multiprocessing 'fork' child hangs"),
+            ("serving_fork:fork", "HANG", "for", "a server started by fork hangs at start-up"),
+            ("fork_after_threads:spawn", "PASS", "for", "spawn fixes it"),
+            ("serving_fork:spawn", "PASS", "for", "a spawned server starts"),
+        ],
     },
     "002-manager-queue-cost": {
         "seed": "002",
@@ -66,6 +118,10 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "Median round-trip latency of Manager().Queue() against a multiprocessing.connection over a Unix socket, 4 KB payloads, measured side by side: 6.3x (median of 3 runs, 4.5-8.9x; 215 us against 43 us) in the quiet benchmark on this 2-core machine, below the claimed 10-50x; single runs in the matrix cells gave 4.5-14.6x (12-14.6x on the Python 3.10, 3.12 and 3.13 cells, which ran three at a time). The order (Manager slowest, then mp.Queue at about 2.5x the socket) holds everywhere; the factor depends on load and payload."
         ),
+        "checks": [
+            ("ipc_transports:4k", "manager_over_socket_10_to_50x >= 10", "for", "Manager().Queue at least 10x the Unix socket (4 KiB)"),
+            ("ipc_transports:4k", "manager_over_socket_10_to_50x > 1", "observe", "the Manager is the slower one"),
+        ],
     },
     "002-server-overhead": {
         "seed": "002",
@@ -74,12 +130,20 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "One client through the spawn + Unix-socket server against a direct call of the same ~4 ms model: 1.22x here (median of 3, 1.14-1.39x), not 1.03x; 4 concurrent clients batch to a mean of 4.0 and give 2.45x one client's throughput (the seed: 3.5 and 255 req/s). Both processes share 2 cores here. See docs/BENCHMARKS.md."
         ),
+        "checks": [
+            ("serving_batching:demo", "server_over_direct_le_1.05 <= 1.05", "for", "one client within 1.05x of a direct call"),
+            ("serving_batching:demo", "4_clients_mean_batch_ge_3 >= 3", "for", "4 clients batch to at least 3"),
+        ],
     },
     "002-cuda-fork": {
         "seed": "002",
         "claim": "CUDA cannot be re-initialised in a forked child; a spawned server holds the GPU.",
         "verdict": "not tested: no GPU",
         "finding": ("The scenario exists (`serving_cuda`) and skips without CUDA; this session had no GPU machine."),
+        "checks": [
+            ("serving_cuda:fork_after_cuda", "FAIL", "for", "CUDA cannot be re-initialised in the forked child"),
+            ("serving_cuda:spawn", "PASS", "for", "a spawned server holds the GPU"),
+        ],
     },
     "003-dataloader-fork-deadlock": {
         "seed": "003",
@@ -88,6 +152,11 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "Fork workers with num_workers>0 do not hang by themselves: torch sets each worker to one intra-op thread. They hang when a worker turns threads back on (e.g. `torch.set_num_threads(2)` in `worker_init_fn`) after the parent used libgomp threads: the DataLoader times out with both workers in untimed futex waits. num_workers=0, spawn and forkserver fix it."
         ),
+        "checks": [
+            ("dataloader_workers:fork_threads", "FAIL|HANG|TIMEOUT", "for", "fork workers that turn threads back on hang"),
+            ("dataloader_workers:fork_one_thread", "FAIL|HANG|TIMEOUT", "for", "fork workers as torch leaves them hang"),
+            ("dataloader_workers:num_workers0", "PASS", "for", "num_workers=0 runs"),
+        ],
     },
     "003-queue-full": {
         "seed": "003",
@@ -96,6 +165,11 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "When the model stage stalls, the producer blocks exactly for its put timeout (the seed's 60 s was its own timeout) and the pipeline now ends with an error naming the stalled stage and the in/out counts; a healthy pipeline drains every item, none lost or duplicated."
         ),
+        "checks": [
+            ("pipeline_backpressure:stage_stalls", "put_blocked_s > 0", "for", "a stalled model stage blocks the producer's put"),
+            ("pipeline_backpressure:stage_stalls_fork_workers", "put_blocked_s > 0", "for", "the same with fork DataLoader workers"),
+            ("pipeline_backpressure:drain", "PASS", "observe", "a healthy pipeline drains every item"),
+        ],
     },
     "003-thread-env-fix": {
         "seed": "003",
@@ -104,6 +178,10 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "OMP_NUM_THREADS=1 set before import prevents the worker hang; set after import it changes nothing, and code that calls `torch.set_num_threads(2)` re-arms the hang."
         ),
+        "checks": [
+            ("dataloader_workers:fork_threads_env1", "PASS", "for", "OMP_NUM_THREADS=1 before import prevents the hang"),
+            ("dataloader_workers:fork_threads_env1_parent_sets_2", "PASS", "for", "it still does when the code calls set_num_threads(2)"),
+        ],
     },
     "003-zombies": {
         "seed": "003",
@@ -112,6 +190,10 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "Hung DataLoader workers were terminated by the loader's shutdown and reaped; a worker killed by a signal raises 'DataLoader worker (pid(s) N) exited unexpectedly' within about 0.1 s. No zombie or orphan was left after any variant."
         ),
+        "checks": [
+            ("dataloader_workers:worker_killed", "FAIL|ERROR", "for", "a killed worker leaves a process behind (the probe checks every worker is reaped)"),
+            ("dataloader_daemonic:nondaemon_workers2", "FAIL|ERROR", "for", "workers of a non-daemonic process are left behind"),
+        ],
     },
     "004-placeholder-lock": {
         "seed": "004",
@@ -120,6 +202,13 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "With a synthetic 2.5 s load, the placeholder pattern keeps the loop's heartbeat gap near 10 ms while a load under the lock or on the loop stalls it for the whole load (2.5 s). With a process's first real transformers load, the loop still stalls 170-600 ms at a time although no lock is held: first-use imports and the garbage collector in the loader thread hold the GIL. Warming up the loading code once and `gc.freeze()` bring it to 15-40 ms."
         ),
+        "checks": [
+            ("manager_lock:placeholder", "heartbeat_max_gap_ms <= 50", "for", "loop heartbeat within 50 ms during a 2.5 s synthetic load"),
+            ("manager_lock:placeholder_real", "heartbeat_max_gap_ms <= 50", "for", "within 50 ms during a real load after a rehearsal and gc.freeze"),
+            ("manager_lock:cold_real", "heartbeat_max_gap_ms <= 50", "for", "within 50 ms during a process's first real load"),
+            ("manager_serving:placeholder", "during_load_max_ms <= 50", "for", "requests answered within 50 ms while a model loads"),
+            ("manager_lock:lock", "client_max_ms >= 1000", "observe", "holding the lock for the load blocks a client for the whole load"),
+        ],
     },
     "004-duplicate-refused": {
         "seed": "004",
@@ -128,6 +217,12 @@ CLAIMS: dict[str, dict[str, str]] = {
         "finding": (
             "32 tasks loading one id give 1 load and 31 clear refusals; without the placeholder (check then act) all 32 load. The seed's manager leaks its placeholder when a load fails or is cancelled, so the retry is refused as 'already loaded'; ours removes it and the retry loads."
         ),
+        "checks": [
+            ("manager_duplicate:placeholder", "loads == 1", "for", "32 concurrent loads of one id: one load"),
+            ("manager_cancel:raises", "PASS", "for", "after a failed load the id can be loaded again"),
+            ("manager_cancel:timeout", "PASS", "for", "after a timed-out load the id can be loaded again"),
+            ("manager_duplicate:check_then_act", "loads > 1", "observe", "without the placeholder every task loads"),
+        ],
     },
 }
 

@@ -261,7 +261,10 @@ def test_cell_order():
 
 
 # -- HAZARDS.md -----------------------------------------------------------------------------------------
-def test_hazards_verdicts(two_cells, tmp_path):
+def test_hazards_verdicts(two_cells, tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        hazards_doc.CLAIMS["002-fork-deadlock"], "checks", [("fork:fork", "HANG", "for", "hangs"), ("fork:spawn", "PASS", "for", "fixed")]
+    )
     merged = hazards_doc.load_merged([str(two_cells)])
     rows_fork = [r for r in merged["rows"] if r["scenario"] == "fork"]
     v, shown = hazards_doc.verdict(rows_fork, "py3.11-bundled")
@@ -272,9 +275,55 @@ def test_hazards_verdicts(two_cells, tmp_path):
     assert v == "not tested (skipped: no CUDA device)"
     text = hazards_doc.render(merged, {"002-fork-deadlock": ["fork"], "002-cuda-fork": ["cuda"]})
     finding = hazards_doc.CLAIMS["002-fork-deadlock"]["verdict"]
-    assert f"| 002-fork-deadlock | 002 | {finding} | `fork` | reproduces, fix holds | ⚠ unpredicted |" in text
+    assert f"| 002-fork-deadlock | 002 | {finding} | `fork` | holds (2/2) | ⚠ mixed (1 for, 1 against) |" in text
+    assert "| py3.11-mkl | mixed (1 for, 1 against) | ✘ against: `fork:fork` PASS — hangs (`HANG`)<br>✔ for: `fork:spawn` PASS" in text
     assert f"**Finding: {finding}.**" in text
     assert "No scenario names this claim: untested." in text  # e.g. 000-mutex-harmless here
+
+
+def test_claim_checks_give_a_verdict_per_cell(two_cells):
+    merged = hazards_doc.load_merged([str(two_cells)])
+    rows = {f"{r['scenario']}:{r['variant']}": r for r in merged["rows"]}
+    checks = [
+        ("fork:fork", "HANG", "for", "a forked child hangs"),
+        ("fork:spawn", "PASS", "for", "spawn fixes it"),
+    ]
+    assert hazards_doc.claim_verdict(checks, rows, "py3.11-bundled")[0] == "holds (2/2)"
+    v, done = hazards_doc.claim_verdict(checks, rows, "py3.11-mkl")
+    assert v == "mixed (1 for, 1 against)"
+    assert [d["counts"] for d in done] == ["against", "for"] and done[0]["got"] == "PASS"
+    # figures: compared as numbers; 'against' turns the sense round; a missing figure does not count
+    figure_checks = [
+        ("ipc:bench", "manager_ratio >= 10", "for", "at least 10x"),
+        ("ipc:bench", "manager_ratio > 30", "against", "more than 30x"),
+        ("ipc:bench", "no_such_figure < 1", "for", "absent"),
+    ]
+    v, done = hazards_doc.claim_verdict(figure_checks, rows, "py3.11-bundled")
+    assert v == "holds (2/2)", done
+    assert done[0]["got"] == "manager_ratio = 23.0x" and done[2]["counts"] is None and "no figure" in done[2]["got"]
+    assert hazards_doc.claim_verdict(figure_checks[:1], rows, "py3.11-mkl")[0] == "not tested"  # not run there
+    assert hazards_doc.claim_verdict([("cuda:fork", "FAIL", "for", "x")], rows, "py3.11-bundled")[0] == "not tested"
+    v, _ = hazards_doc.claim_verdict([("fork:fork", "HANG", "observe", "hangs")], rows, "py3.11-bundled")
+    assert v == "observed only (hangs: 1 of 1)"
+    assert hazards_doc.claim_verdict([], rows, "py3.11-bundled")[0] == "no check"
+    with pytest.raises(ValueError):
+        hazards_doc.parse_test("HUNG")
+    with pytest.raises(ValueError):
+        hazards_doc.parse_test("x =< 3")
+
+
+def test_every_claim_check_names_a_catalogued_variant_and_parses():
+    from repro.claims import CLAIMS
+    from repro.scenarios import load_catalogue
+
+    known = {f"{sc.name}:{v.name}": sc for sc in load_catalogue().values() for v in sc.variants}
+    for cid, info in CLAIMS.items():
+        assert info.get("checks"), f"{cid} has no checks"
+        for variant, test, means, what in info["checks"]:
+            assert variant in known, f"{cid}: {variant} is not in the catalogue"
+            assert cid in known[variant].claims, f"{cid}: {variant}'s scenario does not name this claim"
+            hazards_doc.parse_test(test)
+            assert means in hazards_doc.MEANS and what, (cid, variant)
 
 
 # -- the pytest plugin, in a separate pytest process --------------------------------------------------------

@@ -304,7 +304,7 @@ def _daemon_target(conn, workers: int) -> None:
 @scenario(
     name="dataloader_daemonic",
     seed="003",
-    claims=("003-dataloader-fork-deadlock",),
+    claims=("003-dataloader-fork-deadlock", "003-zombies"),
     timeout=60,
     variants=[
         probe(

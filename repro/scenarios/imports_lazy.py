@@ -129,7 +129,7 @@ def _write_seed_package(root: Path) -> list[str]:
 @scenario(
     name="imports_nested_repeated",
     seed="001",
-    claims=("001-nested-import-deadlock",),
+    claims=("001-nested-import-deadlock", "001-lazy-import-fix"),
     timeout=120,
     variants=[
         probe("nested_default", params={}),
