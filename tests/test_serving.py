@@ -330,3 +330,65 @@ def test_requests_in_flight_per_connection_are_capped():
             assert c.infer(torch.randn(1, 8)).shape == (1, 4)
     finally:
         srv.close()
+
+
+def test_client_that_stops_reading_does_not_stall_the_others():
+    """A client that sends and never reads fills its socket: its answers wait in an outbox (not
+    in the batch loop's send), and past max_outbox it is dropped; everyone else is served as
+    before. With a blocking send the batch loop would sit in the stuck client's send for
+    send_timeout (30 s here) and the prompt caller below would time out."""
+    srv = InferenceServer(ECHO, {"scale": 2.0}, max_outbox=2 << 20, send_timeout=30, start_timeout=120)
+    srv.start()
+    try:
+        stuck = srv.client(timeout=30)
+        big = torch.ones(1, 256 * 1024)  # 1 MiB in, 1 MiB out
+        sent = 0
+        for rid in range(1, 17):
+            try:
+                stuck.send_raw(wire.encode(wire.Frame(wire.MsgType.REQUEST, rid, tensors=[big])))
+            except OSError:  # dropped already: the server stopped reading it too
+                break
+            sent += 1
+        assert sent >= 3
+        with srv.client(timeout=5) as c:
+            t0 = time.monotonic()
+            for i in range(20):
+                x = torch.full((1, 4), float(i))
+                assert torch.equal(c.infer(x), x * 2)
+            assert time.monotonic() - t0 < 5
+            _wait_until(lambda: c.stats()["slow_clients_dropped"] == 1, 30, "the stuck client dropped")
+            st = c.stats()
+        assert st["connections_open"] == 1 and st["responses"] >= 20
+        # the stuck client reads what was sent before it was dropped (possibly nothing whole:
+        # the first answer may have been cut mid-frame), then the end of the stream
+        got = 0
+        with pytest.raises(ServerUnavailable):
+            while True:
+                f = stuck.recv_frame(timeout=10)
+                assert f.type == wire.MsgType.RESPONSE and torch.equal(f.tensors[0], big * 2)
+                got += 1
+        assert got < sent
+        stuck.close()
+    finally:
+        srv.close()
+
+
+def test_connection_cap_refuses_extra_clients_and_frees_slots():
+    srv = InferenceServer(ECHO, {}, max_connections=2, start_timeout=120)
+    srv.start()
+    try:
+        a, b = srv.client(timeout=10), srv.client(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="closed the connection during authentication"):
+            srv.client(timeout=10, connect_timeout=10)
+        assert time.monotonic() - t0 < 5  # refused at once, not at a timeout
+        b.close()
+        _wait_until(lambda: a.stats()["connections_open"] == 1, 30, "the closed client forgotten")
+        with srv.client(timeout=10) as c:
+            assert torch.equal(c.infer(torch.ones(1, 2)), torch.full((1, 2), 2.0))
+            assert c.stats()["connections_refused"] == 1
+        a.close()
+    finally:
+        srv.close()
+    with pytest.raises(ValueError):
+        InferenceServer(ECHO, {}, max_connections=0)

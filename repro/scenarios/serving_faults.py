@@ -9,6 +9,11 @@
   socket closes with the process), and the owner restarts the server on the same address.
 * ``client_gone_mid_request`` (fix): a client sends a request and disconnects before the
   answer; the server drops the answer and keeps serving the others.
+* ``slow_reader`` (fix): a client sends 1 MiB requests and never reads its answers. Its
+  socket fills; the batch loop must not wait in its send (up to ``send_timeout``, 30 s
+  here): its answers wait in an outbox drained by a writer thread of its own, and past
+  ``max_outbox`` it is dropped. A prompt client meanwhile gets every answer, each well
+  within its 5 s timeout.
 * ``bad_input_storm`` (fix): bad clients send malformed frames, oversized frames, wrong
   dtypes and shapes, and fail authentication, while a good client runs: the good client gets
   every answer right, the server counts the bad ones and stays up.
@@ -58,6 +63,7 @@ def _wait_for(pred, timeout: float, what: str, ev: threading.Event) -> None:
         fix("server_killed_mid_batch", params={"callers": 4, "timeout": 60.0}),
         fix("client_gone_mid_request"),
         fix("bad_input_storm", params={"rounds": 20}),
+        fix("slow_reader", params={"answers": 40, "send_timeout": 30.0, "max_outbox": 2 << 20}),
     ],
 )
 def serving_faults(ctx):
@@ -237,6 +243,49 @@ def serving_faults(ctx):
             ctx.check(srv.alive, "server died")
         finally:
             stop.set()
+            srv.close()
+        return
+    if v == "slow_reader":
+        p = ctx.params
+        srv = InferenceServer(
+            ECHO, {"scale": 2.0}, send_timeout=p["send_timeout"], max_outbox=p["max_outbox"], start_timeout=120
+        )
+        ctx.stage("start server")
+        srv.start()
+        try:
+            stuck = srv.client(timeout=30)
+            big = torch.ones(1, 256 * 1024)
+            sent = 0
+            ctx.stage("a client sends 1 MiB requests and never reads")
+            for rid in range(1, 17):
+                try:
+                    stuck.send_raw(wire.encode(wire.Frame(wire.MsgType.REQUEST, rid, tensors=[big])))
+                except OSError:
+                    break  # dropped already
+                sent += 1
+            ctx.stage("a prompt client meanwhile")
+            lat = []
+            with srv.client(timeout=5) as c:
+                for i in range(p["answers"]):
+                    x = torch.full((1, 4), float(i))
+                    t0 = time.monotonic()
+                    y = c.infer(x)
+                    lat.append(time.monotonic() - t0)
+                    ctx.check(torch.equal(y, 2 * x), f"prompt client got a wrong answer at {i}")
+                _wait_for(lambda: c.stats()["slow_clients_dropped"] >= 1, 30, "the stuck client dropped", never)
+                st = c.stats()
+            stuck.close()
+            ctx.record(
+                stuck_requests_sent=sent,
+                prompt_answers=len(lat),
+                prompt_latency_ms_max=round(1e3 * max(lat), 2),
+                server_stats=st,
+            )
+            ctx.check(
+                max(lat) < p["send_timeout"] / 2, f"a prompt answer waited {max(lat):.1f}s: stuck behind the slow reader"
+            )
+            ctx.check(st["slow_clients_dropped"] == 1 and srv.alive, f"server stats {st}")
+        finally:
             srv.close()
         return
     ctx.fail(f"unknown variant {v}")

@@ -19,18 +19,25 @@ The seed-002 fix done for real:
 * each answer goes back to the connection that asked, under the request's id;
 * a bad request (wrong dtype or shape, malformed or oversized frame) gets an error frame on
   its own connection; the server keeps serving everyone else;
+* answers never block the batch loop: what a client's socket does not take at once waits in
+  that connection's outbox, drained by a writer thread of its own under ``send_timeout``;
+  a client that stops reading is dropped once ``max_outbox`` bytes wait for it;
+* at most ``max_connections`` connections (open or authenticating) at once; one more is
+  closed at accept, before it costs a thread;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
   on the control pipe), so no server outlives its owner.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import multiprocessing as mp
 import os
 import queue
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -125,6 +132,8 @@ class ManagedServer:
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         handshake_timeout: float = 10.0,
         send_timeout: float = 10.0,
+        max_connections: int = 256,
+        max_outbox: int | None = None,
         num_threads: int | None = None,
     ) -> None:
         self.start_method = start_method
@@ -135,6 +144,10 @@ class ManagedServer:
         self.max_frame = int(max_frame)
         self.handshake_timeout = float(handshake_timeout)
         self.send_timeout = float(send_timeout)
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self.max_connections = int(max_connections)
+        self.max_outbox = int(max_outbox) if max_outbox is not None else self.max_frame
         self.num_threads = num_threads
         self._dir: str | None = None
         self.address: Any = None
@@ -150,6 +163,8 @@ class ManagedServer:
             "max_frame": self.max_frame,
             "handshake_timeout": self.handshake_timeout,
             "send_timeout": self.send_timeout,
+            "max_connections": self.max_connections,
+            "max_outbox": self.max_outbox,
             "num_threads": self.num_threads,
         }
 
@@ -370,6 +385,10 @@ class _Conn:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     pending: int = 0  # requests queued or in a batch (inference server)
+    sock: socket.socket | None = None  # the connection's descriptor, borrowed, for non-blocking sends
+    outbox: collections.deque = field(default_factory=collections.deque)  # answers its reader has not taken yet
+    outbox_bytes: int = 0
+    writer: threading.Thread | None = None  # drains the outbox while it is not empty
 
 
 @dataclass
@@ -397,6 +416,8 @@ class _Stats:
         self.auth_failures = 0
         self.bad_frames = 0
         self.undeliverable = 0
+        self.slow_clients_dropped = 0
+        self.connections_refused = 0
         self.hist: dict[int, int] = {}
 
     def snapshot(self, open_conns: int, queued: int) -> dict[str, Any]:
@@ -419,6 +440,8 @@ class _Stats:
                 "auth_failures": self.auth_failures,
                 "bad_frames": self.bad_frames,
                 "undeliverable": self.undeliverable,
+                "slow_clients_dropped": self.slow_clients_dropped,
+                "connections_refused": self.connections_refused,
                 "queued": queued,
                 "pid": os.getpid(),
             }
@@ -442,6 +465,9 @@ class ConnServer:
         self.conns_lock = threading.Lock()
         self.stopping = threading.Event()
         self.next_cid = 0
+        self.handshaking = 0  # connections accepted and not yet authenticated (under conns_lock)
+        self.max_connections = int(cfg.get("max_connections") or 256)
+        self.max_outbox = int(cfg.get("max_outbox") or self.max_frame)
         self.lsock: socket.socket | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -484,23 +510,41 @@ class ConnServer:
                 s, _ = self.lsock.accept()
             except OSError:
                 break
+            with self.conns_lock:
+                full = len(self.conns) + self.handshaking >= self.max_connections
+                if not full:
+                    self.handshaking += 1
+            if full:
+                # refuse before spending a thread on it: the client's handshake fails at once
+                with self.stats.lock:
+                    self.stats.connections_refused += 1
+                print(f"[{self.name}] refused a connection: {self.max_connections} already open", file=sys.stderr, flush=True)
+                s.close()
+                continue
             threading.Thread(target=self.handle, args=(s,), daemon=True, name="conn").start()
 
     def handle(self, s: socket.socket) -> None:
         conn = transport.wrap(s)
         try:
-            transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
-        except transport.HandshakeError as exc:
-            with self.stats.lock:
-                self.stats.auth_failures += 1
-            print(f"[{self.name}] rejected a connection: {exc}", file=sys.stderr, flush=True)
-            conn.close()
-            return
-        transport.set_send_timeout(conn.fileno(), self.cfg["send_timeout"])
-        with self.conns_lock:
-            self.next_cid += 1
-            c = _Conn(conn, self.next_cid)
-            self.conns[c.cid] = c
+            try:
+                transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
+            except transport.HandshakeError as exc:
+                with self.stats.lock:
+                    self.stats.auth_failures += 1
+                print(f"[{self.name}] rejected a connection: {exc}", file=sys.stderr, flush=True)
+                conn.close()
+                return
+            except BaseException:
+                conn.close()
+                raise
+            transport.set_send_timeout(conn.fileno(), self.cfg["send_timeout"])
+            with self.conns_lock:
+                self.next_cid += 1
+                c = _Conn(conn, self.next_cid, sock=socket.socket(fileno=conn.fileno()))
+                self.conns[c.cid] = c
+        finally:
+            with self.conns_lock:
+                self.handshaking -= 1
         with self.stats.lock:
             self.stats.connections_total += 1
         try:
@@ -512,27 +556,92 @@ class ConnServer:
             try:
                 self.on_disconnect(c)
             finally:
-                try:
-                    conn.close()
-                except OSError:
-                    pass
+                writer = c.writer
+                if writer is not None and writer is not threading.current_thread():
+                    # its descriptor must not be closed (and reused by a new connection) while
+                    # the writer may still write to it: wake it (EPIPE) and wait for it
+                    if not conn.closed:
+                        transport._shutdown_fd(conn.fileno())
+                    writer.join(self.cfg["send_timeout"] + 5)
+                with c.send_lock:  # no send uses the descriptor past this point
+                    if c.sock is not None:
+                        c.sock.detach()  # borrowed: the Connection owns and closes the descriptor
+                        c.sock = None
+                    try:
+                        conn.close()
+                    except OSError:
+                        pass
 
     def send(self, c: _Conn, frame: wire.Frame) -> bool:
+        """Send a frame to ``c`` without ever blocking the caller (the batch loop serves every
+        client; one that stops reading must not stall it). What the socket does not take at
+        once waits in the connection's outbox, drained by a writer thread of its own under
+        ``send_timeout``; a client whose outbox would pass ``max_outbox`` bytes is dropped.
+        True when the frame was sent or queued."""
         if not c.alive:
             return False
         try:
             data = wire.encode(frame, max_frame=self.max_frame)
         except wire.WireError as exc:
             data = wire.encode(wire.error_frame(frame.request_id, "response_too_large", str(exc)))
-        try:
+        # multiprocessing.connection's framing: a 4-byte big-endian length (frames stay < 2 GiB)
+        msg = struct.pack("!i", len(data)) + data
+        with c.send_lock:
+            if not c.alive or c.sock is None:
+                return False
+            rest: Any = msg
+            if c.writer is None:  # nothing queued before it: try now, without blocking
+                try:
+                    sent = c.sock.send(msg, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._lost(c)
+                    return False
+                if sent == len(msg):
+                    return True
+                rest = memoryview(msg)[sent:]
+            if c.outbox_bytes + len(rest) > self.max_outbox:
+                with self.stats.lock:
+                    self.stats.slow_clients_dropped += 1
+                print(
+                    f"[{self.name}] dropped connection {c.cid}: it stopped reading, {c.outbox_bytes} bytes of answers waiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._lost(c)
+                return False
+            c.outbox.append(rest)
+            c.outbox_bytes += len(rest)
+            if c.writer is None:
+                c.writer = threading.Thread(target=self._drain, args=(c,), daemon=True, name=f"writer-{c.cid}")
+                c.writer.start()
+        return True
+
+    def _drain(self, c: _Conn) -> None:
+        """Writer thread of a connection whose reader fell behind: send its outbox in order,
+        each write bounded by ``send_timeout`` (SO_SNDTIMEO); exit when the outbox is empty."""
+        while True:
             with c.send_lock:
-                c.conn.send_bytes(data)
-            return True
-        except (OSError, EOFError, ValueError):
-            c.alive = False
-            if not c.conn.closed:
-                transport._shutdown_fd(c.conn.fileno())
-            return False
+                if not c.outbox or not c.alive or c.sock is None:
+                    c.writer = None
+                    c.outbox.clear()
+                    c.outbox_bytes = 0
+                    return
+                buf = c.outbox.popleft()
+                c.outbox_bytes -= len(buf)
+                sock = c.sock
+            try:
+                sock.sendall(buf)
+            except OSError:
+                with c.send_lock:
+                    self._lost(c)
+
+    def _lost(self, c: _Conn) -> None:
+        """Mark ``c`` dead and wake its reader (with EOF), which then drops it."""
+        c.alive = False
+        if not c.conn.closed:
+            transport._shutdown_fd(c.conn.fileno())
 
     def reply_error(self, c: _Conn, rid: int, code: str, message: str) -> None:
         with self.stats.lock:
