@@ -34,6 +34,8 @@ PID = os.getpid()
         ("ppoll", [0, 1, 0, 0, 0, 0], "untimed"),
         ("pselect6", [1, 0, 0, 0, 0, 0], "untimed"),
         ("select", [1, 0, 0, 0, 0, 0], "untimed"),
+        ("select", [0, 0, 0, 0, 0, 0], "untimed"),  # no descriptors, no timeout: waits for a signal
+        ("poll", [0, 0, 250, 0, 0, 0], "sleep"),  # no descriptors: a sleep
         ("read", [0, 0, 1, 0, 0, 0], "untimed"),
         ("wait4", [-1 & 0xFFFFFFFF, 0, 0, 0, 0, 0], "untimed"),
         ("accept4", [3, 0, 0, 0, 0, 0], "untimed"),
@@ -57,6 +59,25 @@ def test_timespec_pointers_are_read_from_memory():
     assert c.wait == "timed" and c.relative == pytest.approx(2.5)
     c = classify_syscall(PID, "clock_nanosleep", [1, 0, addr, 0, 0, 0])
     assert c.wait == "sleep" and c.relative == pytest.approx(2.5)
+    # CPython 3.10's time.sleep: select/pselect6 of no descriptors is a sleep; with some it is a timed wait
+    for name in ("pselect6", "ppoll"):
+        c = classify_syscall(PID, name, [0, 0, addr, 0, addr, 0])
+        assert c.wait == "sleep" and c.relative == pytest.approx(2.5), name
+        c = classify_syscall(PID, name, [4, 1, addr, 0, addr, 0])
+        assert c.wait == "timed" and c.relative == pytest.approx(2.5), name
+
+
+def test_timeval_pointer_of_select():
+    import ctypes
+
+    class Timeval(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("usec", ctypes.c_long)]
+
+    tv = Timeval(1000, 0)
+    addr = ctypes.addressof(tv)
+    assert classify_syscall(PID, "select", [0, 0, 0, 0, addr, 0]).wait == "sleep"
+    c = classify_syscall(PID, "select", [5, 0, 0, 0, addr, 0])
+    assert c.wait == "timed" and c.relative == pytest.approx(1000)
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0\n"), max_size=15))

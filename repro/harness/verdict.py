@@ -6,11 +6,13 @@ process gained a CPU tick, no process or thread came or went, and every live thr
 
 * ``futex`` WAIT / WAIT_BITSET / LOCK_PI / LOCK_PI2 / WAIT_REQUEUE_PI with a NULL timeout
   (argument 3) is untimed; with a timeout it is timed. CPython's ``Lock.acquire()`` is an
-  untimed futex wait, ``acquire(timeout=..)`` a timed one, ``time.sleep`` is ``clock_nanosleep``.
+  untimed futex wait, ``acquire(timeout=..)`` a timed one, ``time.sleep`` is ``clock_nanosleep``
+  (Python 3.11+) or ``select``/``pselect6`` of no descriptors (3.10).
 * ``poll``/``epoll_wait`` with timeout -1, ``ppoll``/``pselect6``/``select`` with a NULL timeout,
   ``read``/``recvfrom``/``recvmsg``/``accept``/``wait4``/``waitid``/``pause``/``rt_sigsuspend``/
   ``write``/``sendto``/``connect``/``flock``/``semop``/``msgrcv`` are untimed.
-* ``nanosleep``/``clock_nanosleep`` are sleeps (timed).
+* ``nanosleep``/``clock_nanosleep``, and ``select``/``pselect6``/``poll``/``ppoll`` of no
+  descriptors with a timeout, are sleeps (timed).
 * A timed wait (not a sleep) whose expiry cannot come before the run's hard deadline (the timeout is read
   from the syscall arguments, or from the target's memory through ``/proc/PID/mem`` for
   ``struct timespec`` pointers) is counted as blocked: it cannot end before the harness would
@@ -285,6 +287,8 @@ def classify_syscall(pid: int, name: str, args: list[int]) -> Classification:
         ms = _signed32(args[2])
         if ms < 0:
             return Classification("untimed", "poll, no timeout")
+        if args[1] == 0:  # no descriptors: a sleep
+            return Classification("sleep", "poll of no descriptors", relative=ms / 1000.0)
         return timed_rel(ms / 1000.0, "poll")
     if name in ("epoll_wait", "epoll_pwait"):
         ms = _signed32(args[3])
@@ -298,14 +302,22 @@ def classify_syscall(pid: int, name: str, args: list[int]) -> Classification:
     if name == "ppoll":
         if args[2] == 0:
             return Classification("untimed", "ppoll, no timeout")
+        if args[1] == 0:
+            return Classification("sleep", "ppoll of no descriptors", relative=_timespec(pid, args[2]))
         return timed_rel(_timespec(pid, args[2]), "ppoll")
+    # select/pselect6 with no descriptors (nfds 0) and a timeout is a sleep: CPython 3.10 and
+    # older implement time.sleep() exactly so (libc select, which is pselect6 on some libcs)
     if name == "pselect6":
         if args[4] == 0:
             return Classification("untimed", "pselect6, no timeout")
+        if args[0] == 0:
+            return Classification("sleep", "pselect6 of no descriptors", relative=_timespec(pid, args[4]))
         return timed_rel(_timespec(pid, args[4]), "pselect6")
     if name == "select":
         if args[4] == 0:
             return Classification("untimed", "select, no timeout")
+        if args[0] == 0:
+            return Classification("sleep", "select of no descriptors", relative=_timeval(pid, args[4]))
         return timed_rel(_timeval(pid, args[4]), "select")
     if name == "rt_sigtimedwait":
         if args[2] == 0:
