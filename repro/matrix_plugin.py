@@ -299,11 +299,17 @@ class CellRecorder:
         if path.is_dir() or str(path).endswith(os.sep) or not path.suffix:
             path = path / f"{cell}.json"  # a directory: the file is named after the cell
         path.parent.mkdir(parents=True, exist_ok=True)
+        note = ""
+        if exitstatus == pytest.ExitCode.INTERRUPTED and path.exists():
+            # an interrupted run must not replace a finished one: it goes beside it, under a
+            # name the report does not read (*.json is what it reads)
+            path = path.with_name(path.name + ".interrupted")
+            note = " (interrupted: the earlier results are kept)"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        line = f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {path}"
+        line = f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {path}{note}"
         if tr is not None:
             tr.write_line(line)
         else:

@@ -400,3 +400,22 @@ def test_plugin_writes_cell(tmp_path, monkeypatch):
     demo = {r["variant"]: r for r in merged["rows"] if r["scenario"] == "mx_demo"}
     assert demo["figures"]["cells"]["demo"]["key_figure"]["ok"] is True
     assert demo["skipped"]["cells"]["demo"]["status"] == "skipped"
+
+
+def test_interrupted_cell_run_keeps_the_finished_results(tmp_path, monkeypatch):
+    (tmp_path / "test_stop.py").write_text("def test_stop():\n    raise KeyboardInterrupt\n")
+    out = tmp_path / "cells"
+    out.mkdir()
+    (out / "demo.json").write_text('{"cell": "demo", "results": []}')
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=demo",
+         "-p", "no:cacheprovider", "-q", "test_stop.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (out / "demo.json").read_text() == '{"cell": "demo", "results": []}'
+    partial = json.loads((out / "demo.json.interrupted").read_text())
+    assert partial["pytest"]["exitstatus"] == 2 and "earlier results are kept" in proc.stdout + proc.stderr
+    assert [p.name for p in matrix.collect_paths([out])] == ["demo.json"]  # the report reads the finished one
