@@ -365,18 +365,22 @@ def test_demo(scenario, variant):
 """
 
 
+def _run_cell_pytest(tmp_path, out, test_file, monkeypatch):
+    """pytest with the cell plugin on ``test_file`` in ``tmp_path``, results to ``out``, cell 'demo'."""
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")  # no torch import for these tests
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=demo",
+         "-p", "no:cacheprovider", "-q", test_file],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def test_plugin_writes_cell(tmp_path, monkeypatch):
     (tmp_path / "mx_scenarios.py").write_text(textwrap.dedent(PLUGIN_SCENARIOS))
     (tmp_path / "test_demo.py").write_text(textwrap.dedent(PLUGIN_TEST))
     out = tmp_path / "cells"
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
-    monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")  # no torch import for this test
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=demo",
-         "-p", "no:cacheprovider", "-q", "test_demo.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _run_cell_pytest(tmp_path, out, "test_demo.py", monkeypatch)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "demo.json").read_text())
     assert data["schema"] == "splitrepro.cell/1" and data["cell"] == "demo"
@@ -407,13 +411,7 @@ def test_interrupted_cell_run_keeps_the_finished_results(tmp_path, monkeypatch):
     out = tmp_path / "cells"
     out.mkdir()
     (out / "demo.json").write_text('{"cell": "demo", "results": []}')
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=demo",
-         "-p", "no:cacheprovider", "-q", "test_stop.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _run_cell_pytest(tmp_path, out, "test_stop.py", monkeypatch)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert (out / "demo.json").read_text() == '{"cell": "demo", "results": []}'
     partial = json.loads((out / "demo.json.interrupted").read_text())
