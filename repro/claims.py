@@ -159,6 +159,30 @@ CLAIMS: dict[str, dict[str, Any]] = {
             ("dataloader_workers:num_workers0", "PASS", "for", "num_workers=0 runs"),
         ],
     },
+    "003-fork-share-lock": {
+        "seed": "003",
+        "claim": (
+            "(Found here, not in the seed.) A process forked while another of its threads moves a tensor to"
+            " shared memory (an mp.Queue feeder pickling a tensor) can wait forever in the child on torch's"
+            " share-memory lock; forking before any such thread starts, or spawn, avoids it."
+        ),
+        "verdict": "true",
+        "finding": (
+            "The intermittent failure of pipeline_backpressure:drain_fork_workers in full matrix runs: the"
+            " stage's DataLoader forked its workers from the stage thread while the producer's queue feeder was"
+            " sharing tensors; a worker's feeder then waited forever in torch.storage's"
+            " _share_memory_lock_protected (stacks of a stalled run), so the stage never got a batch. torch"
+            " 2.13 does not reset that lock (nor the per-storage RLocks) after fork. Widened (fork while a"
+            " 256 MiB tensor is being shared, the child sharing it) it hangs every time; forking first, or"
+            " spawn, passes. The pipeline now starts its workers before its threads."
+        ),
+        "checks": [
+            ("fork_share_lock:fork_mid_share", "HANG", "for", "a child forked mid-share waits forever on the lock"),
+            ("fork_share_lock:fork_before_threads", "PASS", "for", "forking before the sharing thread starts"),
+            ("fork_share_lock:spawn", "PASS", "for", "a spawn child"),
+            ("pipeline_backpressure:drain_fork_workers", "PASS", "for", "the pipeline with its workers forked first"),
+        ],
+    },
     "003-queue-full": {
         "seed": "003",
         "claim": "When the model stage stalls, the upstream bounded queue fills and blocks the producer for 60 s.",

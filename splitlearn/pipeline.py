@@ -223,16 +223,22 @@ class Pipeline:
             self._put(q, _END, f"{self.stage_name}_in", "producer", self.stage_name, stop)
         st.progress("done")
 
-    def _stage(self, q_in: Any, q_out: Any, stop: Any) -> None:
+    def _loader_iter(self, q_in: Any, stop: Any) -> Any:
+        """The stage's DataLoader iterator. With ``num_workers > 0`` this starts the workers, so
+        :meth:`run` calls it before it starts any thread: a fork from a process whose other
+        threads may hold locks (an import, a queue's feeder pickling a tensor into shared
+        memory) can leave a worker waiting forever on a lock no thread of it will release."""
         from torch.utils.data import DataLoader
 
-        st = self.stages[self.stage_name]
         kw: dict[str, Any] = {"batch_size": self.batch_size, "collate_fn": _collate, "num_workers": self.num_workers}
         if self.num_workers:
             kw["multiprocessing_context"] = self.mp_context
-        loader = DataLoader(__getattr__("QueueDataset")(q_in, stop), **kw)
-        it = iter(loader)
+        it = iter(DataLoader(__getattr__("QueueDataset")(q_in, stop), **kw))
         self.worker_pids = [w.pid for w in getattr(it, "_workers", [])]
+        return it
+
+    def _stage(self, it: Any, q_out: Any, stop: Any) -> None:
+        st = self.stages[self.stage_name]
         try:
             st.progress("read")
             for ids, batch in it:
@@ -314,13 +320,14 @@ class Pipeline:
             return body
 
         t0 = time.monotonic()
+        it = self._loader_iter(q_in, stop)  # workers first, while this process has no pipeline thread
         self.threads = [
             threading.Thread(
                 target=guarded(self._producer, items, q_in, stop, max(1, self.num_workers)),
                 name="pipeline-producer",
                 daemon=True,
             ),
-            threading.Thread(target=guarded(self._stage, q_in, q_out, stop), name=f"pipeline-{self.stage_name}", daemon=True),
+            threading.Thread(target=guarded(self._stage, it, q_out, stop), name=f"pipeline-{self.stage_name}", daemon=True),
             threading.Thread(target=guarded(self._consumer, q_out, stop, seen, outputs), name="pipeline-consumer", daemon=True),
         ]
         for t in self.threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -140,14 +141,41 @@ def test_overall_timeout_names_a_stage():
     _threads_end(pipe)
 
 
+_WORKERS_PROGRAM = r"""
+import json, os, sys, threading
+import psutil, torch
+from splitlearn.pipeline import Pipeline
+
+threads_at_fork = []
+os.register_at_fork(before=lambda: threads_at_fork.append(sorted(t.name for t in threading.enumerate())))
+pipe = Pipeline(lambda b: [row * 2 for row in b], batch_size=4, queue_size=4, put_timeout=60, num_workers=2,
+                multiprocessing_context=sys.argv[1], keep_outputs=True)
+res = pipe.run([torch.tensor([i, 2 * i]) for i in range(40)], timeout=120)
+assert res.ok and res.ids == list(range(40)), res
+assert [int(out[0]) for _, out in res.outputs] == [2 * i for i in range(40)]
+assert len(pipe.worker_pids) == 2, pipe.worker_pids
+for t in pipe.threads:
+    t.join(10)
+assert not [t.name for t in pipe.threads if t.is_alive()]
+kids = [c for c in psutil.Process().children(recursive=True) if "multiprocessing" not in " ".join(c.cmdline())]
+gone, alive = psutil.wait_procs(kids, timeout=10)
+assert not alive, f"children left: {[p.pid for p in alive]}"
+print("threads at each fork:", json.dumps(threads_at_fork))
+"""
+
+
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_drain_through_worker_processes(method):
-    pipe = Pipeline(_double, batch_size=4, queue_size=4, put_timeout=60, num_workers=2,
-                    multiprocessing_context=method, keep_outputs=True)
-    res = pipe.run(_items(40), timeout=120)
-    assert res.ok and res.ids == list(range(40))
-    assert len(pipe.worker_pids) == 2
-    _threads_end(pipe)
-    _no_children_left()
-    for pid in pipe.worker_pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    """In a fresh interpreter (a fork must not copy the pytest process). With fork, every worker
+    is forked while the process has none of the pipeline's threads: a fork beside a queue
+    feeder sharing tensors can copy torch's share-memory lock held (scenario fork_share_lock)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKERS_PROGRAM, method], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    forks = [line for line in out.stdout.splitlines() if line.startswith("threads at each fork:")]
+    assert forks, out.stdout
+    if method == "fork":
+        names = json.loads(forks[0].split(":", 1)[1])
+        assert len(names) == 2, names  # one fork per worker
+        assert all(n == ["MainThread"] for n in names), f"threads alive when a worker was forked: {names}"

@@ -65,6 +65,29 @@ def untimed_futex_waiters(pid: int) -> tuple[int, int]:
     return n, len(states)
 
 
+def stacks_of(pids: Iterable[int], *, own_threads: bool = False) -> dict[str, str]:
+    """Evidence for a run that went wrong without hanging (the harness only dumps stacks of a
+    HANG): py-spy (native frames where it can) of each live pid, and with ``own_threads`` a
+    faulthandler dump of every thread of this process. Bounded (py-spy timeout 10 s)."""
+    import faulthandler
+    import tempfile
+
+    from repro.harness import evidence as ev
+
+    out: dict[str, str] = {}
+    if own_threads:
+        with tempfile.TemporaryFile("w+") as fh:
+            faulthandler.dump_traceback(fh, all_threads=True)
+            fh.seek(0)
+            out[f"{os.getpid()} (self, faulthandler)"] = fh.read()[-6000:]
+    pids = [p for p in pids if p and p != os.getpid()]
+    if pids:
+        where = os.environ.get("SPLITREPRO_EVIDENCE_DIR") or tempfile.gettempdir()
+        for pid, entry in ev.stacks(pids, where, timeout=10.0).items():
+            out[f"{pid} ({entry.get('method', 'none')})"] = (entry.get("text") or str(entry))[-6000:]
+    return out
+
+
 def _is_mp_helper(p) -> bool:
     try:
         cmd = " ".join(p.cmdline())
@@ -129,6 +152,8 @@ def check_reaped(
         "other_children": leftovers,
         "mp_helpers": helpers,
     }
+    if left or leftovers:
+        summary["stacks"] = stacks_of([d["pid"] for d in left] + leftovers)
     ctx.record(**{f"reaped{('_' + label) if label else ''}": summary})
     ctx.check(not left, f"processes survived the variant{(' (' + label + ')') if label else ''}: {left}")
     ctx.check(not zombies, f"zombie children left: {zombies}")

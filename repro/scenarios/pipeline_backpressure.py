@@ -21,7 +21,7 @@ import threading
 import time
 
 from repro.harness.spec import Outcome, fix, hazard, scenario
-from repro.scenarios._proc import check_reaped
+from repro.scenarios._proc import check_reaped, stacks_of
 
 SEQ_LEN = 8
 
@@ -50,7 +50,7 @@ def _forward(parts, input_ids):
 @scenario(
     name="pipeline_backpressure",
     seed="003",
-    claims=("003-queue-full", "003-zombies"),
+    claims=("003-queue-full", "003-zombies", "003-fork-share-lock"),
     timeout=90,
     variants=[
         hazard(
@@ -72,7 +72,7 @@ def pipeline_backpressure(ctx):
     """Bounded-queue pipeline around a DataLoader-fed split model: stall names the stage; drain counts."""
     import torch
 
-    from splitlearn.pipeline import Pipeline, StageStalled
+    from splitlearn.pipeline import Pipeline, PipelineError, StageStalled
 
     p = ctx.params
     n = int(p["n"])
@@ -109,7 +109,13 @@ def pipeline_backpressure(ctx):
         result = pipe.run(items, timeout=max(5.0, ctx.remaining() - 20), join_timeout=2.0)
     except StageStalled as exc:
         stalled = exc
+    except PipelineError:
+        # not a stall we made: keep where every thread and worker was before anything is released
+        ctx.record(unexpected_stall_stacks=stacks_of(pipe.worker_pids, own_threads=True))
+        raise
     elapsed = time.monotonic() - t0
+    if stalled is not None and stall_after is None:
+        ctx.record(unexpected_stall_stacks=stacks_of(pipe.worker_pids, own_threads=True))
 
     ctx.stage("release and reap")
     gate.set()  # let a stalled stage return; it then sees the stop request and shuts down
