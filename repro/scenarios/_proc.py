@@ -161,6 +161,53 @@ def check_reaped(
     return summary
 
 
+def fork_run(ctx, child, *, stage: str, after_fork=None) -> int:
+    """``os.fork()``; the child runs ``child()`` and exits with its return value (None: 0; an
+    exception: 70, traceback on stderr) and never returns into the harness. The parent runs
+    ``after_fork`` (if any), enters ``stage``, waits for the child until the scenario's
+    deadline (pidfd, no polling sleep), and reaps it on every path: a child still running at
+    the deadline is killed and the scenario fails. Returns the child's exit code."""
+    import select
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            code = child() or 0
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            import traceback
+
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+    status = None
+    try:
+        ctx.record(child_pid=pid)
+        if after_fork is not None:
+            after_fork()
+        ctx.stage(stage)
+        if not hasattr(os, "pidfd_open"):  # Linux < 5.3: an unbounded wait (the harness still times it out)
+            _, status = os.waitpid(pid, 0)
+        else:
+            fd = os.pidfd_open(pid)
+            try:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if poller.poll(max(0.0, ctx.remaining()) * 1000):
+                    _, status = os.waitpid(pid, 0)
+            finally:
+                os.close(fd)
+    finally:
+        if status is None:  # still running at our deadline (or we were interrupted): reap it
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    if status is None:
+        ctx.fail(f"forked child {pid} still in stage {stage!r} after the deadline")
+    return os.waitstatus_to_exitcode(status)
+
+
 def run_python(args: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | None = None):
     """Run ``python args...`` (this interpreter) with captured output; always reaped.
     Returns (returncode or None on timeout, stdout, stderr, seconds)."""

@@ -26,14 +26,14 @@ dataset's cached tensor would.
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
 import threading
 import time
 
 from repro.harness import predict
 from repro.harness.spec import Outcome, fix, hazard, scenario
-from repro.scenarios.fork_threads import _wait_child
+from repro.scenarios._proc import fork_run
 
 ELEMENTS = 64 * 1024 * 1024  # float32: 256 MiB, a copy of tens to hundreds of ms
 
@@ -71,42 +71,13 @@ def _wait_sharing(ctx, torch, thread: threading.Thread) -> None:
 MISSED = 3  # the child's exit code when the fork came after the sharing had finished
 
 
-def _fork_and_wait(ctx, t, after_fork=None, *, mid_share: bool = False) -> int:
-    """Fork a child that shares ``t``; in the parent run ``after_fork`` (if any), then wait for
-    the child with the scenario's deadline and reap it on every path. Returns its exit code.
-    With ``mid_share`` the child first checks that the sharing was still in progress when it
-    was forked (the share map is not empty) and exits ``MISSED`` if not."""
-    import torch
-
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the harness
-        code = 0
-        try:
-            if mid_share and not _sharing_in_progress(torch):
-                code = MISSED
-            else:
-                child_share(t)
-        except BaseException:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-            code = 70
-        finally:
-            os._exit(code)
-    status = None
-    try:
-        ctx.record(child_pid=pid)
-        if after_fork is not None:
-            after_fork()
-        ctx.stage("child share_memory_")
-        status = _wait_child(pid, ctx.remaining())
-    finally:
-        if status is None:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    if status is None:
-        ctx.fail(f"forked child {pid} still in share_memory_() at the deadline")
-    return os.waitstatus_to_exitcode(status)
+def _mid_share_child(torch, t):
+    """The child of ``fork_mid_share``: first check that the sharing was still in progress when
+    it was forked (the share map is not empty), else exit ``MISSED``."""
+    if not _sharing_in_progress(torch):
+        return MISSED
+    child_share(t)
+    return 0
 
 
 @scenario(
@@ -140,7 +111,7 @@ def fork_share_lock(ctx) -> None:
     sharer = threading.Thread(target=t.share_memory_, name="sharer", daemon=True)
     if order == "fork_first":
         ctx.stage("fork before the sharing thread")
-        code = _fork_and_wait(ctx, t, after_fork=sharer.start)
+        code = fork_run(ctx, lambda: child_share(t), stage="child share_memory_", after_fork=sharer.start)
         ctx.record(child_exit=code)
         ctx.check(code == 0, f"forked child exited {code}")
     elif order == "fork_during_share":
@@ -152,7 +123,7 @@ def fork_share_lock(ctx) -> None:
             sharer.start()
             ctx.stage("wait until the thread is sharing")
             _wait_sharing(ctx, torch, sharer)
-            code = _fork_and_wait(ctx, t, mid_share=True)
+            code = fork_run(ctx, functools.partial(_mid_share_child, torch, t), stage="child share_memory_")
             ctx.record(child_exit=code, attempts=attempt)
             if code != MISSED:
                 break

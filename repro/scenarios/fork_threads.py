@@ -14,12 +14,11 @@ The scenario's own process reaps its child on every path: it waits with a bound 
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 
 from repro.harness import predict
 from repro.harness.spec import Build, Outcome, fix, hazard, scenario
+from repro.scenarios._proc import fork_run
 
 ELEMENTS = 4_000_000  # elementwise op size: ~120 grains of 32768, parallel on any pool > 1
 
@@ -55,48 +54,8 @@ def _midregion_expect(build: Build):
     return outcome, reason
 
 
-def _wait_child(pid: int, timeout: float) -> int | None:
-    """waitpid with a bound: returns the raw wait status, or None if the child is still running."""
-    if hasattr(os, "pidfd_open"):
-        import select
-
-        fd = os.pidfd_open(pid)
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            if not poller.poll(max(0.0, timeout) * 1000):
-                return None
-        finally:
-            os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
 def _fork_child(ctx, child_threads: int | None) -> None:
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the harness
-        code = 0
-        try:
-            child_op(child_threads)
-        except BaseException:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-            code = 70
-        finally:
-            os._exit(code)
-    status = None
-    try:
-        ctx.record(child_pid=pid)
-        ctx.stage("child-parallel-op")  # the child's first parallel op (the parent waits here)
-        status = _wait_child(pid, ctx.remaining())
-    finally:
-        if status is None:  # still running at our deadline (or we were interrupted): reap it
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    if status is None:
-        ctx.fail(f"forked child {pid} still in its parallel op after the deadline")
-    code = os.waitstatus_to_exitcode(status)
+    code = fork_run(ctx, lambda: child_op(child_threads), stage="child-parallel-op")  # the parent waits here
     ctx.record(child_exit=code)
     ctx.check(code == 0, f"forked child exited {code}")
 
