@@ -73,7 +73,7 @@ CLAIMS: dict[str, dict[str, Any]] = {
         "claim": "Lazy imports (import one family only when asked) fix the import deadlock and start faster.",
         "verdict": "partly: faster start, fixes nothing that reproduces",
         "finding": (
-            "`import splitlearn` takes a few ms and imports no torch; asking for one family imports only that module. Importing one family instead of all three changes little once torch and transformers load (2352 vs 2360 modules; speedups of 0.92-1.11x across the eight cells, at least 1.1x in one). It removes no deadlock, because the nested-import deadlock does not reproduce."
+            "`import splitlearn` takes a few ms and imports no torch; asking for one family imports only that module. Importing one family instead of all three changes little once torch and transformers load (2352 vs 2360 modules; speedups of 0.92-1.11x across the eight cells on 2026-11-23, at least 1.1x in one; 0.91-1.02x, none at 1.1x, on 2026-11-30). It removes no deadlock, because the nested-import deadlock does not reproduce."
         ),
         "checks": [
             ("imports_eager_vs_lazy:eager_vs_lazy", "speedup >= 1.1", "for", "one family loads at least 1.1x faster than all three"),
@@ -116,7 +116,7 @@ CLAIMS: dict[str, dict[str, Any]] = {
         "claim": "multiprocessing Manager().Queue() costs 10-50x native IPC; Unix sockets (multiprocessing.connection) are cheap.",
         "verdict": "the direction holds; the factor is about 6-13x here, at the low end of 10-50x",
         "finding": (
-            "Median round-trip latency of Manager().Queue() against a multiprocessing.connection over a Unix socket, 4 KB payloads. With every transport's echo process open at once and round trips in blocks of 100 interleaved across transports (the current method): 11.8x in the quiet benchmark (median of 3 runs, 9.0-13.3x; 384 us against 32 us); 64 B: 11.0x. Measured one transport after another (the first method): 6.3x (4.5-8.9x; 215 us against 43 us). Single runs in the eight matrix cells (current method): 8.5-12.6x. So the factor is 6-13x on this 2-core machine depending on how the processes share it, at the low end of the claimed 10-50x. The order (Manager slowest, then mp.Queue at 2-6x the socket, then the socket within about 1.6x of a raw socketpair) holds everywhere."
+            "Median round-trip latency of Manager().Queue() against a multiprocessing.connection over a Unix socket, 4 KB payloads. With every transport's echo process open at once and round trips in blocks of 100 interleaved across transports (the current method): 11.8x in the quiet benchmark (median of 3 runs, 9.0-13.3x; 384 us against 32 us); 64 B: 11.0x. Measured one transport after another (the first method): 6.3x (4.5-8.9x; 215 us against 43 us). Single runs in the eight matrix cells (current method): 8.5-12.6x on 2026-11-23, 7.2-11.1x on 2026-11-30 (10x or more in two of eight). So the factor is 6-13x on this 2-core machine depending on how the processes share it, at the low end of the claimed 10-50x. The order (Manager slowest, then mp.Queue at 2-6x the socket, then the socket within about 1.6x of a raw socketpair) holds everywhere."
         ),
         "checks": [
             ("ipc_transports:4k", "manager_over_socket_10_to_50x >= 10", "for", "Manager().Queue at least 10x the Unix socket (4 KiB)"),
@@ -227,7 +227,7 @@ CLAIMS: dict[str, dict[str, Any]] = {
         "claim": "Holding the manager lock only to insert a placeholder keeps the event loop responsive while a load takes seconds.",
         "verdict": "partly true",
         "finding": (
-            "With a synthetic 2.5 s load, the placeholder pattern keeps the loop's heartbeat gap near 10 ms while a load under the lock or on the loop stalls it for the whole load (2.5 s). With a process's first real transformers load, the loop still stalls 158-202 ms at a time although no lock is held (1.6 s once, on py3.10-mkl): first-use imports and the garbage collector in the loader thread hold the GIL. Warming up the loading code once and `gc.freeze()` bring it to 14-24 ms in all eight cells. A server answering requests while a real model loads beside it (`manager_serving:placeholder`) still saw 30-139 ms worst-case answers across the cells: within 50 ms in three of eight."
+            "With a synthetic 2.5 s load, the placeholder pattern keeps the loop's heartbeat gap near 10 ms while a load under the lock or on the loop stalls it for the whole load (2.5 s). With a process's first real transformers load, the loop still stalls 158-202 ms at a time although no lock is held (1.6 s once, on py3.10-mkl): first-use imports and the garbage collector in the loader thread hold the GIL. Warming up the loading code once and `gc.freeze()` brought it to 14-24 ms in all eight cells on 2026-11-23. A server answering requests while a real model loads beside it (`manager_serving:placeholder`) still saw 30-139 ms worst-case answers across the cells on 2026-11-23 (within 50 ms in three of eight), 15-26 ms in all eight on 2026-11-30; on 2026-11-30 the rehearsed loop gap was 18-29 ms in seven cells and 52.5 ms in one (py3.11-bundled)."
         ),
         "checks": [
             ("manager_lock:placeholder", "heartbeat_max_gap_ms <= 50", "for", "loop heartbeat within 50 ms during a 2.5 s synthetic load"),
