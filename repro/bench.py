@@ -60,6 +60,20 @@ def select(catalogue: dict[str, Any], names: list[str]) -> list[tuple[Any, Any]]
     return unique
 
 
+def applicable(cases: list[tuple[Any, Any]], fp: dict[str, Any]) -> tuple[list[tuple[Any, Any]], list[dict[str, str]]]:
+    """The cases that apply to this build, and the others with the reason (no CUDA device...)."""
+    from repro.harness.spec import Build
+
+    kept, skipped = [], []
+    for sc, v in cases:
+        why = v.skip_reason(Build(fp, v.env))
+        if why:
+            skipped.append({"scenario": sc.name, "variant": v.name, "reason": why})
+        else:
+            kept.append((sc, v))
+    return kept, skipped
+
+
 # -- statistics -------------------------------------------------------------------------------------
 def summarise(runs: list[dict[str, Any]], scenario: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
     """Per figure over the repetitions: median, min, max, n, and the target judged on the median."""
@@ -270,6 +284,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"numpy {fp.get('numpy')}; build `{fp.get('build')}`, parallel backend {fp.get('torch_parallel_backend')}, "
         f"OpenMP {', '.join(fp.get('openmp_runtimes') or []) or '–'}, {fp.get('torch_num_threads')} intra-op threads"
     )
+    skipped = report.get("skipped") or []
+    if skipped:
+        out.append(
+            "- Skipped on this build: "
+            + "; ".join(f"`{x['scenario']}:{x['variant']}` ({x['reason']})" for x in skipped)
+        )
     out.append("")
     missed = report["missed"]
     out.append("## Targets")
@@ -404,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no load scenarios in the catalogue", file=sys.stderr)
         return 2
     fp = get_fingerprint(sys.executable)
+    cases, skipped = applicable(cases, fp)
+    for item in skipped:
+        print(f"skip {item['scenario']}:{item['variant']}: {item['reason']}")
+    if not cases:
+        print("nothing to run: every selected variant is skipped on this build")
+        return 0
     load_before = machine_info().get("loadavg_1m")
     t0 = time.monotonic()
     records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout)
@@ -419,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine_info(), "loadavg_1m_before": load_before},
         "fingerprint": {k: v for k, v in fp.items() if k not in ("parallel_info", "threadpools", "executable")},
         "cases": records,
+        "skipped": skipped,
         "suite": suite,
     }
     report["cell_figures"] = cell_key_figures(pyver, str(fp.get("build") or "bundled"))

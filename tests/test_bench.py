@@ -29,6 +29,28 @@ def test_select_defaults_to_load_variants():
         bench.select(cat, ["nope"])
 
 
+def test_variants_that_do_not_apply_are_skipped_with_the_reason():
+    """A load variant that needs a GPU is left out on a machine without one, not run to FAIL."""
+    cat = {"a": Scenario("a", "m:a", [load("cpu"), load("gpu", requires=lambda b: None if b.cuda else "needs a CUDA device")])}
+    cases = bench.select(cat, [])
+    kept, skipped = bench.applicable(cases, {"cuda": False})
+    assert [v.name for _, v in kept] == ["cpu"]
+    assert skipped == [{"scenario": "a", "variant": "gpu", "reason": "needs a CUDA device"}]
+    kept, skipped = bench.applicable(cases, {"cuda": True})
+    assert [v.name for _, v in kept] == ["cpu", "gpu"] and skipped == []
+
+
+def test_bench_of_only_inapplicable_variants_runs_nothing(monkeypatch, capsys, tmp_path):
+    from repro.harness import fingerprint
+
+    monkeypatch.setattr(fingerprint, "get_fingerprint", lambda *a, **k: {"python": "3.11.7", "build": "bundled", "cuda": False})
+    out = tmp_path / "bench.json"
+    assert bench.main(["serving_batching:demo_cuda", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "skip serving_batching:demo_cuda: needs a CUDA device" in text
+    assert "nothing to run" in text and not out.exists()
+
+
 def test_summarise_counts_runs_that_ended_as_predicted():
     """A variant predicted to FAIL (a measured miss) still measures: its figures count."""
     runs = [{"outcome": "FAIL", "ok": True, "metrics": {"ratio": v}} for v in (0.9, 1.0, 1.1)]
