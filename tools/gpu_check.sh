@@ -12,7 +12,8 @@
 #   STEPS="env cuda" tools/gpu_check.sh           # some of them
 #
 # Steps: env (fingerprint), cuda (the serving_cuda scenario through the CLI and through
-# pytest), fork (the fork-hazard scenarios' hazard and fix variants on this build),
+# pytest), fork (the fork-hazard scenarios' hazard and fix variants on this build;
+# FORK_SCENARIOS names others),
 # bench (the serving and IPC load scenarios, 3 repetitions after a warm-up; BENCH_SCENARIOS
 # names others). serving_batching's demo_cuda variant is the server overhead in the seed's
 # own setting, the model on the GPU.
@@ -43,8 +44,9 @@ for s in $STEPS; do
         timeout 240 "$PY" -m pytest -p no:cacheprovider -q -m cuda tests/test_scenarios.py 2>&1 | tee "$OUT/pytest-cuda.txt" || rc=1
         ;;
     fork)
-        step "fork hazards on this build"
-        timeout "${FORK_LIMIT:-200}" "$PY" -m repro run fork_after_threads fork_share_lock serving_fork dataloader_workers \
+        step "fork hazards on this build: ${FORK_SCENARIOS:=fork_after_threads fork_share_lock serving_fork dataloader_workers}"
+        # shellcheck disable=SC2086  # a list of scenario names
+        timeout "${FORK_LIMIT:-200}" "$PY" -m repro run $FORK_SCENARIOS \
             --json "$OUT/fork.json" --report "$OUT/fork.md" || rc=1
         ;;
     bench)
