@@ -135,6 +135,7 @@ CLAIMS: dict[str, dict[str, Any]] = {
         "checks": [
             ("serving_batching:demo", "server_over_direct_le_1.05 <= 1.05", "for", "one client within 1.05x of a direct call"),
             ("serving_batching:demo", "4_clients_mean_batch_ge_3 >= 3", "for", "4 clients batch to at least 3"),
+            ("serving_batching:demo_cuda", "server_over_direct_le_1.05 <= 1.05", "for", "with the model on the GPU, one client within 1.05x"),
         ],
     },
     "002-cuda-fork": {
