@@ -122,6 +122,43 @@ def test_concurrent_clients_get_their_own_answers_and_batch():
         srv.close()
 
 
+def test_a_batch_of_mixed_shapes_and_dtypes_is_split_by_kind():
+    """Requests batched together but of different per-sample shapes or dtypes run as separate
+    forwards of one batch; each caller gets its own answer, several requests long or one."""
+    srv = InferenceServer(ECHO, {"scale": 2.0}, max_batch_size=8, max_wait_ms=200, start_timeout=120)
+    srv.start()
+    kinds = [((1, 5), torch.float32), ((2, 3), torch.float32), ((1, 5), torch.float64), ((3, 5), torch.float32)]
+    errors: list[str] = []
+    barrier = threading.Barrier(len(kinds))
+
+    def worker(k: int) -> None:
+        shape, dtype = kinds[k]
+        try:
+            with srv.client(timeout=30) as c:
+                barrier.wait(30)
+                for i in range(10):
+                    x = torch.full(shape, float(k * 100 + i), dtype=dtype)
+                    y = c.infer(x)
+                    if y.dtype != dtype or not torch.equal(y, x * 2):
+                        errors.append(f"client {k} request {i}: got {y.dtype} {list(y.shape)} {y.flatten()[0].item()}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"client {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(kinds))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        st = srv.stats()
+        assert st["responses"] == 40 and st["errors"] == 0
+        assert st["max_batch"] > 1, st  # kinds were batched together, then split
+    finally:
+        srv.close()
+
+
 def test_one_client_never_waits_for_a_batch(demo):
     srv, _ = demo  # max_wait_ms=20: a lone client must not pay it
     with srv.client() as c:

@@ -735,6 +735,8 @@ class _InferenceWorker(ConnServer):
         self.input_shape = tuple(shape) if shape is not None else None
         dt = self.cfg.get("input_dtype") or (str(getattr(self.model, "input_dtype", "")).replace("torch.", "") or None)
         self.input_dtype = dt
+        tdt = getattr(torch, dt, None) if dt else None
+        self._input_tdtype = tdt if isinstance(tdt, torch.dtype) else None  # a fast identity check per request
         if self.cfg.get("warmup") and self.input_shape is not None:
             # a full batch: the shapes real traffic will run (and the first parallel region)
             x = torch.zeros((self.max_batch, *self.input_shape), dtype=getattr(torch, dt or "float32"), device=self.device)
@@ -765,12 +767,14 @@ class _InferenceWorker(ConnServer):
         if len(f.tensors) != 1:
             return self.reply_error(c, f.request_id, "bad_input", f"a request carries one tensor, got {len(f.tensors)}")
         x = f.tensors[0]
-        dt = str(x.dtype).replace("torch.", "")
-        if self.input_dtype and dt != self.input_dtype:
-            return self.reply_error(c, f.request_id, "bad_input", f"dtype {dt}, the model takes {self.input_dtype}")
-        if x.dim() < 1 or x.shape[0] < 1:
-            return self.reply_error(c, f.request_id, "bad_input", f"shape {list(x.shape)}: need a leading batch dimension >= 1")
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+        if self.input_dtype and x.dtype is not self._input_tdtype:
+            dt = str(x.dtype).replace("torch.", "")
+            if dt != self.input_dtype:
+                return self.reply_error(c, f.request_id, "bad_input", f"dtype {dt}, the model takes {self.input_dtype}")
+        shape = x.shape
+        if len(shape) < 1 or shape[0] < 1:
+            return self.reply_error(c, f.request_id, "bad_input", f"shape {list(shape)}: need a leading batch dimension >= 1")
+        if self.input_shape is not None and shape[1:] != self.input_shape:
             return self.reply_error(
                 c, f.request_id, "bad_input", f"shape {list(x.shape)}, the model takes [batch, {', '.join(map(str, self.input_shape))}]"
             )
@@ -810,9 +814,9 @@ class _InferenceWorker(ConnServer):
         batch = [first]
         until = first.t_in + self.max_wait
         while len(batch) < self.max_batch:
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
+            if not self.queue.empty():
+                item = self.queue.get()  # this thread is the only consumer: it is there
+            else:
                 # nothing waiting: wait only while some connected client has no request in
                 # this batch yet (one client never waits), and never past max_wait
                 if len(batch) >= self.open_conns():
@@ -841,17 +845,23 @@ class _InferenceWorker(ConnServer):
                 continue
             self.in_batch = True
             t0 = time.monotonic()
-            groups: dict[tuple, list[_Req]] = {}
-            for r in batch:
-                groups.setdefault((str(r.x.dtype), tuple(r.x.shape[1:])), []).append(r)
-            for reqs in groups.values():
+            if len(batch) == 1:
+                groups = [batch]
+            else:
+                by_kind: dict[tuple, list[_Req]] = {}
+                for r in batch:
+                    by_kind.setdefault((r.x.dtype, tuple(r.x.shape[1:])), []).append(r)
+                groups = list(by_kind.values())
+            for reqs in groups:
                 try:
                     x = reqs[0].x if len(reqs) == 1 else torch.cat([r.x for r in reqs])
                     with torch.inference_mode():
                         y = self.model(x.to(self.device, non_blocking=False))
                     outs = list(y) if isinstance(y, (tuple, list)) else [y]
-                    sizes = [int(r.x.shape[0]) for r in reqs]
-                    parts = [o.split(sizes) for o in outs]
+                    if len(reqs) == 1:
+                        parts = [[o] for o in outs]
+                    else:
+                        parts = [o.split([int(r.x.shape[0]) for r in reqs]) for o in outs]
                 except Exception as exc:  # noqa: BLE001 - report to the callers, keep serving
                     msg = f"{type(exc).__name__}: {exc}"
                     for r in reqs:

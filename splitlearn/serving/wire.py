@@ -58,6 +58,8 @@ class MsgType(enum.IntEnum):
     MODELS = 13
 
 
+_MSG_TYPES = {int(m): m for m in MsgType}  # a dict lookup costs less than MsgType(n) per frame
+
 # dtype codes are part of the format: never renumber.
 _DTYPES: dict[int, tuple[str, int]] = {
     1: ("float32", 4),
@@ -93,10 +95,21 @@ class Frame:
         return self.tensors[0]
 
 
+# Encoding and decoding run once per request, between milliseconds of other work: code that
+# costs a few microseconds in a loop costs 5-30x that there (caches and predictors gone cold;
+# see claim 002-server-overhead). So the per-tensor path makes few calls into torch: names of
+# dtypes seen before come from a cache, a CPU tensor is read through one ``numpy()`` view, and
+# a received tensor is a numpy view of the frame handed to ``torch.from_numpy``.
+_NAME_OF_DTYPE: dict[Any, str] = {}  # torch or numpy dtype object -> wire name, for dtypes seen before
+
+
 def _dtype_name(obj: Any) -> str:
     dt = getattr(obj, "dtype", None)
     if dt is None:
         raise WireError(f"cannot encode {type(obj).__name__}: not a tensor or array")
+    cached = _NAME_OF_DTYPE.get(dt)
+    if cached is not None:
+        return cached
     name = str(dt)
     if not name.startswith("torch.") and isinstance(getattr(dt, "name", None), str):
         name = dt.name  # numpy: '>f4' -> 'float32'
@@ -104,6 +117,7 @@ def _dtype_name(obj: Any) -> str:
         name = name[len("torch.") :]
     if name not in _CODE_BY_NAME:
         raise WireError(f"dtype {name} is not supported on the wire (supported: {', '.join(dtype_names())})")
+    _NAME_OF_DTYPE[dt] = name
     return name
 
 
@@ -113,12 +127,18 @@ def _raw(obj: Any) -> tuple[str, tuple[int, ...], memoryview]:
     shape = tuple(int(s) for s in obj.shape)
     mod = type(obj).__module__
     if mod.startswith("torch"):
-        t = obj.detach()
-        if t.device.type != "cpu":
+        t = obj.detach() if obj.requires_grad else obj
+        if not t.is_cpu:
             t = t.cpu()
-        t = t.contiguous()
+        if not t.is_contiguous():
+            t = t.contiguous()
         if t.numel() == 0:
             return name, shape, memoryview(b"")
+        if name != "bfloat16":  # numpy has no bfloat16
+            try:
+                return name, shape, memoryview(t.numpy()).cast("B")
+            except RuntimeError:  # a view numpy() refuses (a lazy negation, say): the long way
+                pass
         data = t.reshape(-1).view(__import__("torch").uint8).numpy()
         return name, shape, memoryview(data).cast("B")
     import numpy as np
@@ -151,20 +171,30 @@ def encode(frame: Frame, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     return b"".join(parts)
 
 
+_NP_DTYPES: dict[int, Any] = {}  # wire code -> little-endian numpy dtype, filled on first use
+
+
 def _decode_tensor(buf: bytearray, offset: int, code: int, shape: tuple[int, ...], nbytes: int, as_numpy: bool) -> Any:
-    name, _ = _DTYPES[code]
-    if as_numpy:
+    name, size = _DTYPES[code]
+    if name != "bfloat16":
         import numpy as np
 
-        if name == "bfloat16":
-            raise WireError("bfloat16 tensors cannot be decoded as numpy arrays")
-        return np.frombuffer(buf, dtype=np.dtype(name).newbyteorder("<"), count=nbytes // _DTYPES[code][1], offset=offset).reshape(shape)
+        dt = _NP_DTYPES.get(code)
+        if dt is None:
+            dt = _NP_DTYPES[code] = np.dtype(name).newbyteorder("<")
+        a = np.frombuffer(buf, dtype=dt, count=nbytes // size, offset=offset).reshape(shape)
+        if as_numpy:
+            return a
+        import torch
+
+        return torch.from_numpy(a)  # shares the frame's (writable) buffer, as frombuffer did
+    if as_numpy:
+        raise WireError("bfloat16 tensors cannot be decoded as numpy arrays")
     import torch
 
-    dt = getattr(torch, name)
     if nbytes == 0:
-        return torch.empty(shape, dtype=dt)
-    return torch.frombuffer(buf, dtype=dt, count=nbytes // _DTYPES[code][1], offset=offset).reshape(shape)
+        return torch.empty(shape, dtype=torch.bfloat16)
+    return torch.frombuffer(buf, dtype=torch.bfloat16, count=nbytes // size, offset=offset).reshape(shape)
 
 
 def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
@@ -182,10 +212,9 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
         raise WireError(f"bad magic {bytes(magic)!r} (not a splitlearn frame)")
     if version != VERSION:
         raise WireError(f"unsupported wire version {version} (this side speaks {VERSION})")
-    try:
-        mtype = MsgType(mtype)
-    except ValueError:
-        raise WireError(f"unknown message type {mtype}") from None
+    msg_type = _MSG_TYPES.get(mtype)
+    if msg_type is None:
+        raise WireError(f"unknown message type {mtype}")
     off = HEADER_SIZE
     if off + meta_len > n:
         raise WireError(f"meta length {meta_len} runs past the end of a {n}-byte frame")
@@ -223,7 +252,7 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
         off += nbytes
     if off != n:
         raise WireError(f"{n - off} trailing bytes after the last tensor")
-    return Frame(type=mtype, request_id=rid, meta=meta, tensors=tensors, flags=flags)
+    return Frame(type=msg_type, request_id=rid, meta=meta, tensors=tensors, flags=flags)
 
 
 def error_frame(request_id: int, code: str, message: str) -> Frame:
