@@ -89,32 +89,39 @@ def test_numpy_client(demo):
         np.testing.assert_allclose(y, model(torch.from_numpy(x)).numpy(), atol=1e-6)
 
 
-def test_concurrent_clients_get_their_own_answers_and_batch():
-    srv = InferenceServer(ECHO, {"scale": 3.0}, max_batch_size=8, max_wait_ms=50, start_timeout=120)
-    srv.start()
+def _clients_in_threads(srv, inputs, scale: float, requests: int) -> list[str]:
+    """Client k sends ``requests`` requests ``inputs(k, i)`` to an EchoNet(scale) server, all
+    clients starting together; returns what went wrong (wrong answers, errors, hung clients)."""
     errors: list[str] = []
-    barrier = threading.Barrier(4)
+    n = len(inputs)
+    barrier = threading.Barrier(n)
 
     def worker(k: int) -> None:
         try:
             with srv.client(timeout=30) as c:
                 barrier.wait(30)
-                for i in range(25):
-                    x = torch.full((1, 5), float(k * 1000 + i))
+                for i in range(requests):
+                    x = inputs[k](i)
                     y = c.infer(x)
-                    if not torch.equal(y, x * 3):
-                        errors.append(f"client {k} request {i}: got {y[0, 0].item()} for {x[0, 0].item()}")
+                    if y.dtype != x.dtype or not torch.equal(y, x * scale):
+                        errors.append(f"client {k} request {i}: got {y.dtype} {list(y.shape)} {y.flatten()[0].item()}")
         except Exception as exc:  # noqa: BLE001
             errors.append(f"client {k}: {exc!r}")
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors + [f"client {k} still running after 60 s" for k, t in enumerate(threads) if t.is_alive()]
+
+
+def test_concurrent_clients_get_their_own_answers_and_batch():
+    srv = InferenceServer(ECHO, {"scale": 3.0}, max_batch_size=8, max_wait_ms=50, start_timeout=120)
+    srv.start()
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
+        inputs = [lambda i, k=k: torch.full((1, 5), float(k * 1000 + i)) for k in range(4)]
+        assert _clients_in_threads(srv, inputs, 3.0, 25) == []
         st = srv.stats()
         assert st["responses"] == 100 and st["errors"] == 0
         assert st["mean_batch"] > 1.0, st  # four busy clients share forwards
@@ -127,31 +134,10 @@ def test_a_batch_of_mixed_shapes_and_dtypes_is_split_by_kind():
     forwards of one batch; each caller gets its own answer, several requests long or one."""
     srv = InferenceServer(ECHO, {"scale": 2.0}, max_batch_size=8, max_wait_ms=200, start_timeout=120)
     srv.start()
-    kinds = [((1, 5), torch.float32), ((2, 3), torch.float32), ((1, 5), torch.float64), ((3, 5), torch.float32)]
-    errors: list[str] = []
-    barrier = threading.Barrier(len(kinds))
-
-    def worker(k: int) -> None:
-        shape, dtype = kinds[k]
-        try:
-            with srv.client(timeout=30) as c:
-                barrier.wait(30)
-                for i in range(10):
-                    x = torch.full(shape, float(k * 100 + i), dtype=dtype)
-                    y = c.infer(x)
-                    if y.dtype != dtype or not torch.equal(y, x * 2):
-                        errors.append(f"client {k} request {i}: got {y.dtype} {list(y.shape)} {y.flatten()[0].item()}")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"client {k}: {exc!r}")
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(kinds))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
+        kinds = [((1, 5), torch.float32), ((2, 3), torch.float32), ((1, 5), torch.float64), ((3, 5), torch.float32)]
+        inputs = [lambda i, k=k, s=s, d=d: torch.full(s, float(k * 100 + i), dtype=d) for k, (s, d) in enumerate(kinds)]
+        assert _clients_in_threads(srv, inputs, 2.0, 10) == []
         st = srv.stats()
         assert st["responses"] == 40 and st["errors"] == 0
         assert st["max_batch"] > 1, st  # kinds were batched together, then split
