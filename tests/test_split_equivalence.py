@@ -127,3 +127,19 @@ def test_gemma_embedding_is_scaled_in_hidden_dtype():
     expected = emb.weight[ids] * torch.tensor(64**0.5, dtype=emb.weight.dtype)
     torch.testing.assert_close(emb(ids), expected, atol=0, rtol=0)
     assert bottom.embed_tokens.embed_scale.item() == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parts_pass_the_cache_under_transformers_own_name(family):
+    """transformers renamed the KV-cache argument of its mask builders and decoder layers
+    (``past_key_values`` -> ``cache``; the old name warns, and is announced to go in 5.40): the
+    parts pass it under whichever name the installed release takes, so no such warning."""
+    import warnings
+
+    full = full_model(family)
+    ids, mask = padded_batch(0, 2, 5, [0, 2], "left", full.config.vocab_size)
+    bottom, trunk, top = split_parts(family, 1, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        greedy_generate(bottom, trunk, top, ids, 3, attention_mask=mask)
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message)] == []

@@ -16,6 +16,8 @@ Weights are loaded from any mapping of checkpoint keys (a full ``state_dict`` or
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import logging
 import os
@@ -37,6 +39,19 @@ from splitlearn.errors import (
 )
 
 log = logging.getLogger("splitlearn.models")
+
+
+@functools.cache
+def cache_arg(fn: Any) -> str:
+    """The name under which ``fn`` (a mask builder, a decoder layer's ``forward``) takes the KV
+    cache: ``cache`` in the transformers releases that renamed it (the old ``past_key_values``
+    still works there with a FutureWarning, until its announced removal in 5.40), else
+    ``past_key_values``. Read from the signature once per function."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 SPLIT_META_FILE = "split_config.json"
 PART_WEIGHTS_FILE = "model.safetensors"
@@ -204,19 +219,11 @@ class SplitPart(nn.Module):
     def _masks(self, hidden: torch.Tensor, attention_mask, cache, position_ids) -> dict[str, Any]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        kwargs = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids)
         masks: dict[str, Any] = {}
         for layer_type in set(self._layer_types):
-            if layer_type == "sliding_attention":
-                masks[layer_type] = create_sliding_window_causal_mask(**kwargs)
-            else:
-                masks[layer_type] = create_causal_mask(**kwargs)
+            build = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+            masks[layer_type] = build(**kwargs, **{cache_arg(build): cache})
         return masks
 
     def _run_layers(self, hidden, attention_mask, position_ids, cache, use_cache) -> torch.Tensor:
@@ -488,9 +495,9 @@ class RotaryPart(SplitPart):
             hidden,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=use_cache,
             position_embeddings=extra,
+            **{cache_arg(self.layer_cls.forward): cache},
         )
 
     def _embed(self, input_ids, position_ids):
