@@ -415,3 +415,21 @@ def test_connection_cap_refuses_extra_clients_and_frees_slots():
         srv.close()
     with pytest.raises(ValueError):
         InferenceServer(ECHO, {}, max_connections=0)
+
+
+def test_recv_frame_waits_for_its_timeout_and_reports_eof():
+    from multiprocessing import Pipe
+
+    from splitlearn.serving import transport
+
+    a, b = Pipe()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        transport.recv_frame(a, timeout=0.2)
+    assert 0.15 < time.monotonic() - t0 < 5
+    b.send_bytes(wire.encode(wire.Frame(wire.MsgType.PONG, 5)))
+    assert transport.recv_frame(a, timeout=1e12).request_id == 5  # past poll(2)'s range of milliseconds
+    b.close()
+    with pytest.raises(ServerUnavailable):
+        transport.recv_frame(a, timeout=5)
+    a.close()

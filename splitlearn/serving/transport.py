@@ -217,7 +217,7 @@ def _readable(conn: Connection, timeout: float) -> bool:
     the round trip it guards once the code has gone cold between requests)."""
     p = select.poll()
     p.register(conn.fileno(), select.POLLIN)
-    return bool(p.poll(max(0.0, timeout) * 1e3))
+    return bool(p.poll(min(max(0.0, timeout) * 1e3, 2**31 - 1)))  # poll(2) takes an int of milliseconds
 
 
 def send_frame(conn: Connection, frame: wire.Frame, *, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
