@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures.models import FAMILIES, cache_root, tiny_model_dir  # noqa: E402
+from fixtures.models import FAMILIES, cache_root, repo_root, tiny_model_dir  # noqa: E402
 
 WORKER = textwrap.dedent(
     """
@@ -116,3 +116,24 @@ def test_gemma_fixture_drops_tied_head_and_sets_head_dim():
 def test_unknown_family():
     with pytest.raises(ValueError, match="gpt2, qwen2, gemma"):
         tiny_model_dir("llama")
+
+
+def test_built_elsewhere_builds_in_another_interpreter():
+    """The same directory as an in-process build, and this process never ran the build: a
+    scenario that measures its first Hugging Face load stays cold (manager_lock:cold_real)."""
+    from fixtures.models import built_elsewhere
+
+    code = textwrap.dedent(
+        """
+        import sys
+        from fixtures.models import built_elsewhere
+        path = built_elsewhere("tiny_model_dir", family="gpt2", sharded=True)
+        print(path, "transformers.models.gpt2.modeling_gpt2" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=str(repo_root()))
+    assert out.returncode == 0, out.stderr
+    path, warmed = out.stdout.split()
+    assert path == str(tiny_model_dir("gpt2", sharded=True)) and warmed == "False"
+    with pytest.raises(ValueError, match="unknown builder"):
+        built_elsewhere("os.system")
