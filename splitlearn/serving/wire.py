@@ -96,7 +96,7 @@ class Frame:
 
 
 # Encoding and decoding run once per request, between milliseconds of other work: code that
-# costs a few microseconds in a loop costs 5-30x that there (caches and predictors gone cold;
+# costs a few microseconds in a loop costs 6-30x that there (caches and predictors gone cold;
 # see claim 002-server-overhead). So the per-tensor path makes few calls into torch: names of
 # dtypes seen before come from a cache, a CPU tensor is read through one ``numpy()`` view, and
 # a received tensor is a numpy view of the frame handed to ``torch.from_numpy``.
