@@ -418,11 +418,13 @@ def test_connection_cap_refuses_extra_clients_and_frees_slots():
 
 
 def test_recv_frame_waits_for_its_timeout_and_reports_eof():
-    from multiprocessing import Pipe
+    import socket
+    from multiprocessing.connection import Connection
 
     from splitlearn.serving import transport
 
-    a, b = Pipe()
+    sa, sb = socket.socketpair()
+    a, b = transport.Channel(sa.detach()), Connection(sb.detach())  # CPython's framing on the other end
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         transport.recv_frame(a, timeout=0.2)

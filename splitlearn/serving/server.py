@@ -37,7 +37,6 @@ import os
 import queue
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -380,7 +379,7 @@ class InferenceServer(ManagedServer):
 
 @dataclass
 class _Conn:
-    conn: Connection
+    conn: transport.Channel
     cid: int
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
@@ -565,7 +564,7 @@ class ConnServer:
                     writer.join(self.cfg["send_timeout"] + 5)
                 with c.send_lock:  # no send uses the descriptor past this point
                     if c.sock is not None:
-                        c.sock.detach()  # borrowed: the Connection owns and closes the descriptor
+                        c.sock.detach()  # borrowed: the Channel owns and closes the descriptor
                         c.sock = None
                     try:
                         conn.close()
@@ -584,8 +583,7 @@ class ConnServer:
             data = wire.encode(frame, max_frame=self.max_frame)
         except wire.WireError as exc:
             data = wire.encode(wire.error_frame(frame.request_id, "response_too_large", str(exc)))
-        # multiprocessing.connection's framing: a 4-byte big-endian length (frames stay < 2 GiB)
-        msg = struct.pack("!i", len(data)) + data
+        msg = transport.frame_header(len(data)) + data  # the Channel framing, in one buffer
         with c.send_lock:
             if not c.alive or c.sock is None:
                 return False
@@ -651,14 +649,15 @@ class ConnServer:
     def serve_conn(self, c: _Conn) -> None:
         while not self.stopping.is_set():
             try:
-                data = c.conn.recv_bytes(self.max_frame)
+                data = c.conn.recv_buffer(self.max_frame)
             except EOFError:
                 return
-            except OSError as exc:
-                if "bad message length" in str(exc):
-                    with self.stats.lock:
-                        self.stats.bad_frames += 1
-                    self.reply_error(c, 0, "frame_too_large", f"frame exceeds the maximum frame size of {self.max_frame} bytes; closing")
+            except transport.FrameTooLarge as exc:
+                with self.stats.lock:
+                    self.stats.bad_frames += 1
+                self.reply_error(c, 0, "frame_too_large", f"{exc}; closing")
+                return
+            except OSError:
                 return
             try:
                 f = wire.decode(data, max_frame=self.max_frame)

@@ -12,8 +12,12 @@ under a deadline:
   challenge that never comes (CPython issue 123736); our handshake is bounded: a watchdog
   shuts the socket down at the deadline, which turns the blocked read into an error.
 
-Only ``send_bytes``/``recv_bytes`` are used on these connections, never ``send``/``recv``
-(which unpickle).
+The connections are :class:`Channel` objects: the framing of ``multiprocessing.connection``
+(a 4-byte big-endian length, then the bytes; ``-1`` and an 8-byte length for messages of
+2 GiB or more), so CPython's ``Connection`` and its handshake talk to them unchanged, but read
+in one system call per frame in the common case. ``Connection.recv_bytes`` reads the length
+and the body separately; on the VMs measured here that second read costs more than the rest
+of the framing (see ``ipc_transports``). There is no ``send``/``recv`` that pickles.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import contextlib
 import os
 import select
 import socket
+import struct
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import answer_challenge, deliver_challenge
 from typing import Any
 
 from splitlearn.serving import wire
@@ -54,6 +59,185 @@ class HandshakeError(ServingError, AuthenticationError):
     """Authentication failed or did not finish within its deadline."""
 
 
+_LEN = struct.Struct("!i")
+_LEN64 = struct.Struct("!Q")
+_SMALL = 1 << 16  # a frame up to this size is sent as one write of header + body
+
+
+class FrameTooLarge(OSError):
+    """An incoming frame announced more bytes than the receiver takes; the stream is then out
+    of step (its body was not read) and the connection must be closed."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"incoming frame of {size} bytes exceeds the maximum frame size of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def frame_header(n: int) -> bytes:
+    """The length prefix of an ``n``-byte message, as ``multiprocessing.connection`` writes it."""
+    return _LEN.pack(n) if n <= 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(n)
+
+
+def _write_all(fd: int, head: bytes, body: Any) -> None:
+    """Write ``head`` then ``body`` in as few system calls as the socket takes."""
+    n = len(head) + len(body)
+    if n <= _SMALL:
+        data = memoryview(head + body)
+        while data:
+            data = data[os.write(fd, data) :]
+        return
+    sent = os.writev(fd, [head, body])
+    if sent < len(head):
+        rest = memoryview(head)[sent:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+        sent = len(head)
+    view = memoryview(body)[sent - len(head) :]
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class Channel:
+    """A framed, bidirectional byte stream over one socket descriptor (which it owns).
+
+    ``send_bytes``/``recv_bytes``/``poll``/``fileno``/``close`` as on ``Connection``, with the
+    same bytes on the wire. Reads go through a buffer: one ``readv`` fetches what the socket
+    holds (up to ``bufsize``), which for a frame that fits is the whole frame, header and body;
+    bytes of a following frame stay buffered for the next call. Not thread-safe: one reader
+    and one writer at a time (the serving code holds a lock per side)."""
+
+    __slots__ = ("_fd", "_buf", "_view", "_start", "_end", "__weakref__")
+
+    def __init__(self, fd: int, *, bufsize: int = 1 << 16):
+        if fd < 0:
+            raise ValueError("invalid file descriptor")
+        self._fd: int | None = fd
+        self._buf = bytearray(max(bufsize, 16))
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # buffered, unread bytes: _buf[_start:_end]
+
+    # -- descriptor ------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise OSError("handle is closed")
+        return self._fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- sending ---------------------------------------------------------------------------
+    def send_bytes(self, buf: Any) -> None:
+        fd = self._fd
+        if fd is None:
+            raise OSError("handle is closed")
+        if type(buf) is not bytes:
+            buf = memoryview(buf).cast("B")
+        n = len(buf)
+        if n <= _SMALL:  # the common case, kept short: one write of header + body
+            data = _LEN.pack(n) + buf
+            sent = os.write(fd, data)
+            if sent != len(data):
+                _write_all(fd, b"", memoryview(data)[sent:])
+            return
+        _write_all(fd, frame_header(n), buf)
+
+    # -- receiving -------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Whether a frame's bytes (or EOF) can be read without waiting, waiting up to
+        ``timeout`` seconds: buffered bytes count; otherwise one poll(2)."""
+        if self._start != self._end:
+            return True
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        return bool(p.poll(min(max(0.0, timeout) * 1e3, 2**31 - 1)))  # poll(2) takes an int of milliseconds
+
+    def recv_buffer(self, maxlength: int | None = None) -> bytearray:
+        """The next message as a fresh ``bytearray``. ``EOFError`` at end of stream (also in
+        the middle of a frame), :class:`FrameTooLarge` past ``maxlength``."""
+        if self._start == self._end:
+            # nothing buffered: one read, which usually is exactly one whole frame
+            fd = self._fd
+            if fd is None:
+                raise OSError("handle is closed")
+            got = os.readv(fd, [self._view])
+            if got >= 4:
+                n = _LEN.unpack_from(self._buf)[0]
+                if n + 4 == got and (maxlength is None or n <= maxlength):
+                    return self._buf[4:got]
+            elif not got:
+                raise EOFError
+            self._start, self._end = 0, got
+        return self._recv_buffered(maxlength)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        return bytes(self.recv_buffer(maxlength))
+
+    def _fill(self, need: int) -> None:
+        """Read until at least ``need`` bytes are buffered (``need`` <= the buffer's size)."""
+        while self._end - self._start < need:
+            if self._start and len(self._buf) - self._start < need:
+                k = self._end - self._start
+                self._buf[:k] = self._buf[self._start : self._end]
+                self._start, self._end = 0, k
+            got = os.readv(self.fileno(), [self._view[self._end :]])
+            if not got:
+                raise EOFError
+            self._end += got
+
+    def _recv_buffered(self, maxlength: int | None) -> bytearray:
+        self._fill(4)
+        s = self._start
+        n = _LEN.unpack_from(self._buf, s)[0]
+        head = 4
+        if n == -1:
+            self._fill(12)
+            s = self._start
+            n = _LEN64.unpack_from(self._buf, s + 4)[0]
+            head = 12
+        elif n < 0:
+            raise OSError(f"bad message length {n}: the stream is out of step")
+        if maxlength is not None and n > maxlength:
+            raise FrameTooLarge(n, maxlength)
+        have = self._end - s - head
+        if have >= n:
+            out = self._buf[s + head : s + head + n]
+            self._start = s + head + n
+            if self._start == self._end:
+                self._start = self._end = 0
+            return out
+        # a frame longer than what is buffered: the rest is read straight into it
+        out = bytearray(n)
+        out[:have] = self._view[s + head : self._end]
+        self._start = self._end = 0
+        view = memoryview(out)
+        while have < n:
+            got = os.readv(self.fileno(), [view[have:]])
+            if not got:
+                raise EOFError
+            have += got
+        return out
+
+
 def _shutdown_fd(fd: int) -> None:
     """Shut a socket down by descriptor: any thread blocked reading it wakes with EOF."""
     try:
@@ -69,7 +253,7 @@ def _shutdown_fd(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def deadline(conn: Connection, seconds: float | None) -> Iterator[dict[str, bool]]:
+def deadline(conn: Any, seconds: float | None) -> Iterator[dict[str, bool]]:
     """Bound every blocking read/write on ``conn`` inside the block: at the deadline the socket
     is shut down (the blocked call then fails) and ``state['expired']`` is set."""
     state = {"expired": False}
@@ -90,7 +274,7 @@ def deadline(conn: Connection, seconds: float | None) -> Iterator[dict[str, bool
         timer.cancel()
 
 
-def _handshake(conn: Connection, authkey: bytes | None, timeout: float | None, server: bool) -> None:
+def _handshake(conn: Any, authkey: bytes | None, timeout: float | None, server: bool) -> None:
     if authkey is None:
         return
     if not isinstance(authkey, bytes):
@@ -124,11 +308,11 @@ def _handshake(conn: Connection, authkey: bytes | None, timeout: float | None, s
         raise HandshakeError(f"authentication with the {who} did not finish within {timeout:.3g}s{hint}") from None
 
 
-def server_handshake(conn: Connection, authkey: bytes | None, timeout: float | None) -> None:
+def server_handshake(conn: Any, authkey: bytes | None, timeout: float | None) -> None:
     _handshake(conn, authkey, timeout, server=True)
 
 
-def client_handshake(conn: Connection, authkey: bytes | None, timeout: float | None) -> None:
+def client_handshake(conn: Any, authkey: bytes | None, timeout: float | None) -> None:
     _handshake(conn, authkey, timeout, server=False)
 
 
@@ -177,15 +361,15 @@ def set_send_timeout(sock_or_fd: Any, seconds: float) -> None:
         s.close()
 
 
-def wrap(sock: socket.socket) -> Connection:
-    """A ``Connection`` that owns the socket's descriptor."""
+def wrap(sock: socket.socket) -> Channel:
+    """A :class:`Channel` that owns the socket's descriptor."""
     sock.setblocking(True)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Connection(sock.detach())
+    return Channel(sock.detach())
 
 
-def connect(address: str | tuple[str, int], *, authkey: bytes | None, timeout: float | None = 10.0) -> Connection:
+def connect(address: str | tuple[str, int], *, authkey: bytes | None, timeout: float | None = 10.0) -> Channel:
     """Connect to a Unix socket path or a (host, port), then authenticate, all within ``timeout``."""
     t0 = time.monotonic()
     if isinstance(address, str):
@@ -211,16 +395,7 @@ def connect(address: str | tuple[str, int], *, authkey: bytes | None, timeout: f
     return conn
 
 
-def _readable(conn: Connection, timeout: float) -> bool:
-    """``conn.poll(timeout)`` in one system call: data, EOF or an error waits on the descriptor
-    (``Connection.poll`` builds and tears down a selector for every call, which costs more than
-    the round trip it guards once the code has gone cold between requests)."""
-    p = select.poll()
-    p.register(conn.fileno(), select.POLLIN)
-    return bool(p.poll(min(max(0.0, timeout) * 1e3, 2**31 - 1)))  # poll(2) takes an int of milliseconds
-
-
-def send_frame(conn: Connection, frame: wire.Frame, *, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
+def send_frame(conn: Channel, frame: wire.Frame, *, max_frame: int = wire.DEFAULT_MAX_FRAME) -> None:
     data = wire.encode(frame, max_frame=max_frame)
     try:
         conn.send_bytes(data)
@@ -229,23 +404,23 @@ def send_frame(conn: Connection, frame: wire.Frame, *, max_frame: int = wire.DEF
 
 
 def recv_frame(
-    conn: Connection, *, timeout: float | None, max_frame: int = wire.DEFAULT_MAX_FRAME, as_numpy: bool = False
+    conn: Channel, *, timeout: float | None, max_frame: int = wire.DEFAULT_MAX_FRAME, as_numpy: bool = False
 ) -> wire.Frame:
     """The next frame; ``TimeoutError`` when none starts within ``timeout``; ``ServerUnavailable``
     on EOF; ``WireError`` when it is malformed or larger than ``max_frame`` (the connection is
     then out of step and must be closed)."""
     try:
-        ready = timeout is None or _readable(conn, timeout)
+        ready = timeout is None or conn.poll(timeout)
     except (EOFError, OSError) as exc:
         raise ServerUnavailable(f"receive failed: {type(exc).__name__}: {exc}") from None
     if not ready:
         raise TimeoutError(f"no answer within {timeout:.3g}s")
     try:
-        data = conn.recv_bytes(max_frame)
+        data = conn.recv_buffer(max_frame)
     except EOFError:
         raise ServerUnavailable("connection closed by peer") from None
+    except FrameTooLarge as exc:
+        raise wire.WireError(str(exc)) from None
     except OSError as exc:
-        if "bad message length" in str(exc):
-            raise wire.WireError(f"incoming frame exceeds the maximum frame size of {max_frame} bytes") from None
         raise ServerUnavailable(f"receive failed: {type(exc).__name__}: {exc}") from None
     return wire.decode(data, as_numpy=as_numpy, max_frame=max_frame)

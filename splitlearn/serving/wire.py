@@ -1,7 +1,7 @@
 """The serving wire format: framed messages that carry tensors without pickle.
 
-A frame is one ``Connection.send_bytes`` message (the connection adds its own length
-prefix). Layout, little-endian::
+A frame is one ``transport.Channel.send_bytes`` message (the channel adds its own length
+prefix, as ``multiprocessing.connection`` does). Layout, little-endian::
 
     header   magic "SLW" (3s) | version (B) | type (B) | flags (B) | n_tensors (H)
              | request id (Q) | meta length (I)                         = 20 bytes

@@ -1,0 +1,215 @@
+"""transport.Channel: the serving layer's framing. Same bytes on the wire as
+``multiprocessing.connection`` (so CPython's Connection and handshake talk to it), any split
+of the byte stream into reads, frames larger than its buffer, pipelined frames, limits, EOF."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from multiprocessing.connection import Connection
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitlearn.serving import transport
+from splitlearn.serving.transport import Channel, FrameTooLarge
+
+
+def _pair(bufsize: int = 1 << 16) -> tuple[Channel, socket.socket]:
+    a, b = socket.socketpair()
+    return Channel(a.detach(), bufsize=bufsize), b
+
+
+def _in_thread(fn, *args) -> threading.Thread:
+    """Run a writer concurrently, so a stream larger than the socket buffer cannot block the test."""
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+messages = st.lists(
+    st.one_of(st.binary(max_size=64), st.binary(min_size=100, max_size=3000), st.integers(60_000, 200_000).map(os.urandom)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(msgs=messages, bufsize=st.sampled_from([16, 37, 4096, 1 << 16]), chunk=st.integers(1, 9000))
+def test_channel_reads_cpython_frames_however_the_stream_is_cut(msgs, bufsize, chunk):
+    """Frames written by CPython's Connection framing, delivered in arbitrary pieces (all
+    pipelined, so reads see several frames and frames split across reads), come out whole
+    and in order."""
+    ch, peer = _pair(bufsize)
+    stream = b"".join(struct.pack("!i", len(m)) + m for m in msgs)
+
+    def write() -> None:
+        for i in range(0, len(stream), chunk):
+            peer.sendall(stream[i : i + chunk])
+
+    t = _in_thread(write)
+    try:
+        got = [ch.recv_bytes() for _ in msgs]
+        assert got == msgs
+        t.join(30)
+        peer.close()
+        with pytest.raises(EOFError):
+            ch.recv_bytes()
+    finally:
+        ch.close()
+        peer.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(msgs=messages)
+def test_cpython_connection_reads_channel_frames(msgs):
+    a, b = socket.socketpair()
+    ch, conn = Channel(a.detach()), Connection(b.detach())
+
+    def write() -> None:
+        for m in msgs:
+            ch.send_bytes(m)
+
+    t = _in_thread(write)
+    try:
+        assert [conn.recv_bytes() for _ in msgs] == msgs
+        t.join(30)
+    finally:
+        ch.close()
+        conn.close()
+
+
+def test_recv_buffer_is_a_fresh_bytearray_each_time():
+    ch, peer = _pair()
+    try:
+        peer.sendall(struct.pack("!i", 3) + b"abc" + struct.pack("!i", 3) + b"def")
+        first = ch.recv_buffer()
+        second = ch.recv_buffer()
+        assert (type(first), first, second) == (bytearray, bytearray(b"abc"), bytearray(b"def"))
+        first[0] = 0x7A  # the caller owns it: the channel's buffer is not aliased
+        peer.sendall(struct.pack("!i", 3) + b"ghi")
+        assert ch.recv_buffer() == b"ghi" and second == b"def"
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_eight_byte_length_form_is_understood():
+    """multiprocessing.connection marks a message of 2 GiB or more with -1 and an 8-byte length."""
+    ch, peer = _pair(bufsize=16)
+    try:
+        peer.sendall(struct.pack("!i", -1) + struct.pack("!Q", 5) + b"hello" + struct.pack("!i", 0))
+        assert ch.recv_bytes() == b"hello"
+        assert ch.recv_bytes() == b""
+    finally:
+        ch.close()
+        peer.close()
+    assert transport.frame_header(10) == struct.pack("!i", 10)
+    assert transport.frame_header(2**31) == struct.pack("!i", -1) + struct.pack("!Q", 2**31)
+
+
+@pytest.mark.parametrize("buffered", [False, True])
+def test_frame_over_the_limit_raises_before_its_body_is_read(buffered):
+    ch, peer = _pair()
+    try:
+        if buffered:  # a small frame first, in the same read, so the big one comes from the buffer
+            peer.sendall(struct.pack("!i", 1) + b"x" + struct.pack("!i", 1000) + b"y" * 1000)
+            assert ch.recv_bytes(10) == b"x"
+        else:
+            peer.sendall(struct.pack("!i", 1000) + b"y" * 1000)
+        with pytest.raises(FrameTooLarge, match="1000 bytes exceeds the maximum frame size of 10") as ei:
+            ch.recv_bytes(10)
+        assert (ei.value.size, ei.value.limit) == (1000, 10)
+        assert isinstance(ei.value, OSError)
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_negative_length_other_than_the_marker_is_an_error():
+    ch, peer = _pair()
+    try:
+        peer.sendall(struct.pack("!i", -7) + b"junk")
+        with pytest.raises(OSError, match="bad message length -7"):
+            ch.recv_bytes()
+    finally:
+        ch.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("cut", [2, 4, 9])
+def test_eof_inside_a_frame_is_eoferror(cut):
+    ch, peer = _pair(bufsize=16)
+    try:
+        peer.sendall((struct.pack("!i", 100) + b"z" * 100)[:cut])
+        peer.close()
+        with pytest.raises(EOFError):
+            ch.recv_bytes()
+    finally:
+        ch.close()
+
+
+def test_poll_counts_buffered_bytes_and_waits_otherwise():
+    ch, peer = _pair()
+    try:
+        assert ch.poll(0) is False
+        peer.sendall(struct.pack("!i", 1) + b"a" + struct.pack("!i", 1) + b"b")
+        assert ch.poll(5) is True
+        assert ch.recv_bytes() == b"a"
+        # "b" is in the channel's buffer, not in the socket: poll must still say so
+        assert ch.poll(0) is True
+        assert ch.recv_bytes() == b"b"
+        assert ch.poll(0.05) is False
+    finally:
+        ch.close()
+        peer.close()
+
+
+def test_close_and_fileno():
+    ch, peer = _pair()
+    fd = ch.fileno()
+    assert not ch.closed
+    ch.close()
+    assert ch.closed
+    ch.close()  # twice is harmless
+    with pytest.raises(OSError, match="closed"):
+        ch.fileno()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the descriptor is really closed
+    peer.close()
+
+
+@pytest.mark.parametrize("ours_is_server", [True, False])
+def test_handshake_between_channel_and_cpython_connection(ours_is_server):
+    """Our handshake on a Channel against CPython's own, on a Connection, both ways round."""
+    from multiprocessing.connection import answer_challenge, deliver_challenge
+
+    key = os.urandom(32)
+    a, b = socket.socketpair()
+    ch, conn = Channel(a.detach()), Connection(b.detach())
+    errors: list[BaseException] = []
+
+    def theirs() -> None:
+        try:
+            if ours_is_server:
+                answer_challenge(conn, key)
+                deliver_challenge(conn, key)
+            else:
+                deliver_challenge(conn, key)
+                answer_challenge(conn, key)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = _in_thread(theirs)
+    try:
+        (transport.server_handshake if ours_is_server else transport.client_handshake)(ch, key, 10)
+        t.join(10)
+        assert not errors and not t.is_alive()
+        ch.send_bytes(b"after")
+        assert conn.recv_bytes() == b"after"
+    finally:
+        ch.close()
+        conn.close()
