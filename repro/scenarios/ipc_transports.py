@@ -416,6 +416,8 @@ def ipc_transports(ctx):
                 "met": floor_ratio <= 1.5,
                 "by_layout": {lay: per_layout[lay]["unix_connection_over_raw_socketpair"] for lay in layouts},
                 "cpython_connection_by_layout": {lay: per_layout[lay]["unix_mp_connection_over_raw_socketpair"] for lay in layouts},
+                # a pipe pair is a faster floor still where both ends share a CPU (not a medium many clients can dial)
+                "vs_fastest_floor_by_layout": {lay: per_layout[lay]["unix_connection_over_raw_floor"] for lay in layouts},
             },
         },
     )
