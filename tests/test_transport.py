@@ -213,3 +213,26 @@ def test_handshake_between_channel_and_cpython_connection(ours_is_server):
     finally:
         ch.close()
         conn.close()
+
+
+# --- ipc_transports: which CPU layouts it measures and which figure it quotes ---------------------
+def test_ipc_layouts_follow_the_cpus_this_process_may_use(monkeypatch):
+    from repro.scenarios import ipc_transports as ipc
+
+    monkeypatch.setattr(ipc.os, "sched_getaffinity", lambda pid: {7, 3, 5})
+    assert ipc._layouts() == {"same_cpu": (3, 3), "cross_cpu": (3, 5), "unpinned": (None, None)}
+    monkeypatch.setattr(ipc.os, "sched_getaffinity", lambda pid: {4})
+    assert ipc._layouts() == {"same_cpu": (4, 4), "unpinned": (None, None)}
+
+
+def test_ipc_headline_is_the_least_favourable_pinned_layout():
+    from repro.scenarios.ipc_transports import headline
+
+    def r(floor: float, mgr: float) -> dict[str, float]:
+        return {"unix_connection_over_raw_socketpair": floor, "manager_over_unix_mp_connection": mgr, "manager_over_unix_connection": 99.0}
+
+    per = {"same_cpu": r(1.3, 11.0), "cross_cpu": r(1.1, 6.0), "unpinned": r(0.8, 20.0)}
+    assert headline(per) == (1.3, 6.0)  # the unpinned run never sets the figure, in either direction
+    assert headline({"same_cpu": r(1.6, 12.0), "unpinned": r(1.0, 5.0)}) == (1.6, 12.0)  # one CPU
+    with pytest.raises(ValueError):
+        headline({"unpinned": r(1.0, 5.0)})

@@ -321,6 +321,19 @@ def _layouts() -> dict[str, tuple[int | None, int | None]]:
 PINNED = ("same_cpu", "cross_cpu")
 
 
+def headline(per_layout: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """(socket over raw socketpair, Manager over the seed's transport) from one size's ratios
+    per layout: the least favourable pinned layout's, since a target must hold wherever the
+    two processes run and the claim's factor is quoted at its lowest. The seed compared the
+    Manager with multiprocessing.connection, so its claim is judged against that."""
+    pinned = [lay for lay in PINNED if lay in per_layout]
+    if not pinned:
+        raise ValueError("no pinned layout was measured")
+    floor = max(per_layout[lay]["unix_connection_over_raw_socketpair"] for lay in pinned)
+    manager = min(per_layout[lay]["manager_over_unix_mp_connection"] for lay in pinned)
+    return floor, manager
+
+
 @scenario(
     name="ipc_transports",
     seed="002",
@@ -384,13 +397,7 @@ def ipc_transports(ctx):
     big = str(max(p["sizes"]))
     pinned = [lay for lay in PINNED if lay in layouts]
     per_layout = {lay: ratios[lay][big] for lay in layouts}
-    # the headline figures are the least favourable pinned layout's: a target must hold
-    # wherever the two processes run, and the claim's factor is quoted at its lowest
-    floor_by = {lay: per_layout[lay]["unix_connection_over_raw_socketpair"] for lay in pinned}
-    # the seed compared the Manager with multiprocessing.connection: its claim is judged on that
-    mgr_by = {lay: per_layout[lay]["manager_over_unix_mp_connection"] for lay in pinned}
-    floor_ratio = max(floor_by.values())
-    ratio = min(mgr_by.values())
+    floor_ratio, ratio = headline(per_layout)
     ctx.record(
         ratios=ratios,
         layouts={k: {"parent_cpu": a, "echo_cpu": b} for k, (a, b) in layouts.items()},
