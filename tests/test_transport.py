@@ -236,3 +236,26 @@ def test_ipc_headline_is_the_least_favourable_pinned_layout():
     assert headline({"same_cpu": r(1.6, 12.0), "unpinned": r(1.0, 5.0)}) == (1.6, 12.0)  # one CPU
     with pytest.raises(ValueError):
         headline({"unpinned": r(1.0, 5.0)})
+
+
+def test_short_writes_are_completed(monkeypatch):
+    """A socket that takes only part of a write (a signal, a send timeout) still gets every byte
+    of every frame, header and body, in order."""
+    real_write = os.write
+    monkeypatch.setattr(transport.os, "writev", lambda fd, bufs: real_write(fd, bytes(bufs[0])[:3]))
+    monkeypatch.setattr(transport.os, "write", lambda fd, data: real_write(fd, bytes(data[:1000])))
+    a, b = socket.socketpair()
+    ch, conn = Channel(a.detach()), Connection(b.detach())
+    msgs = [os.urandom(200_000), b"small" * 30, b""]
+
+    def write() -> None:
+        for m in msgs:
+            ch.send_bytes(m)
+
+    t = _in_thread(write)
+    try:
+        assert [conn.recv_bytes() for _ in msgs] == msgs
+        t.join(30)
+    finally:
+        ch.close()
+        conn.close()

@@ -79,23 +79,18 @@ def frame_header(n: int) -> bytes:
     return _LEN.pack(n) if n <= 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(n)
 
 
-def _write_all(fd: int, head: bytes, body: Any) -> None:
-    """Write ``head`` then ``body`` in as few system calls as the socket takes."""
-    n = len(head) + len(body)
-    if n <= _SMALL:
-        data = memoryview(head + body)
-        while data:
-            data = data[os.write(fd, data) :]
-        return
-    sent = os.writev(fd, [head, body])
-    if sent < len(head):
-        rest = memoryview(head)[sent:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-        sent = len(head)
-    view = memoryview(body)[sent - len(head) :]
+def _write_rest(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _write_all(fd: int, head: bytes, body: Any) -> None:
+    """Write ``head`` then ``body`` (a large frame) with one ``writev`` where the socket takes it all."""
+    sent = os.writev(fd, [head, body])
+    if sent < len(head):
+        _write_rest(fd, memoryview(head)[sent:])
+        sent = len(head)
+    _write_rest(fd, memoryview(body)[sent - len(head) :])
 
 
 class Channel:
@@ -157,7 +152,7 @@ class Channel:
             data = _LEN.pack(n) + buf
             sent = os.write(fd, data)
             if sent != len(data):
-                _write_all(fd, b"", memoryview(data)[sent:])
+                _write_rest(fd, memoryview(data)[sent:])
             return
         _write_all(fd, frame_header(n), buf)
 
