@@ -30,6 +30,24 @@ def _in_thread(fn, *args) -> threading.Thread:
     return t
 
 
+def _assert_connection_reads_what_channel_sends(msgs: list[bytes]) -> None:
+    """Send ``msgs`` through a Channel (in a thread) and read them with CPython's Connection."""
+    a, b = socket.socketpair()
+    ch, conn = Channel(a.detach()), Connection(b.detach())
+
+    def write() -> None:
+        for m in msgs:
+            ch.send_bytes(m)
+
+    t = _in_thread(write)
+    try:
+        assert [conn.recv_bytes() for _ in msgs] == msgs
+        t.join(30)
+    finally:
+        ch.close()
+        conn.close()
+
+
 messages = st.lists(
     st.one_of(st.binary(max_size=64), st.binary(min_size=100, max_size=3000), st.integers(60_000, 200_000).map(os.urandom)),
     min_size=1,
@@ -66,20 +84,7 @@ def test_channel_reads_cpython_frames_however_the_stream_is_cut(msgs, bufsize, c
 @settings(max_examples=25, deadline=None)
 @given(msgs=messages)
 def test_cpython_connection_reads_channel_frames(msgs):
-    a, b = socket.socketpair()
-    ch, conn = Channel(a.detach()), Connection(b.detach())
-
-    def write() -> None:
-        for m in msgs:
-            ch.send_bytes(m)
-
-    t = _in_thread(write)
-    try:
-        assert [conn.recv_bytes() for _ in msgs] == msgs
-        t.join(30)
-    finally:
-        ch.close()
-        conn.close()
+    _assert_connection_reads_what_channel_sends(msgs)
 
 
 def test_recv_buffer_is_a_fresh_bytearray_each_time():
@@ -244,18 +249,4 @@ def test_short_writes_are_completed(monkeypatch):
     real_write = os.write
     monkeypatch.setattr(transport.os, "writev", lambda fd, bufs: real_write(fd, bytes(bufs[0])[:3]))
     monkeypatch.setattr(transport.os, "write", lambda fd, data: real_write(fd, bytes(data[:1000])))
-    a, b = socket.socketpair()
-    ch, conn = Channel(a.detach()), Connection(b.detach())
-    msgs = [os.urandom(200_000), b"small" * 30, b""]
-
-    def write() -> None:
-        for m in msgs:
-            ch.send_bytes(m)
-
-    t = _in_thread(write)
-    try:
-        assert [conn.recv_bytes() for _ in msgs] == msgs
-        t.join(30)
-    finally:
-        ch.close()
-        conn.close()
+    _assert_connection_reads_what_channel_sends([os.urandom(200_000), b"small" * 30, b""])
