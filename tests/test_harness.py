@@ -206,6 +206,26 @@ def test_children_grandchildren_and_daemon_left_behind_are_killed_and_listed():
     assert len({p["pid"] for p in left}) == 3
 
 
+def test_the_trees_temp_dir_is_removed_after_the_run_and_its_leftovers_listed(tmp_path):
+    where = tmp_path / "where.txt"
+    r = run("leave_temp", args=[str(where)])
+    assert r.outcome == "PASS", r.summary()
+    left = Path(where.read_text())
+    assert left.name.startswith("left-behind-") and not left.exists()
+    assert left.parent.name.startswith("sr-") and not left.parent.exists()
+    assert r.evidence["temp_left"] == [left.name]
+    assert len(r.evidence["left_behind"]) == 1
+
+
+def test_a_tmpdir_the_caller_sets_is_left_alone(tmp_path):
+    where = tmp_path / "where.txt"
+    r = run("leave_temp", args=[str(where)], env={"TMPDIR": str(tmp_path)})
+    assert r.outcome == "PASS", r.summary()
+    left = Path(where.read_text())
+    assert left.parent == tmp_path and left.is_dir()
+    assert "temp_left" not in r.evidence
+
+
 # -- the harness parent ----------------------------------------------------------------------
 def test_parent_never_imports_torch(tmp_path):
     """The CLI (list, run of a scenario that imports torch, script with a fingerprint taken in a

@@ -388,6 +388,11 @@ def _run(
     evidence_dir = run_dir / "evidence"
     work.mkdir()
     evidence_dir.mkdir()
+    # The tree's own temp dir (TMPDIR), removed once the tree is reaped: a killed scenario cannot
+    # clean up its mkdtemp()s (socket dirs, servers' weight files). Short, beside the run dir
+    # rather than inside it, so Unix socket paths made in it stay under the 108-byte limit.
+    # A TMPDIR the caller sets explicitly is left alone.
+    scratch = None if "TMPDIR" in (env or {}) else Path(tempfile.mkdtemp(prefix="sr-"))
     result_path = run_dir / "result.json"
     stdout_path, stderr_path = run_dir / "stdout.txt", run_dir / "stderr.txt"
 
@@ -438,7 +443,11 @@ def _run(
                 stdout=so,
                 stderr=se,
                 cwd=work,
-                env=child_env(env, token=token, evidence_dir=str(evidence_dir)),
+                env=child_env(
+                    {**(env or {}), **({"TMPDIR": str(scratch)} if scratch else {})},
+                    token=token,
+                    evidence_dir=str(evidence_dir),
+                ),
                 start_new_session=True,
             )
         tree = ev.Tree(proc.pid, token)
@@ -464,6 +473,11 @@ def _run(
             # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
             tree.kill_all(proc)
             raise
+        finally:
+            if scratch is not None:
+                left = _remove_scratch(scratch)
+                if left:
+                    result.evidence["temp_left"] = left
 
     result.evidence["run_token"] = token
     result.evidence["pids"] = sorted(tree.seen)
@@ -480,6 +494,17 @@ def _run(
     else:
         (run_dir / "verdict.json").write_text(result.to_json())
     return result
+
+
+def _remove_scratch(path: Path, shown: int = 20) -> list[str]:
+    """Remove the tree's temp dir; return the names the tree left in it (evidence, at most
+    ``shown`` of them, sorted)."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        names = []
+    shutil.rmtree(path, ignore_errors=True)
+    return names[:shown] + ([f"... {len(names) - shown} more"] if len(names) > shown else [])
 
 
 def _split_before_dashdash(args: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ per connection under a deadline that shuts the socket down when it expires):
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -139,6 +140,7 @@ def _ours_key_vs_open_listener(ctx, timeout):
     ctx.check(not t.is_alive(), "the listener side still waits after the client gave up")
     ctx.record(listener_saw=[str(x) for x in seen])
     lsock.close()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _with_server(ctx, body):
