@@ -19,6 +19,9 @@ def pytest_configure(config):
     path = tempfile.mkdtemp(prefix="splitrepro-locks-")
     os.environ["SPLITREPRO_LOCK_DIR"] = path
     config._splitrepro_lock_dir = path
+    # torch makes an (empty) inductor cache dir in the temp dir when it is imported: give it
+    # this session's directory, removed with it, rather than a stray one in /tmp
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(path, "torchinductor"))
 
 
 def pytest_unconfigure(config):

@@ -6,9 +6,11 @@ Servers are real spawned processes; every wait is bounded and every process is r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -312,28 +314,45 @@ def test_stop_is_clean_and_idempotent(demo):
     srv.close()
 
 
-def test_server_exits_when_its_owner_dies(tmp_path):
+def test_server_exits_when_its_owner_dies_and_removes_the_owners_directory(tmp_path):
     code = (
         "import sys\n"
         "from splitlearn.serving import InferenceServer\n"
         "if __name__ == '__main__':\n"
         "    s = InferenceServer('splitlearn.serving.demo_models:EchoNet', {}, start_timeout=120)\n"
-        "    s.start(); print(s.pid, flush=True)\n"
+        "    s.start(); print(s.pid, s.address, flush=True)\n"
         "    import os; os._exit(0)\n"
     )
     script = tmp_path / "owner.py"
     script.write_text(code)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
-    pid = int(out.stdout.strip().splitlines()[-1])
+    scratch = tempfile.mkdtemp(prefix="sr-owner-")  # short: tmp_path is too long for a socket path
     try:
-        proc = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    try:
-        proc.wait(30)
-    except psutil.TimeoutExpired:
-        proc.kill()
-        pytest.fail("server outlived its owner by 30 s")
+        env = dict(os.environ, TMPDIR=scratch)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        pid_s, address = out.stdout.strip().splitlines()[-1].split(" ", 1)
+        assert os.path.dirname(address).startswith(scratch)
+        try:
+            psutil.Process(int(pid_s)).wait(30)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            psutil.Process(int(pid_s)).kill()
+            pytest.fail("server outlived its owner by 30 s")
+        # the owner never called close(): the server removed its directory (socket, weights) itself
+        assert not os.path.exists(os.path.dirname(address)), sorted(os.listdir(scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_socket_path_too_long_is_a_clear_error_before_anything_starts(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    srv = InferenceServer(ECHO, {}, start_timeout=60)
+    with pytest.raises(ValueError, match="the limit is 107: point TMPDIR"):
+        srv.start()
+    assert srv.pid is None and os.listdir(deep) == []  # nothing spawned, nothing left
 
 
 def test_requests_in_flight_per_connection_are_capped():

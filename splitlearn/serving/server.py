@@ -25,7 +25,10 @@ The seed-002 fix done for real:
 * at most ``max_connections`` connections (open or authenticating) at once; one more is
   closed at accept, before it costs a thread;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
-  on the control pipe), so no server outlives its owner.
+  on the control pipe), so no server outlives its owner; in that case it also removes the
+  owner's private directory (socket, weights file), which no one else would;
+* a socket path longer than a Unix address holds (107 bytes; a deep ``TMPDIR``) is a clear
+  ``ValueError`` from :meth:`start`, before any process is started.
 """
 
 from __future__ import annotations
@@ -165,6 +168,8 @@ class ManagedServer:
             "max_connections": self.max_connections,
             "max_outbox": self.max_outbox,
             "num_threads": self.num_threads,
+            # the owner's private directory: a server whose owner died removes it on its way out
+            "private_dir": self._dir,
         }
 
     def _prepare(self) -> None:
@@ -339,6 +344,12 @@ class InferenceServer(ManagedServer):
         super()._prepare()
         assert self._dir is not None
         self.address = os.path.join(self._dir, "server.sock")
+        try:
+            transport.check_unix_path(self.address)  # here, not as a start error from the child
+        except ValueError:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = self.address = None
+            raise
         if self._state_dict is not None and self.weights is None:
             self.weights = save_state_dict(self._state_dict, os.path.join(self._dir, "weights.safetensors"))
             self._state_dict = None
@@ -463,6 +474,7 @@ class ConnServer:
         self.conns: dict[int, _Conn] = {}
         self.conns_lock = threading.Lock()
         self.stopping = threading.Event()
+        self.owner_gone = False  # the control pipe hit EOF: the owning process is gone
         self.next_cid = 0
         self.handshaking = 0  # connections accepted and not yet authenticated (under conns_lock)
         self.max_connections = int(cfg.get("max_connections") or 256)
@@ -688,7 +700,7 @@ class ConnServer:
                 if msg.get("cmd") == "stop":
                     break
         except (EOFError, OSError, ValueError):
-            pass  # parent gone: stop too
+            self.owner_gone = True  # parent gone: stop too, and clean up after it
         self.begin_stop()
 
     def begin_stop(self) -> None:
@@ -935,3 +947,7 @@ def server_main(kind: str, config_json: str, ctl: Connection) -> None:
             os.unlink(cfg["address"])
         except OSError:
             pass
+    if srv.owner_gone and cfg.get("private_dir"):
+        # the owner died without close(): nobody else will remove its directory (the socket,
+        # the weights file it wrote for us)
+        shutil.rmtree(cfg["private_dir"], ignore_errors=True)

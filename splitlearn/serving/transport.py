@@ -318,7 +318,23 @@ def private_socket_path(prefix: str = "splitlearn-") -> tuple[str, str]:
     return d, os.path.join(d, "server.sock")
 
 
+# sun_path holds 108 bytes on Linux, the last one the terminating NUL
+UNIX_PATH_MAX = 107
+
+
+def check_unix_path(path: str) -> str:
+    """``path`` if it fits in a Unix socket address, else a ValueError that says what to do."""
+    n = len(os.fsencode(path))
+    if n > UNIX_PATH_MAX:
+        raise ValueError(
+            f"Unix socket path {path!r} is {n} bytes; the limit is {UNIX_PATH_MAX}: "
+            "point TMPDIR (or the server's directory) at a shorter path"
+        )
+    return path
+
+
 def listen_unix(path: str, backlog: int = 128) -> socket.socket:
+    check_unix_path(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(path)
