@@ -12,13 +12,18 @@ Method (one run, ratios within it, medians):
   calls, as a first version did, gave 0.99x to 1.45x for the same code on this VM: its speed
   drifts by more than the overhead between two blocks of a few seconds. Each direct call is
   followed by a ping of the server, idle for one forward by then: the bare cost of waking it
-  and being answered, the floor under any cross-process server on the machine;
+  and being answered, the floor under any cross-process server on the machine. The server's
+  counters over the pairs split the rest: its model call (against the same call here), the
+  hand-off from a connection's reader thread to the batch loop, and encoding and sending the
+  answer;
 * N clients: N spawned client processes (numpy only, no torch) send requests back to back for
   ``seconds``; throughput (req/s), p50/p99 latency and the server's mean batch. Every client
   count runs once per round, ``rounds`` rounds; the 4-over-1 speedup is the median of the
   rounds' ratios (target >= 2.5x), and the mean batch with 4 clients >= 3. The server's time
   per batch with 1 and with 4 clients gives the ceiling for that speedup: what batching alone
-  would gain if nothing but the batches took time.
+  would gain if nothing but the batches took time; its model time per batch and its busy
+  share (time in batches over the phase) say whether the model or the wait for the clients'
+  next requests bounds it.
 
 Variant ``demo`` runs on the CPU (one intra-op thread on both sides); ``demo_cuda`` (skipped
 without a GPU) runs the model on the GPU in both the server and this process, the seed's own
@@ -42,7 +47,7 @@ LOAD = {
     "threads": 1,
     "n_pairs": 300,
     "clients": [1, 2, 4, 8],
-    "rounds": 3,
+    "rounds": 5,
     "seconds": 1.5,
     "max_batch_size": 8,
     "max_wait_ms": 5.0,
@@ -73,6 +78,22 @@ def client_proc(address: str, authkey_hex: str, in_features: int, seconds: float
                 break
             lat.append(time.perf_counter() - t0)
     results.put({"k": k, "lat": lat, "errors": errors})
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """Per-batch and per-request means of the server's counters between two stats() calls."""
+    nb = after["batches"] - before["batches"]
+    nr = after["batched_requests"] - before["batched_requests"]
+
+    def per(key: str, n: int, count: str) -> float:
+        return (after[key] * after[count] - before[key] * before[count]) / n if n else float("nan")
+
+    return {
+        "batches": nb,
+        "batch_ms": per("forward_ms_mean", nb, "batches"),
+        "model_ms": per("model_ms_mean", nb, "batches"),
+        "queue_wait_ms": per("queue_wait_ms_mean", nr, "batched_requests"),
+    }
 
 
 def _pct(xs, q):
@@ -146,6 +167,7 @@ def serving_batching(ctx):
             for _ in range(30):
                 y = c.infer(x)
             ctx.check(torch.allclose(y, ref, rtol=1e-4, atol=1e-4), "server answer differs from the direct call")
+            pairs_before = c.stats()
 
             def direct() -> float:
                 t0 = time.perf_counter()
@@ -168,8 +190,19 @@ def serving_batching(ctx):
                 d.append(td)
                 s.append(ts)
                 ratios.append(ts / td)
+            pairs_after = c.stats()
         direct_ms, server_ms = 1e3 * _pct(d, 50), 1e3 * _pct(s, 50)
         overhead = _pct(ratios, 50)
+        # where the overhead goes (means over the pairs, from the server's own counters): the
+        # model call in the server against the same call here, the hand-off from the
+        # connection's reader to the batch loop, and the answer's encoding and send
+        srv_pairs = _delta(pairs_before, pairs_after)
+        ctx.record(
+            pairs_direct_ms_mean=round(1e3 * sum(d) / len(d), 4),
+            pairs_server_model_ms_mean=round(srv_pairs["model_ms"], 4),
+            pairs_server_answer_ms_mean=round(srv_pairs["batch_ms"] - srv_pairs["model_ms"], 4),
+            pairs_server_queue_wait_ms_mean=round(srv_pairs["queue_wait_ms"], 4),
+        )
         ctx.record(
             direct_ms_median=round(direct_ms, 4),
             server_ms_median=round(server_ms, 4),
@@ -227,6 +260,7 @@ def serving_batching(ctx):
                 "responses": after["responses"] - mid["responses"],
                 # the server's time per batch (forward and answers), over this phase only
                 "busy": after["forward_ms_mean"] * after["batches"] - mid["forward_ms_mean"] * mid["batches"],
+                "model": after["model_ms_mean"] * after["batches"] - mid["model_ms_mean"] * mid["batches"],
             }
 
         # rounds of every client count back to back: each round's ratios are side by side,
@@ -248,6 +282,9 @@ def serving_batching(ctx):
                 "latency_ms_p99": round(1e3 * _pct(lat, 99), 3),
                 "mean_batch": round(sum(r["responses"] for r in rs) / batches, 3) if batches else 0.0,
                 "batch_ms_mean": round(sum(r["busy"] for r in rs) / batches, 3) if batches else 0.0,
+                "model_ms_mean": round(sum(r["model"] for r in rs) / batches, 3) if batches else 0.0,
+                # the share of the phase the server spent in batches (the rest it waited for requests)
+                "server_busy_share": round(sum(r["busy"] for r in rs) / (1e3 * p["seconds"] * len(rs)), 3),
             }
             ctx.observe(f"{n} clients: {rows[str(n)]}")
         ctx.record(clients=rows)

@@ -421,7 +421,8 @@ class _Stats:
         self.max_batch = 0
         self.queue_wait_total = 0.0
         self.queue_wait_max = 0.0
-        self.forward_total = 0.0
+        self.forward_total = 0.0  # per batch: the model and the answers (batch_ms)
+        self.model_total = 0.0  # per batch: the model call alone (cat, forward, split)
         self.connections_total = 0
         self.auth_failures = 0
         self.bad_frames = 0
@@ -438,6 +439,7 @@ class _Stats:
                 "responses": self.responses,
                 "errors": self.errors,
                 "batches": self.batches,
+                "batched_requests": self.batched_requests,
                 "mean_batch": self.batched_requests / b if self.batches else 0.0,
                 "mean_batch_samples": self.batched_samples / b if self.batches else 0.0,
                 "max_batch": self.max_batch,
@@ -445,6 +447,7 @@ class _Stats:
                 "queue_wait_ms_mean": 1e3 * self.queue_wait_total / max(self.batched_requests, 1),
                 "queue_wait_ms_max": 1e3 * self.queue_wait_max,
                 "forward_ms_mean": 1e3 * self.forward_total / b if self.batches else 0.0,
+                "model_ms_mean": 1e3 * self.model_total / b if self.batches else 0.0,
                 "connections_open": open_conns,
                 "connections_total": self.connections_total,
                 "auth_failures": self.auth_failures,
@@ -863,8 +866,10 @@ class _InferenceWorker(ConnServer):
                 for r in batch:
                     by_kind.setdefault((r.x.dtype, tuple(r.x.shape[1:])), []).append(r)
                 groups = list(by_kind.values())
+            model_s = 0.0
             for reqs in groups:
                 try:
+                    tm = time.monotonic()
                     x = reqs[0].x if len(reqs) == 1 else torch.cat([r.x for r in reqs])
                     with torch.inference_mode():
                         y = self.model(x.to(self.device, non_blocking=False))
@@ -873,6 +878,7 @@ class _InferenceWorker(ConnServer):
                         parts = [[o] for o in outs]
                     else:
                         parts = [o.split([int(r.x.shape[0]) for r in reqs]) for o in outs]
+                    model_s += time.monotonic() - tm
                 except Exception as exc:  # noqa: BLE001 - report to the callers, keep serving
                     msg = f"{type(exc).__name__}: {exc}"
                     for r in reqs:
@@ -896,6 +902,7 @@ class _InferenceWorker(ConnServer):
                 st.max_batch = max(st.max_batch, len(batch))
                 st.hist[len(batch)] = st.hist.get(len(batch), 0) + 1
                 st.forward_total += t1 - t0
+                st.model_total += model_s
                 for r in batch:
                     w = t0 - r.t_in
                     st.queue_wait_total += w
