@@ -86,7 +86,7 @@ def _delta(before: dict, after: dict) -> dict:
     nr = after["batched_requests"] - before["batched_requests"]
 
     def per(key: str, n: int, count: str) -> float:
-        return (after[key] * after[count] - before[key] * before[count]) / n if n else float("nan")
+        return (after[key] * after[count] - before[key] * before[count]) / n if n else 0.0
 
     return {
         "batches": nb,
@@ -253,14 +253,15 @@ def serving_batching(ctx):
             lat = [v for o in outs for v in o["lat"]]
             errors = sum(o["errors"] for o in outs)
             ctx.check(errors == 0, f"{errors} failed requests with {n} clients")
+            srv_phase = _delta(mid, after)  # this phase only
             return {
                 "lat": lat,
                 "rps": len(lat) / p["seconds"],
-                "batches": after["batches"] - mid["batches"],
+                "batches": srv_phase["batches"],
                 "responses": after["responses"] - mid["responses"],
-                # the server's time per batch (forward and answers), over this phase only
-                "busy": after["forward_ms_mean"] * after["batches"] - mid["forward_ms_mean"] * mid["batches"],
-                "model": after["model_ms_mean"] * after["batches"] - mid["model_ms_mean"] * mid["batches"],
+                # the server's time in batches (forward and answers) and in the model call alone
+                "busy": srv_phase["batch_ms"] * srv_phase["batches"],
+                "model": srv_phase["model_ms"] * srv_phase["batches"],
             }
 
         # rounds of every client count back to back: each round's ratios are side by side,
