@@ -341,15 +341,9 @@ class InferenceServer(ManagedServer):
         self.warmup = warmup
 
     def _prepare(self) -> None:
-        super()._prepare()
-        assert self._dir is not None
-        self.address = os.path.join(self._dir, "server.sock")
-        try:
-            transport.check_unix_path(self.address)  # here, not as a start error from the child
-        except ValueError:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = self.address = None
-            raise
+        if self._dir is None:
+            # a path too long for a socket fails here, not as a start error from the child
+            self._dir, self.address = transport.private_socket_path(prefix=f"splitlearn-{self.kind}-")
         if self._state_dict is not None and self.weights is None:
             self.weights = save_state_dict(self._state_dict, os.path.join(self._dir, "weights.safetensors"))
             self._state_dict = None

@@ -311,13 +311,6 @@ def client_handshake(conn: Any, authkey: bytes | None, timeout: float | None) ->
     _handshake(conn, authkey, timeout, server=False)
 
 
-def private_socket_path(prefix: str = "splitlearn-") -> tuple[str, str]:
-    """A fresh private directory (mode 0700) and a Unix socket path inside it."""
-    d = tempfile.mkdtemp(prefix=prefix)
-    os.chmod(d, 0o700)
-    return d, os.path.join(d, "server.sock")
-
-
 # sun_path holds 108 bytes on Linux, the last one the terminating NUL
 UNIX_PATH_MAX = 107
 
@@ -331,6 +324,20 @@ def check_unix_path(path: str) -> str:
             "point TMPDIR (or the server's directory) at a shorter path"
         )
     return path
+
+
+def private_socket_path(prefix: str = "splitlearn-") -> tuple[str, str]:
+    """A fresh private directory (mode 0700) and a Unix socket path inside it; a ValueError
+    (and no directory) when the temp dir is too deep for a socket address."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    path = os.path.join(d, "server.sock")
+    try:
+        check_unix_path(path)
+    except ValueError:
+        os.rmdir(d)
+        raise
+    os.chmod(d, 0o700)
+    return d, path
 
 
 def listen_unix(path: str, backlog: int = 128) -> socket.socket:
