@@ -50,7 +50,7 @@ def demo():
 @pytest.fixture()
 def slow():
     """A model whose forward takes about a second or more (repeat), for fault tests."""
-    kw = dict(KW, hidden=512, depth=4, repeat=3000)
+    kw = dict(KW, hidden=512, depth=4, repeat=12000)
     srv = InferenceServer(DEMO, kw, num_threads=1, start_timeout=120, warmup=False)
     srv.start()
     try:
@@ -154,6 +154,71 @@ def test_one_client_never_waits_for_a_batch(demo):
             c.infer(torch.randn(1, 8))
         after = c.stats()
     assert after["queue_wait_ms_max"] < 20.0, after
+
+
+def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling():
+    kw = dict(KW, hidden=256, depth=4, repeat=20)  # a forward of a millisecond or a few
+    torch.manual_seed(0)
+    model = DemoNet(**kw).eval()
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        ref = model(x)
+    with InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120) as srv:
+        with srv.client(wait="hybrid") as c:
+            for _ in range(20):
+                assert torch.allclose(c.infer(x), ref, atol=1e-5)
+            assert c.ping() < 10 and c.stats()["requests"] >= 20  # untimed calls wait as before
+            counts = dict(c.wait_counts)
+            c.wait = "block"
+            c.infer(x)
+            assert c.wait_counts == counts, "a blocking call went through the hybrid wait"
+    # the first answers are timed while blocking; after that every wait ended one of four ways
+    assert counts["no_history"] == 3
+    assert sum(counts.values()) == 20
+    # the answer comes during the wait's polling part, not to a caller asleep in poll(2)
+    assert counts["answered_while_spinning"] >= 9, counts
+
+
+def test_wait_modes_are_checked():
+    with pytest.raises(ValueError, match="wait must be one of block, hybrid"):
+        InferenceClient("/nonexistent/sock", authkey=None, wait="spin")
+    with pytest.raises(ValueError, match="hybrid_sleep"):
+        InferenceClient("/nonexistent/sock", authkey=None, hybrid_sleep=1.0)
+    with pytest.raises(ServerUnavailable):  # a valid mode gets as far as connecting
+        InferenceClient("/nonexistent/sock", authkey=None, wait="hybrid", connect_timeout=1)
+
+
+def test_hybrid_wait_keeps_the_call_timeout_and_reports_a_dead_server(slow):
+    srv = slow
+    with srv.client(wait="hybrid") as c:
+        c._answer_times.extend([0.01] * 5)  # expects answers in 10 ms: spins 20 ms, then blocks
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            c.infer(torch.randn(1, 8), timeout=0.5)
+        assert time.monotonic() - t0 < 3
+        assert c.wait_counts["spin_gave_up"] == 1
+    result: list[BaseException | None] = []
+    with srv.client(wait="hybrid", timeout=60) as c:
+        c._answer_times.extend([20.0] * 5)  # expects 20 s: asleep in poll(2) for 10 s when the server dies
+
+        def call() -> None:
+            try:
+                c.infer(torch.randn(1, 8))
+                result.append(None)
+            except BaseException as exc:  # noqa: BLE001
+                result.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        with srv.client(timeout=10) as probe:
+            _wait_until(lambda: probe.stats()["in_batch"], 30, "a batch in progress")
+        t_kill = time.monotonic()
+        os.kill(srv.pid, signal.SIGKILL)
+        t.join(15)
+        assert not t.is_alive(), "a hybrid wait outlived the server"
+        assert time.monotonic() - t_kill < 5
+        assert len(result) == 1 and isinstance(result[0], ServerUnavailable), result
+        assert c.wait_counts["answered_while_asleep"] == 1  # the EOF woke the sleep
 
 
 def test_bad_dtype_and_shape_are_errors_to_that_caller_only(demo):

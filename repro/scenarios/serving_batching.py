@@ -5,17 +5,20 @@ The seed reported 5.58 ms per direct inference, 5.75 ms through the server (1.03
 
 Method (one run, ratios within it, medians):
 
-* one client against a direct call: ``n_pairs`` pairs of a direct call of the same model
-  (``DemoNet``, same kwargs and thread count as the server) in this process and a call of
-  the same sample through the server, alternating which goes first. The figure is the median
-  of the pairs' ratios (target <= 1.05x). Measuring all direct calls and then all server
-  calls, as a first version did, gave 0.99x to 1.45x for the same code on this VM: its speed
-  drifts by more than the overhead between two blocks of a few seconds. Each direct call is
-  followed by a ping of the server, idle for one forward by then: the bare cost of waking it
-  and being answered, the floor under any cross-process server on the machine. The server's
-  counters over the pairs split the rest: its model call (against the same call here), the
-  hand-off from a connection's reader thread to the batch loop, and encoding and sending the
-  answer;
+* one client against a direct call: ``n_pairs`` sets of a direct call of the same model
+  (``DemoNet``, same kwargs and thread count as the server) in this process, a call of the
+  same sample through the server by a client that blocks for its answer (the default,
+  ``wait="block"``), and one by the same client waiting in ``wait="hybrid"`` (sleep for half
+  the expected answer time, then poll without sleeping: see ``splitlearn.serving.client``),
+  rotating which goes first. Each figure is the median of the sets' ratios (target <= 1.05x,
+  judged for each wait). Measuring all direct calls and then all server calls, as a first
+  version did, gave 0.99x to 1.45x for the same code on this VM: its speed drifts by more
+  than the overhead between two blocks of a few seconds. The CPU time this process spends per
+  call of each kind is what the hybrid wait costs. Each direct call is followed by a ping of
+  the server, idle for one forward by then: the bare cost of waking it and being answered,
+  the floor under any cross-process server whose caller sleeps. The server's counters over
+  the sets split the rest: its model call (against the same call here), the hand-off from a
+  connection's reader thread to the batch loop, and encoding and sending the answer;
 * N clients: N spawned client processes (numpy only, no torch) send requests back to back for
   ``seconds``; throughput (req/s), p50/p99 latency and the server's mean batch. Every client
   count runs once per round, ``rounds`` rounds; the 4-over-1 speedup is the median of the
@@ -23,7 +26,9 @@ Method (one run, ratios within it, medians):
   per batch with 1 and with 4 clients gives the ceiling for that speedup: what batching alone
   would gain if nothing but the batches took time; its model time per batch and its busy
   share (time in batches over the phase) say whether the model or the wait for the clients'
-  next requests bounds it.
+  next requests bounds it. The client counts in ``hybrid_clients`` run again in each round
+  with clients waiting in hybrid mode: what spinning callers gain, or cost when there are
+  more of them than cores.
 
 Variant ``demo`` runs on the CPU (one intra-op thread on both sides); ``demo_cuda`` (skipped
 without a GPU) runs the model on the GPU in both the server and this process, the seed's own
@@ -47,6 +52,7 @@ LOAD = {
     "threads": 1,
     "n_pairs": 300,
     "clients": [1, 2, 4, 8],
+    "hybrid_clients": [1, 4],
     "rounds": 5,
     "seconds": 1.5,
     "max_batch_size": 8,
@@ -54,7 +60,7 @@ LOAD = {
 }
 
 
-def client_proc(address: str, authkey_hex: str, in_features: int, seconds: float, start, results, k: int) -> None:
+def client_proc(address: str, authkey_hex: str, in_features: int, seconds: float, start, results, k: int, wait: str = "block") -> None:
     import numpy as np
 
     from splitlearn.serving import InferenceClient
@@ -62,9 +68,10 @@ def client_proc(address: str, authkey_hex: str, in_features: int, seconds: float
     rng = np.random.default_rng(k)
     lat = []
     errors = 0
-    with InferenceClient(address, authkey=bytes.fromhex(authkey_hex), as_numpy=True, timeout=30) as c:
+    with InferenceClient(address, authkey=bytes.fromhex(authkey_hex), as_numpy=True, timeout=30, wait=wait) as c:
         x = rng.standard_normal((1, in_features)).astype(np.float32)
-        c.infer(x)
+        for _ in range(5):  # timed answers for the hybrid wait's median
+            c.infer(x)
         start.wait(60)
         t_end = time.perf_counter() + seconds
         while True:
@@ -77,7 +84,7 @@ def client_proc(address: str, authkey_hex: str, in_features: int, seconds: float
                 errors += 1
                 break
             lat.append(time.perf_counter() - t0)
-    results.put({"k": k, "lat": lat, "errors": errors})
+    results.put({"k": k, "lat": lat, "errors": errors, "wait_counts": c.wait_counts})
 
 
 def _delta(before: dict, after: dict) -> dict:
@@ -162,38 +169,50 @@ def serving_batching(ctx):
     srv.start()
     try:
         ctx.stage("direct and server calls, interleaved")
-        d, s, pings, ratios = [], [], [], []
+        d, pings = [], []
+        kinds = ("block", "hybrid")
+        served: dict[str, list[float]] = {k: [] for k in kinds}
+        ratios: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, list[float]] = {k: [] for k in ("direct", *kinds)}
         with srv.client(timeout=30) as c, torch.inference_mode():
             for _ in range(30):
-                y = c.infer(x)
-            ctx.check(torch.allclose(y, ref, rtol=1e-4, atol=1e-4), "server answer differs from the direct call")
+                for k in kinds:
+                    c.wait = k
+                    y = c.infer(x)
+                    ctx.check(torch.allclose(y, ref, rtol=1e-4, atol=1e-4), f"server answer ({k} wait) differs from the direct call")
+            counts_before = dict(c.wait_counts)
             pairs_before = c.stats()
 
             def direct() -> float:
-                t0 = time.perf_counter()
+                p0, t0 = time.process_time(), time.perf_counter()
                 forward()
                 t1 = time.perf_counter()
+                cpu["direct"].append(time.process_time() - p0)
                 c.ping()  # the server has been idle for one forward: the bare wake-up cost
                 pings.append(time.perf_counter() - t1)
                 return t1 - t0
 
-            def served() -> float:
-                t0 = time.perf_counter()
+            def through_server(k: str) -> float:
+                c.wait = k
+                p0, t0 = time.process_time(), time.perf_counter()
                 c.infer(x)
-                return time.perf_counter() - t0
+                t = time.perf_counter() - t0
+                cpu[k].append(time.process_time() - p0)
+                return t
 
+            orders = (("direct", "block", "hybrid"), ("block", "hybrid", "direct"), ("hybrid", "direct", "block"))
             for i in range(p["n_pairs"]):
-                if i % 2:
-                    ts, td = served(), direct()
-                else:
-                    td, ts = direct(), served()
-                d.append(td)
-                s.append(ts)
-                ratios.append(ts / td)
+                t = {k: (direct() if k == "direct" else through_server(k)) for k in orders[i % 3]}
+                d.append(t["direct"])
+                for k in kinds:
+                    served[k].append(t[k])
+                    ratios[k].append(t[k] / t["direct"])
             pairs_after = c.stats()
-        direct_ms, server_ms = 1e3 * _pct(d, 50), 1e3 * _pct(s, 50)
-        overhead = _pct(ratios, 50)
-        # where the overhead goes (means over the pairs, from the server's own counters): the
+            hybrid_counts = {k: v - counts_before[k] for k, v in c.wait_counts.items()}
+        direct_ms = 1e3 * _pct(d, 50)
+        overhead = _pct(ratios["block"], 50)
+        overhead_hybrid = _pct(ratios["hybrid"], 50)
+        # where the overhead goes (means over the sets, from the server's own counters): the
         # model call in the server against the same call here, the hand-off from the
         # connection's reader to the batch loop, and the answer's encoding and send
         srv_pairs = _delta(pairs_before, pairs_after)
@@ -203,30 +222,42 @@ def serving_batching(ctx):
             pairs_server_answer_ms_mean=round(srv_pairs["batch_ms"] - srv_pairs["model_ms"], 4),
             pairs_server_queue_wait_ms_mean=round(srv_pairs["queue_wait_ms"], 4),
         )
+        for k, prefix in (("block", ""), ("hybrid", "hybrid_")):
+            ms = 1e3 * _pct(served[k], 50)
+            ctx.record(
+                **{
+                    f"{prefix}server_ms_median": round(ms, 4),
+                    f"{prefix}server_over_direct": round(_pct(ratios[k], 50), 4),
+                    f"{prefix}server_over_direct_of_medians": round(ms / direct_ms, 4),
+                    f"{prefix}server_over_direct_iqr": [round(_pct(ratios[k], 25), 4), round(_pct(ratios[k], 75), 4)],
+                    f"{prefix}overhead_ms_median": round(1e3 * _pct([b - a for a, b in zip(d, served[k], strict=True)], 50), 4),
+                }
+            )
         ctx.record(
             direct_ms_median=round(direct_ms, 4),
-            server_ms_median=round(server_ms, 4),
-            server_over_direct=round(overhead, 4),
-            server_over_direct_of_medians=round(server_ms / direct_ms, 4),
-            server_over_direct_iqr=[round(_pct(ratios, 25), 4), round(_pct(ratios, 75), 4)],
-            overhead_ms_median=round(1e3 * _pct([b - a for a, b in zip(d, s, strict=True)], 50), 4),
             ping_after_idle_ms_median=round(1e3 * _pct(pings, 50), 4),
+            # CPU time of this process per call: what the hybrid wait's spinning costs
+            client_cpu_ms_per_call={k: round(1e3 * sum(v) / len(v), 4) for k, v in cpu.items()},
+            hybrid_wait_counts=hybrid_counts,
         )
         ctx.observe(
-            f"direct {direct_ms:.3f} ms, server {server_ms:.3f} ms (medians of {len(d)} interleaved pairs): "
-            f"{overhead:.3f}x; a ping to the idle server {1e3 * _pct(pings, 50):.3f} ms"
+            f"direct {direct_ms:.3f} ms; through the server, medians of {len(d)} interleaved sets: "
+            f"blocking client {overhead:.3f}x, hybrid wait {overhead_hybrid:.3f}x; a ping to the idle server "
+            f"{1e3 * _pct(pings, 50):.3f} ms; client CPU per call (ms) "
+            + ", ".join(f"{k} {1e3 * sum(v) / len(v):.3f}" for k, v in cpu.items())
+            + f"; hybrid waits {hybrid_counts}"
         )
 
         mpctx = mp.get_context("spawn")
 
-        def phase(n: int, rnd: int) -> dict:
+        def phase(n: int, rnd: int, wait: str = "block") -> dict:
             before = srv.stats()
             start = mpctx.Event()
             results = mpctx.Queue()
             procs = [
                 mpctx.Process(
                     target=client_proc,
-                    args=(srv.address, srv.authkey.hex(), kw["in_features"], p["seconds"], start, results, 100 * rnd + k),
+                    args=(srv.address, srv.authkey.hex(), kw["in_features"], p["seconds"], start, results, 100 * rnd + k, wait),
                     daemon=True,
                 )
                 for k in range(n)
@@ -234,9 +265,9 @@ def serving_batching(ctx):
             for pr in procs:
                 pr.start()
             try:
-                # every client connects and sends one warm-up request before the clock starts
+                # every client connects and sends its warm-up requests before the clock starts
                 deadline = time.monotonic() + 120
-                while srv.stats()["responses"] - before["responses"] < n:
+                while srv.stats()["responses"] - before["responses"] < 5 * n:
                     ctx.check(time.monotonic() < deadline, f"{n} clients did not connect within 120 s")
                     ctx.check(all(pr.is_alive() or pr.exitcode == 0 for pr in procs), "a client died while starting")
                     start.wait(0.05)  # bounded poll of the server's counters (start is not set yet)
@@ -267,15 +298,19 @@ def serving_batching(ctx):
         # rounds of every client count back to back: each round's ratios are side by side,
         # and the median over rounds is what counts (the machine's speed drifts between runs)
         runs: dict[int, list[dict]] = {n: [] for n in p["clients"]}
+        hybrid_runs: dict[int, list[dict]] = {n: [] for n in p.get("hybrid_clients", [])}
         for rnd in range(p["rounds"]):
             for n in p["clients"]:
                 ctx.stage(f"round {rnd + 1}/{p['rounds']}: {n} concurrent clients")
                 runs[n].append(phase(n, rnd))
-        rows = {}
-        for n, rs in runs.items():
+            for n in hybrid_runs:
+                ctx.stage(f"round {rnd + 1}/{p['rounds']}: {n} concurrent clients, hybrid wait")
+                hybrid_runs[n].append(phase(n, rnd, wait="hybrid"))
+
+        def row(rs: list[dict]) -> dict:
             lat = [v for r in rs for v in r["lat"]]
             batches = sum(r["batches"] for r in rs)
-            rows[str(n)] = {
+            return {
                 "requests": len(lat),
                 "throughput_rps": round(_pct([r["rps"] for r in rs], 50), 1),
                 "throughput_rps_rounds": [round(r["rps"], 1) for r in rs],
@@ -287,8 +322,24 @@ def serving_batching(ctx):
                 # the share of the phase the server spent in batches (the rest it waited for requests)
                 "server_busy_share": round(sum(r["busy"] for r in rs) / (1e3 * p["seconds"] * len(rs)), 3),
             }
-            ctx.observe(f"{n} clients: {rows[str(n)]}")
+
+        rows = {str(n): row(rs) for n, rs in runs.items()}
+        hybrid_rows = {str(n): row(rs) for n, rs in hybrid_runs.items()}
+        for n, r in rows.items():
+            ctx.observe(f"{n} clients: {r}")
+        for n, r in hybrid_rows.items():
+            ctx.observe(f"{n} clients, hybrid wait: {r}")
         ctx.record(clients=rows)
+        if hybrid_rows:
+            ctx.record(clients_hybrid=hybrid_rows)
+            # each hybrid phase against the blocking phase of the same client count and round
+            ctx.record(
+                hybrid_over_block_throughput={
+                    str(n): round(_pct([h["rps"] / b["rps"] for b, h in zip(runs[n], rs, strict=True)], 50), 3)
+                    for n, rs in hybrid_runs.items()
+                    if n in runs
+                }
+            )
         speedup4 = None
         if 1 in runs and 4 in runs:
             per_round = [b["rps"] / a["rps"] for a, b in zip(runs[1], runs[4], strict=True)]
@@ -301,14 +352,20 @@ def serving_batching(ctx):
                 ctx.record(speedup_4_over_1_ceiling=round(rows["4"]["mean_batch"] * b1 / b4, 3))
         ctx.record(
             method=(
-                f"DemoNet {kw} on {dev}, torch threads={p['threads']} in both; {p['n_pairs']} pairs of a direct call and a "
-                f"server call by one client on 1 sample, alternating which goes first; the ratio is the median of "
-                f"the pairs' ratios. N clients = spawned numpy clients, back to back for {p['seconds']} s, "
-                f"{p['rounds']} rounds of {p['clients']}; the speedup is the median of the rounds' 4-over-1 "
-                f"ratios; max_batch_size={p['max_batch_size']}, max_wait_ms={p['max_wait_ms']}"
+                f"DemoNet {kw} on {dev}, torch threads={p['threads']} in both; {p['n_pairs']} sets of a direct call and "
+                f"two server calls by one client on 1 sample (blocking wait, hybrid wait), rotating which goes first; "
+                f"each ratio is the median of the sets' ratios. N clients = spawned numpy clients, back to back for "
+                f"{p['seconds']} s, {p['rounds']} rounds of {p['clients']} blocking and {p.get('hybrid_clients', [])} "
+                f"hybrid; the speedup is the median of the rounds' 4-over-1 ratios (blocking clients); "
+                f"max_batch_size={p['max_batch_size']}, max_wait_ms={p['max_wait_ms']}"
             ),
             targets={
                 "server_over_direct_le_1.05": {"value": round(overhead, 4), "target": 1.05, "met": overhead <= 1.05},
+                "hybrid_server_over_direct_le_1.05": {
+                    "value": round(overhead_hybrid, 4),
+                    "target": 1.05,
+                    "met": overhead_hybrid <= 1.05,
+                },
                 "4_clients_throughput_ge_2.5x": {
                     "value": round(speedup4, 3) if speedup4 else None,
                     "target": 2.5,
