@@ -106,6 +106,24 @@ def test_markdown_says_where_a_target_is_missed():
     assert "Wall time 321.0 s on 2 CPUs" in md
 
 
+def test_rerender_reads_the_suite_time_from_the_cell_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    runs = [{"outcome": "PASS", "metrics": {"overhead_ratio": 1.0}, "seconds": 1.0}]
+    case = {"scenario": "srv", "variant": "one", "outcomes": ["PASS"], "all_ok": True, "runs": runs, "run_seconds": {"median": 1.0}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_report([case])))
+    assert bench.rerender(path, None) == 0  # no cell: the stored figure stays
+    assert json.loads(path.read_text())["suite"]["wall_seconds"] == 321.0
+    cells = tmp_path / "results" / "cells"
+    cells.mkdir(parents=True)
+    cell = {"wall_seconds": 560.0, "started": "2026-12-01T02:28:07+00:00", "pytest": {"args": [], "exitstatus": 0, "tests": 9}}
+    (cells / "py3.11-bundled.json").write_text(json.dumps(cell))
+    md = tmp_path / "BENCH.md"
+    assert bench.rerender(path, str(md)) == 0
+    assert json.loads(path.read_text())["suite"]["wall_seconds"] == 560.0
+    assert "Wall time 560.0 s" in md.read_text()
+
+
 SCENARIO = """
 import os
 from pathlib import Path
