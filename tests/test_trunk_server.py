@@ -31,8 +31,8 @@ def server():
         srv.close()
 
 
-def _split_client(srv, family):
-    return SplitClient.connect(srv.address, srv.authkey, family, model_type=family, path=tiny_model_dir(family), split_points=SPLITS[family])
+def _split_client(srv, family, **kw):
+    return SplitClient.connect(srv.address, srv.authkey, family, model_type=family, path=tiny_model_dir(family), split_points=SPLITS[family], **kw)
 
 
 def test_bound_to_loopback_and_lists_models(server):
@@ -43,18 +43,25 @@ def test_bound_to_loopback_and_lists_models(server):
     assert models["gpt2"]["layers"] == [1, 3] and models["gpt2"]["hidden_size"] == 64
 
 
+@pytest.mark.parametrize("wait", ["block", "hybrid"])
 @pytest.mark.parametrize("family", sorted(SPLITS))
-def test_generation_equals_full_model(server, family):
+def test_generation_equals_full_model(server, family, wait):
     full = full_model(family)
     ids, mask = padded_batch(seed=3, batch=3, length=7, pad_lengths=[0, 2, 4], side="left", vocab=250)
     eos = int(full.config.eos_token_id)
     expected = full.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    with _split_client(server, family) as sc:
+    with _split_client(server, family, wait=wait) as sc:
         got = sc.generate(ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
         assert sc.calls >= 2  # the trunk really ran remotely, prefill + steps
         st = sc.trunk.stats()
+        counts = sc.trunk.wait_counts
     assert torch.equal(got, expected)
     assert st["sessions_open"] == 0  # the session was closed at the end
+    waited = sum(v for k, v in counts.items() if k != "no_history")
+    if wait == "hybrid":  # every trunk step after the first three went through the hybrid wait
+        assert counts["no_history"] == 3 and waited == sc.calls - 3, counts
+    else:
+        assert sum(counts.values()) == 0, counts
 
 
 def test_sessions_are_isolated_when_interleaved(server):

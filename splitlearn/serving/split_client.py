@@ -45,7 +45,8 @@ class TrunkClient(InferenceClient):
             tensors.append(attention_mask)
             if position_ids is not None:
                 tensors.append(position_ids)
-        return self._call(wire.Frame(wire.MsgType.TRUNK, meta=meta, tensors=tensors), timeout).tensors[0]
+        # timed: a generation's steps take about the same time, so the hybrid wait can use them
+        return self._call(wire.Frame(wire.MsgType.TRUNK, meta=meta, tensors=tensors), timeout, timed=True).tensors[0]
 
 
 class SplitClient:
@@ -74,13 +75,16 @@ class SplitClient:
         device: str = "cpu",
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        wait: str = "block",
         **load_kw: Any,
     ) -> SplitClient:
-        """Load bottom and top from a local checkpoint (only their tensors) and connect."""
+        """Load bottom and top from a local checkpoint (only their tensors) and connect.
+        ``wait`` is how the trunk client waits for the trunk's answers (see
+        :mod:`splitlearn.serving.client`: ``"block"`` or ``"hybrid"``)."""
         from splitlearn.factory import ModelFactory
 
         bottom, _, top = ModelFactory.create_split_models(model_type, path, *split_points, device=device, parts=("bottom", "top"), **load_kw)
-        client = TrunkClient(address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout)
+        client = TrunkClient(address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout, wait=wait)
         return cls(client, model, bottom, top)
 
     def trunk_fn(self, hidden_states: Any, attention_mask: Any, position_ids: Any, step: int) -> Any:
