@@ -27,7 +27,7 @@ from splitlearn.serving import (
     ServerUnavailable,
     wire,
 )
-from splitlearn.serving.demo_models import DemoNet
+from splitlearn.serving.demo_models import DemoNet, EchoNet
 
 DEMO = "splitlearn.serving.demo_models:DemoNet"
 ECHO = "splitlearn.serving.demo_models:EchoNet"
@@ -406,6 +406,66 @@ def test_server_exits_when_its_owner_dies_and_removes_the_owners_directory(tmp_p
             pytest.fail("server outlived its owner by 30 s")
         # the owner never called close(): the server removed its directory (socket, weights) itself
         assert not os.path.exists(os.path.dirname(address)), sorted(os.listdir(scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture()
+def scratch_tmp(monkeypatch):
+    """A short, empty temp dir in place of the system's (tmp_path is too long for a socket)."""
+    scratch = tempfile.mkdtemp(prefix="sr-t-")
+    monkeypatch.setattr(tempfile, "tempdir", scratch)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_server_that_fails_to_start_in_a_with_block_leaves_nothing_behind(scratch_tmp):
+    crash = "splitlearn.serving.demo_models:CrashNet"
+    with pytest.raises(ServerStartError, match="exit code 7"):
+        with InferenceServer(crash, {"exit_code": 7}, state_dict={"w": torch.ones(3)}, start_timeout=60):
+            pytest.fail("the body ran although the server did not start")
+    assert os.listdir(scratch_tmp) == []  # its directory and the weights file written into it are gone
+
+
+def test_a_server_dropped_without_close_removes_its_directory(scratch_tmp):
+    import gc
+
+    srv = InferenceServer(ECHO, {}, state_dict=EchoNet(3.0).state_dict(), start_timeout=120)
+    srv.start()
+    d, pid = srv._dir, srv.pid
+    assert os.path.exists(os.path.join(d, "weights.safetensors"))
+    del srv
+    gc.collect()
+    assert os.listdir(scratch_tmp) == []
+    try:
+        psutil.Process(pid).wait(10)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_an_owner_that_exits_on_an_error_without_close_leaves_nothing_behind(tmp_path):
+    code = (
+        "from splitlearn.serving import InferenceServer\n"
+        "from splitlearn.serving.demo_models import EchoNet\n"
+        "if __name__ == '__main__':\n"
+        "    s = InferenceServer('splitlearn.serving.demo_models:EchoNet', {}, state_dict=EchoNet().state_dict(), start_timeout=120)\n"
+        "    s.start(); print(s.pid, flush=True)\n"
+        "    raise RuntimeError('the owner fails')\n"
+    )
+    script = tmp_path / "owner.py"
+    script.write_text(code)
+    scratch = tempfile.mkdtemp(prefix="sr-owner-")
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=dict(os.environ, TMPDIR=scratch))
+        assert out.returncode == 1 and "the owner fails" in out.stderr, out.stderr[-3000:]
+        pid = int(out.stdout.strip().splitlines()[-1])
+        try:
+            psutil.Process(pid).wait(30)
+        except psutil.NoSuchProcess:
+            pass
+        assert os.listdir(scratch) == []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -118,6 +119,11 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str) -> str:
 # parent side
 
 
+def _remove_private_dir(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never in a forked child that inherited the finalizer
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class ManagedServer:
     """Parent side of a server process: private directory, start (spawn by default) with a
     ready message and a start timeout, stop, kill, restart. Subclasses give ``kind`` and
@@ -152,6 +158,7 @@ class ManagedServer:
         self.max_outbox = int(max_outbox) if max_outbox is not None else self.max_frame
         self.num_threads = num_threads
         self._dir: str | None = None
+        self._dir_finalizer: weakref.finalize | None = None
         self.address: Any = None
         self._proc: Any = None
         self._ctl: Connection | None = None
@@ -172,10 +179,16 @@ class ManagedServer:
             "private_dir": self._dir,
         }
 
+    def _own_dir(self, path: str) -> None:
+        """Take ``path`` as this server's private directory: removed by :meth:`close`, or,
+        without ``close()``, when this object is collected or the interpreter exits."""
+        self._dir = path
+        self._dir_finalizer = weakref.finalize(self, _remove_private_dir, path, os.getpid())
+
     def _prepare(self) -> None:
         """Before each start, in the parent (create files the child needs)."""
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix=f"splitlearn-{self.kind}-")
+            self._own_dir(tempfile.mkdtemp(prefix=f"splitlearn-{self.kind}-"))
             os.chmod(self._dir, 0o700)
 
     def _on_ready(self, msg: dict[str, Any]) -> None:
@@ -281,13 +294,18 @@ class ManagedServer:
     def close(self) -> None:
         """Stop the server and remove its private directory."""
         self.stop()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if self._dir_finalizer is not None:
+            self._dir_finalizer()  # removes the directory, once
+            self._dir_finalizer = None
+        self._dir = None
 
     def __enter__(self):
         if not self.alive:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self.close()  # __exit__ will not run: leave nothing behind
+                raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -343,7 +361,8 @@ class InferenceServer(ManagedServer):
     def _prepare(self) -> None:
         if self._dir is None:
             # a path too long for a socket fails here, not as a start error from the child
-            self._dir, self.address = transport.private_socket_path(prefix=f"splitlearn-{self.kind}-")
+            d, self.address = transport.private_socket_path(prefix=f"splitlearn-{self.kind}-")
+            self._own_dir(d)
         if self._state_dict is not None and self.weights is None:
             self.weights = save_state_dict(self._state_dict, os.path.join(self._dir, "weights.safetensors"))
             self._state_dict = None
