@@ -54,18 +54,39 @@ def _sharing_in_progress(torch) -> bool:
     return bool(getattr(torch.storage, "_share_memory_map", None))
 
 
-def _wait_sharing(ctx, torch, thread: threading.Thread) -> None:
+def _wait_sharing(ctx, torch, thread: threading.Thread) -> bool:
     """Bounded wait until the background thread is inside torch's sharing (its per-storage lock
-    is in the share map); fails if the thread finished first or the map does not exist."""
+    is in the share map): True; False if the thread finished first. Fails if the map does not
+    exist or the sharing does not start within 10 s."""
     if not hasattr(torch.storage, "_share_memory_map"):
         ctx.fail("torch.storage has no _share_memory_map: this torch shares without the lock this scenario targets")
     end = time.monotonic() + 10.0
     while not _sharing_in_progress(torch):
         if not thread.is_alive():
-            ctx.fail("the sharing thread finished before the fork: the tensor copy was too fast to catch")
+            return False
         if time.monotonic() > end:
             ctx.fail("the sharing thread did not start sharing within 10 s")
         os.sched_yield()
+    return True
+
+
+ATTEMPTS = 5  # tries at catching the copy in progress (one run on a fast VM missed it once)
+
+
+def _start_sharing(ctx, torch):
+    """A fresh tensor and a thread moving it to shared memory, returned once that sharing is in
+    progress (tensor, thread, attempt); a copy that finished before the main thread saw it is
+    tried again with a fresh tensor, up to ``ATTEMPTS`` times."""
+    for attempt in range(1, ATTEMPTS + 1):
+        t = torch.ones(ELEMENTS)
+        sharer = threading.Thread(target=t.share_memory_, name="sharer", daemon=True)
+        sharer.start()
+        ctx.stage("wait until the thread is sharing")
+        if _wait_sharing(ctx, torch, sharer):
+            return t, sharer, attempt
+        sharer.join(ctx.remaining())
+        del t, sharer
+    ctx.fail(f"the sharing thread finished before it was seen sharing, {ATTEMPTS} times: the tensor copy was too fast to catch")
 
 
 MISSED = 3  # the child's exit code when the fork came after the sharing had finished
@@ -107,33 +128,28 @@ def fork_share_lock(ctx) -> None:
     import torch
 
     order = ctx.params["order"]
-    t = torch.ones(ELEMENTS)
-    sharer = threading.Thread(target=t.share_memory_, name="sharer", daemon=True)
     if order == "fork_first":
+        t = torch.ones(ELEMENTS)
+        sharer = threading.Thread(target=t.share_memory_, name="sharer", daemon=True)
         ctx.stage("fork before the sharing thread")
         code = fork_run(ctx, lambda: child_share(t), stage="child share_memory_", after_fork=sharer.start)
         ctx.record(child_exit=code)
         ctx.check(code == 0, f"forked child exited {code}")
     elif order == "fork_during_share":
-        for attempt in range(1, 6):
+        for attempt in range(1, ATTEMPTS + 1):
             if attempt > 1:  # the last fork came after the copy had finished: a fresh tensor
                 sharer.join(ctx.remaining())
-                t = torch.ones(ELEMENTS)
-                sharer = threading.Thread(target=t.share_memory_, name="sharer", daemon=True)
-            sharer.start()
-            ctx.stage("wait until the thread is sharing")
-            _wait_sharing(ctx, torch, sharer)
+            t, sharer, caught = _start_sharing(ctx, torch)
             code = fork_run(ctx, functools.partial(_mid_share_child, torch, t), stage="child share_memory_")
-            ctx.record(child_exit=code, attempts=attempt)
+            ctx.record(child_exit=code, attempts=attempt, caught_at_attempt=caught)
             if code != MISSED:
                 break
         ctx.check(code == 0, f"forked child exited {code}" + (" (every fork came too late)" if code == MISSED else ""))
     elif order == "spawn":
         import multiprocessing as mp
 
-        sharer.start()
-        ctx.stage("wait until the thread is sharing")
-        _wait_sharing(ctx, torch, sharer)
+        t, sharer, caught = _start_sharing(ctx, torch)
+        ctx.record(caught_at_attempt=caught)
         proc = mp.get_context("spawn").Process(target=child_share, args=(t,), name="share-spawn")
         proc.start()  # pickling t shares it here: waits for the sharing thread, then sends a handle
         try:
