@@ -273,6 +273,50 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
     assert "sys_exit.py" in text and "**FAIL**" in text
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["script", "/nonexistent/x.py"], "not a file: /nonexistent/x.py"),
+        (["script", "{ok}", "--timeout", "-1"], "--timeout: must be a positive number"),
+        (["script", "{ok}", "--timeout", "abc"], "--timeout: not a number"),
+        (["run", "harness_overhead", "--timeout", "0"], "--timeout: must be a positive number"),
+        (["run", "harness_overhead", "--repeat", "0"], "--repeat: must be at least 1"),
+        (["run", "harness_overhead", "--python", "/nonexistent/python"], "no executable interpreter"),
+        (["env", "--python", "no-such-python-3.99"], "no executable interpreter"),
+        (["report", "{missing}"], "No such file"),
+        (["report", "{notjson}"], "not JSON"),
+        (["bench", "--timeout", "0", "--list"], "--timeout: must be a positive number"),
+        (["bench", "--render", "{missing}"], "--render: not a file"),
+        (["matrix", "{missing}", "-o", "{out}"], "no such cell file or directory"),
+        (["matrix", "{notjson}", "-o", "{out}"], "not JSON"),
+        (["matrix", "{empty}", "-o", "{out}"], "no cell files found"),
+        (["hazards", "{notjson}", "-o", "{out}.md"], "not JSON"),
+    ],
+)
+def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
+    """A wrong path, interpreter or number is named in one line with exit status 2, never a traceback."""
+    from repro import cli
+
+    (tmp_path / "notjson.json").write_text("this is not json")
+    (tmp_path / "empty").mkdir()
+    paths = {
+        "ok": str(PROGRAMS / "ok.py"),
+        "missing": str(tmp_path / "missing.json"),
+        "notjson": str(tmp_path / "notjson.json"),
+        "empty": str(tmp_path / "empty"),
+        "out": str(tmp_path / "report"),
+    }
+    argv = [a.format(**paths) for a in argv]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert says in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
+
+
 def test_serial_runs_exclude_shared_runs(tmp_path, monkeypatch):
     import fcntl
 
