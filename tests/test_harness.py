@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -315,6 +317,42 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
     assert rc == 2, err
     assert says in err and "Traceback" not in err, err
     assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
+
+
+def test_interrupted_run_leaves_nothing_behind(tmp_path):
+    """Ctrl-C in the middle of a run: exit 130, the scenario's tree killed, and neither the run's
+    directory nor the tree's temp dir left in TMPDIR (there is no verdict to keep evidence for)."""
+    env = {k: v for k, v in os.environ.items() if k != "SPLITREPRO_KEEP"}
+    env["TMPDIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "repro", "script", str(PROGRAMS / "long_sleep.py"), "--no-fingerprint", "--timeout", "120"]
+    cli = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        # the run is under way once the CLI's child (the scenario's interpreter) exists
+        until = time.monotonic() + 60
+        child = None
+        while child is None:
+            assert cli.poll() is None and time.monotonic() < until, "the run never started"
+            child = next((p for p in psutil.Process(cli.pid).children() if "repro.harness.child" in p.cmdline()), None)
+            if child is None:
+                time.sleep(0.05)  # polling another process's start: there is nothing to wait on
+        assert list(tmp_path.glob("splitrepro-long_sleep.py-*")) and list(tmp_path.glob("sr-*"))
+        cli.send_signal(signal.SIGINT)
+        out, _ = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130 and "interrupted" in out, out
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_serial_runs_exclude_shared_runs(tmp_path, monkeypatch):
