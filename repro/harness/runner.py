@@ -474,10 +474,10 @@ def _run(
                 # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
                 tree.kill_all(proc)
                 raise
-    except BaseException as exc:
-        # interrupted (also while waiting for the run lock): no verdict, so no evidence to keep
-        # unless asked; a harness bug (an Exception) keeps the directory for its traceback's sake
-        if not isinstance(exc, Exception) and out_dir is None and os.environ.get("SPLITREPRO_KEEP") != "1":
+    except KeyboardInterrupt:
+        # the user stopped it (also while waiting for the run lock): no verdict, so no evidence
+        # to keep unless asked. Anything else (pytest-timeout, a harness bug) keeps the directory.
+        if out_dir is None and os.environ.get("SPLITREPRO_KEEP") != "1":
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
