@@ -124,8 +124,15 @@ def test_no_package_host_named():
             assert "://" not in text, f"{path.name} names a host"
 
 
+def _tool(name: str) -> str | None:
+    """A command installed beside this interpreter (the venv's bin, also when it is not
+    activated, as nox and a cell run it), else one on PATH."""
+    here = Path(sys.executable).with_name(name)
+    return str(here) if here.is_file() and os.access(here, os.X_OK) else shutil.which(name)
+
+
 def test_nox_lists_the_cells():
-    nox = shutil.which("nox")
+    nox = _tool("nox")
     if nox is None:
         pytest.skip("nox is not installed in this environment")
     out = subprocess.run([nox, "-l"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -134,13 +141,6 @@ def test_nox_lists_the_cells():
         for b in _noxfile_constant("BUILDS"):
             assert f"* tests-{p}(build='{b}')" in out.stdout
     assert "* report" in out.stdout and "- bench" in out.stdout and "- lint" in out.stdout
-
-
-def _tool(name: str) -> str | None:
-    """A command installed beside this interpreter (the venv's bin, also when it is not
-    activated, as nox and a cell run it), else one on PATH."""
-    here = Path(sys.executable).with_name(name)
-    return str(here) if here.is_file() and os.access(here, os.X_OK) else shutil.which(name)
 
 
 def actionlint_command() -> list[str] | None:
