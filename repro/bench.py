@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from repro import figures as _figures
+from repro.cli import positive_float
+from repro.harness.report import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "splitrepro.bench/1"
@@ -375,7 +377,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def rerender(path: Path, markdown: str | None) -> int:
     """Summarise the stored runs of a bench JSON again (current figure rules) and re-render."""
-    report = json.loads(path.read_text("utf-8"))
+    report = read_json(path)
     for rec in report["cases"]:
         rec["figures"] = summarise(rec["runs"], rec["scenario"], rec.get("kind"))
     report["missed"] = missed_targets(report)
@@ -399,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", metavar="NAME[:VARIANT]", help="scenarios (default: every load variant)")
     ap.add_argument("--repeat", type=int, default=3, help="measured repetitions per variant (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up runs per variant (default 1)")
-    ap.add_argument("--timeout", type=float, default=None, help="per-run deadline (default: the scenario's)")
+    ap.add_argument("--timeout", type=positive_float, default=None, help="per-run deadline (default: the scenario's)")
     ap.add_argument("--json", dest="json_out", default="results/bench.json")
     ap.add_argument("--markdown", default=None, help="write the table here too (e.g. docs/BENCHMARKS.md)")
     ap.add_argument("--suite", action="store_true", help="also time the full default suite (python -m pytest)")
-    ap.add_argument("--suite-timeout", type=float, default=3600.0)
+    ap.add_argument("--suite-timeout", type=positive_float, default=3600.0)
     ap.add_argument("--list", action="store_true", help="list what would run and exit")
     ap.add_argument(
         "--render",
@@ -412,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.render:
+        if not Path(args.render).is_file():
+            ap.error(f"--render: not a file: {args.render}")
         return rerender(Path(args.render), args.markdown)
     if args.repeat < 1 or args.warmup < 0:
         ap.error("--repeat must be >= 1 and --warmup >= 0")

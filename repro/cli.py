@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,35 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "hazards": ("repro.hazards_doc:main", "write docs/HAZARDS.md from the claims and matrix results (see --help)"),
 }
 SUBCOMMANDS: dict[str, Callable[[Any], None] | str] = {}
+
+
+# -- argument types: a bad value is a usage error (exit 2) named by argparse, never a traceback
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def interpreter(text: str) -> str:
+    """An interpreter to run children with: a path, or a name found on PATH."""
+    found = shutil.which(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"no executable interpreter {text!r}")
+    return found
 
 
 def _catalogue():
@@ -192,6 +222,9 @@ def cmd_run(args) -> int:
 def cmd_script(args) -> int:
     from repro.harness.runner import run_script
 
+    if not Path(args.path).is_file():
+        print(f"python -m repro script: error: not a file: {args.path}", file=sys.stderr)
+        return 2
     extra = args.script_args
     r = run_script(
         args.path,
@@ -255,7 +288,11 @@ def cmd_env(args) -> int:
 def cmd_report(args) -> int:
     from repro.harness.report import load_results, render
 
-    results = load_results(args.results)
+    try:
+        results = load_results(args.results)
+    except (OSError, ValueError) as exc:  # missing, unreadable, not JSON, not result files
+        print(f"python -m repro report: error: {exc}", file=sys.stderr)
+        return 2
     text = render(results, title=args.title)
     if args.output == "-":
         sys.stdout.write(text)
@@ -286,18 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only variants of this kind (repeatable)",
     )
     p.add_argument(
-        "--timeout", type=float, default=None, help="hard deadline per run, seconds (default: the scenario's)"
+        "--timeout", type=positive_float, default=None, help="hard deadline per run, seconds (default: the scenario's)"
     )
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--repeat", type=positive_int, default=1)
     p.add_argument("--json", metavar="FILE", help="write all results here (rewritten after each run)")
     p.add_argument("--report", metavar="FILE.md", help="write a Markdown report")
-    p.add_argument("--python", default=sys.executable, help="interpreter to run scenarios with")
+    p.add_argument("--python", type=interpreter, default=sys.executable, help="interpreter to run scenarios with")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("script", help="run any Python script with the same verdicts")
     p.add_argument("path")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="hard deadline, seconds (default 60)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument(
         "--expect",
@@ -309,14 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)"
     )
-    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--python", type=interpreter, default=sys.executable)
     p.add_argument("script_args", nargs="*", help="the script's arguments, after --")
     p.set_defaults(handler=cmd_script)
 
     p = sub.add_parser("env", help="the build fingerprint (runs in a clean child)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--refresh", action="store_true", help="ignore the cached fingerprint")
-    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--python", type=interpreter, default=sys.executable)
     p.add_argument(
         "--here", action="store_true", help=argparse.SUPPRESS
     )  # collect in this process (used by the harness)

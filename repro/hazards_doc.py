@@ -23,7 +23,6 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
-import json
 import operator
 import re
 import sys
@@ -34,11 +33,12 @@ from typing import Any
 from repro import figures as _figures
 from repro import matrix as _matrix
 from repro.claims import CLAIMS
+from repro.harness.report import read_json
 
 
 def load_merged(inputs: list[str]) -> dict[str, Any]:
     if len(inputs) == 1 and Path(inputs[0]).is_file():
-        data = json.loads(Path(inputs[0]).read_text("utf-8"))
+        data = read_json(inputs[0])
         if isinstance(data, Mapping) and str(data.get("schema", "")).startswith("splitrepro.matrix"):
             return dict(data)
     cells = [_matrix.read_cell(p) for p in _matrix.collect_paths(inputs)]
@@ -307,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("inputs", nargs="+", help="a merged report.json, or cell files / directories")
     ap.add_argument("-o", "--output", default="docs/HAZARDS.md")
     args = ap.parse_args(argv)
-    merged = load_merged(args.inputs)
+    try:
+        merged = load_merged(args.inputs)
+    except (OSError, ValueError) as exc:  # a missing or unreadable input, not a report or cell file
+        ap.error(str(exc))
     text = render(merged, claim_scenarios())
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text + "\n", encoding="utf-8")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from repro import figures as _figures
+from repro.harness.report import read_json
 
 BUILD_ORDER = ("bundled", "mkl")
 # Fingerprint keys shown in the Markdown table, when present (all keys go to HTML and JSON).
@@ -194,7 +195,7 @@ def _guess_cell_name(path: Path) -> str:
 
 
 def read_cell(path: Path) -> Cell:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     if isinstance(data, list):
         data = {"results": data}
     if not isinstance(data, Mapping):
@@ -574,13 +575,15 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 1 on a disagreement, a hole or a missing cell (default: report only)",
     )
     args = ap.parse_args(argv)
-    paths = collect_paths(args.inputs)
-    if not paths:
-        print("no cell files found in " + ", ".join(args.inputs), file=sys.stderr)
-        return 2
-    cells = [read_cell(p) for p in paths]
     expect = [c for c in args.expect_cells.split(",") if c]
-    merged = merge(cells, expect)
+    try:
+        paths = collect_paths(args.inputs)
+        if not paths:
+            ap.error("no cell files found in " + ", ".join(args.inputs))
+        cells = [read_cell(p) for p in paths]
+        merged = merge(cells, expect)
+    except (OSError, ValueError) as exc:  # a missing or unreadable input, not a cell file, a cell twice
+        ap.error(str(exc))
     prefix = Path(args.output)
     if prefix.suffix in (".md", ".html", ".json"):
         prefix = prefix.with_suffix("")

