@@ -164,7 +164,10 @@ def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling()
     with torch.inference_mode():
         ref = model(x)
     with InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120) as srv:
-        with srv.client(wait="hybrid") as c:
+        # asleep for half the answer time, so that the polling part is sure to be reached with a
+        # forward this short (the default 0.9 leaves it 0.1 ms, less than the VM's timer jitter;
+        # an answer that comes during the sleep wakes the caller as blocking does)
+        with srv.client(wait="hybrid", hybrid_sleep=0.5) as c:
             for _ in range(20):
                 assert torch.allclose(c.infer(x), ref, atol=1e-5)
             assert c.ping() < 10 and c.stats()["requests"] >= 20  # untimed calls wait as before
@@ -175,8 +178,38 @@ def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling()
     # the first answers are timed while blocking; after that every wait ended one of four ways
     assert counts["no_history"] == 3
     assert sum(counts.values()) == 20
-    # the answer comes during the wait's polling part, not to a caller asleep in poll(2)
+    # the answer comes during the wait's polling part, not to a caller asleep
     assert counts["answered_while_spinning"] >= 9, counts
+    # each sleep that the timer ended measured the timer's lateness, which the next sleep allows for
+    assert len(c._oversleeps) >= counts["answered_while_spinning"] - counts["answered_at_once"]
+    assert all(v >= 0 for v in c._oversleeps)
+
+
+def test_hybrid_wait_without_select_falls_back_to_poll(monkeypatch):
+    """A socket past select()'s FD_SETSIZE makes select() raise ValueError: the sleep then
+    uses poll(2) (whole milliseconds) and the call goes on as before."""
+    import splitlearn.serving.client as client_mod
+
+    kw = dict(KW, hidden=256, depth=4, repeat=20)
+    torch.manual_seed(0)
+    model = DemoNet(**kw).eval()
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        ref = model(x)
+    calls = []
+
+    def no_select(*args, **kwargs):
+        calls.append(args)
+        raise ValueError("filedescriptor out of range in select()")
+
+    with InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120) as srv:
+        with srv.client(wait="hybrid") as c:
+            monkeypatch.setattr(client_mod.select, "select", no_select)
+            for _ in range(10):
+                assert torch.allclose(c.infer(x), ref, atol=1e-5)
+            monkeypatch.undo()
+    assert calls, "the hybrid wait never tried select()"
+    assert c.wait_counts["no_history"] == 3 and sum(c.wait_counts.values()) == 10, c.wait_counts
 
 
 def test_wait_modes_are_checked():
@@ -199,7 +232,7 @@ def test_hybrid_wait_keeps_the_call_timeout_and_reports_a_dead_server(slow):
         assert c.wait_counts["spin_gave_up"] == 1
     result: list[BaseException | None] = []
     with srv.client(wait="hybrid", timeout=60) as c:
-        c._answer_times.extend([20.0] * 5)  # expects 20 s: asleep in poll(2) for 10 s when the server dies
+        c._answer_times.extend([20.0] * 5)  # expects 20 s: asleep for 18 s when the server dies
 
         def call() -> None:
             try:

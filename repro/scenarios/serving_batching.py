@@ -8,8 +8,8 @@ Method (one run, ratios within it, medians):
 * one client against a direct call: ``n_pairs`` sets of a direct call of the same model
   (``DemoNet``, same kwargs and thread count as the server) in this process, a call of the
   same sample through the server by a client that blocks for its answer (the default,
-  ``wait="block"``), and one by the same client waiting in ``wait="hybrid"`` (sleep for half
-  the expected answer time, then poll without sleeping: see ``splitlearn.serving.client``),
+  ``wait="block"``), and one by the same client waiting in ``wait="hybrid"`` (sleep for most
+  of the expected answer time, then poll without sleeping: see ``splitlearn.serving.client``),
   rotating which goes first. Each figure is the median of the sets' ratios (target <= 1.05x,
   judged for each wait). Measuring all direct calls and then all server calls, as a first
   version did, gave 0.99x to 1.45x for the same code on this VM: its speed drifts by more
