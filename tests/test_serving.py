@@ -157,16 +157,17 @@ def test_one_client_never_waits_for_a_batch(demo):
 
 
 def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling():
-    kw = dict(KW, hidden=256, depth=4, repeat=20)  # a forward of a millisecond or a few
+    # A forward of about 13 ms, asleep for half of it: the answer comes while the caller polls,
+    # also when a busy machine (CI: two workers and their scenarios on 2 cores) holds the caller
+    # back for a few milliseconds after its send or its sleep. With a 1 ms forward, CI once found
+    # 10 of 17 answers already there when the wait began.
+    kw = dict(KW, hidden=256, depth=4, repeat=200)
     torch.manual_seed(0)
     model = DemoNet(**kw).eval()
     x = torch.randn(2, 8)
     with torch.inference_mode():
         ref = model(x)
     with InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120) as srv:
-        # asleep for half the answer time, so that the polling part is sure to be reached with a
-        # forward this short (the default 0.9 leaves it 0.1 ms, less than the VM's timer jitter;
-        # an answer that comes during the sleep wakes the caller as blocking does)
         with srv.client(wait="hybrid", hybrid_sleep=0.5) as c:
             for _ in range(20):
                 assert torch.allclose(c.infer(x), ref, atol=1e-5)
@@ -181,7 +182,7 @@ def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling()
     # the answer comes during the wait's polling part, not to a caller asleep
     assert counts["answered_while_spinning"] >= 9, counts
     # each sleep that the timer ended measured the timer's lateness, which the next sleep allows for
-    assert len(c._oversleeps) >= counts["answered_while_spinning"] - counts["answered_at_once"]
+    assert 1 <= len(c._oversleeps) <= counts["answered_while_spinning"] + counts["spin_gave_up"]
     assert all(v >= 0 for v in c._oversleeps)
 
 
