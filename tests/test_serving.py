@@ -156,18 +156,24 @@ def test_one_client_never_waits_for_a_batch(demo):
     assert after["queue_wait_ms_max"] < 20.0, after
 
 
-def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling():
-    # A forward of about 13 ms, asleep for half of it: the answer comes while the caller polls,
-    # also when a busy machine (CI: two workers and their scenarios on 2 cores) holds the caller
-    # back for a few milliseconds after its send or its sleep. With a 1 ms forward, CI once found
-    # 10 of 17 answers already there when the wait began.
-    kw = dict(KW, hidden=256, depth=4, repeat=200)
+def _hybrid_server(repeat: int):
+    """A server of a DemoNet whose forward repeats ``repeat`` times, a sample and its answer."""
+    kw = dict(KW, hidden=256, depth=4, repeat=repeat)
     torch.manual_seed(0)
     model = DemoNet(**kw).eval()
     x = torch.randn(2, 8)
     with torch.inference_mode():
         ref = model(x)
-    with InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120) as srv:
+    return InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120), x, ref
+
+
+def test_hybrid_wait_answers_as_blocking_does_and_finds_its_answers_by_polling():
+    # A forward of about 13 ms, asleep for half of it: the answer comes while the caller polls,
+    # also when a busy machine (CI: two workers and their scenarios on 2 cores) holds the caller
+    # back for a few milliseconds after its send or its sleep. With a 1 ms forward, CI once found
+    # 10 of 17 answers already there when the wait began.
+    server, x, ref = _hybrid_server(repeat=200)
+    with server as srv:
         with srv.client(wait="hybrid", hybrid_sleep=0.5) as c:
             for _ in range(20):
                 assert torch.allclose(c.infer(x), ref, atol=1e-5)
@@ -191,19 +197,14 @@ def test_hybrid_wait_without_select_falls_back_to_poll(monkeypatch):
     uses poll(2) (whole milliseconds) and the call goes on as before."""
     import splitlearn.serving.client as client_mod
 
-    kw = dict(KW, hidden=256, depth=4, repeat=20)
-    torch.manual_seed(0)
-    model = DemoNet(**kw).eval()
-    x = torch.randn(2, 8)
-    with torch.inference_mode():
-        ref = model(x)
+    server, x, ref = _hybrid_server(repeat=20)
     calls = []
 
     def no_select(*args, **kwargs):
         calls.append(args)
         raise ValueError("filedescriptor out of range in select()")
 
-    with InferenceServer(DEMO, kw, state_dict=model.state_dict(), num_threads=1, start_timeout=120) as srv:
+    with server as srv:
         with srv.client(wait="hybrid") as c:
             monkeypatch.setattr(client_mod.select, "select", no_select)
             for _ in range(10):
