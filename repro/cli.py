@@ -6,7 +6,7 @@ Exit status of ``run`` and ``script``: 0 exactly when every observed outcome is 
 Other modules add subcommands in one of two ways:
 
 * :data:`DELEGATED`: ``name -> "module:main"``; ``python -m repro NAME ARGS...`` imports the
-  module only then and calls ``main(ARGS)`` (its own argparse). ``bench`` and ``matrix`` work so.
+  module only then and calls ``main(ARGS)`` (its own argparse). ``bench``, ``matrix`` and ``hazards`` work so.
 * :data:`SUBCOMMANDS`: ``name -> registrar`` (or ``"module:function"``), where
   ``registrar(sub)`` adds a parser to the argparse subparsers and sets ``handler=fn(args) -> int``.
 """
@@ -91,7 +91,9 @@ def _select(catalogue, names: list[str], all_: bool, kinds: list[str] | None) ->
             chosen.extend((sc, v) for v in sc.variants)
     if kinds:
         chosen = [(s, v) for s, v in chosen if v.kind in kinds]
-    return chosen
+    # each variant once, in the order first named (--all with names, or a name given twice):
+    # --repeat is how a variant runs more than once
+    return list({(s.name, v.name): (s, v) for s, v in chosen}.values())
 
 
 def cmd_list(args) -> int:
@@ -105,7 +107,7 @@ def cmd_list(args) -> int:
                 "seed": s.seed,
                 "claims": list(s.claims),
                 "timeout": s.timeout_for(v),
-                "serial": s.serial,
+                "serial": s.serial_for(v),
                 "env": dict(v.env),
                 "params": dict(v.params),
                 "doc": v.doc or s.doc.split("\n")[0],
@@ -124,7 +126,8 @@ def cmd_list(args) -> int:
             print(f"    {head}")
         for v in s.variants:
             extra = f"  env {dict(v.env)}" if v.env else ""
-            print(f"    {s.name}:{v.name:<28} {v.kind:<7}{extra}")
+            alone = "  serial" if s.serial_for(v) and not s.serial else ""
+            print(f"    {s.name}:{v.name:<28} {v.kind:<7}{extra}{alone}")
     return 0
 
 

@@ -204,3 +204,34 @@ def test_fingerprint_cache_key_follows_packages_installed_beside_torch(tmp_path,
     (site / "mkl-2025.0.dist-info").mkdir()
     os.utime(site, ns=(0, os.stat(site).st_mtime_ns + 1_000_000))  # coarse-clock filesystems: a new mtime
     assert fingerprint.cache_key(sys.executable) != before
+
+
+def test_load_variants_run_alone(monkeypatch):
+    """A load variant's figures are measured: it takes the exclusive run lock even in a scenario
+    that is not ``serial`` (serving_split's gpt2_small once ran beside other tests under -n 2)."""
+    from repro.harness import runner
+    from repro.scenarios import load_catalogue
+
+    cat = load_catalogue()
+    seen = {}
+    monkeypatch.setattr(runner, "_run", lambda argv, **kw: seen.setdefault(kw["variant"], kw["serial"]))
+    split = cat["serving_split"]
+    assert not split.serial
+    build = Build({})
+    for v in split.variants:
+        runner.run_variant(split, v, build=build)
+    assert seen == {"tiny": False, "gpt2_small": True}
+    loads = [(s, v) for s in cat.values() for v in s.variants if v.kind == "load"]
+    assert loads and all(s.serial_for(v) for s, v in loads)
+
+
+def test_run_selects_each_variant_once():
+    from repro.cli import _select
+    from repro.scenarios import load_catalogue
+
+    cat = load_catalogue()
+    every = [(s.name, v.name) for s in cat.values() for v in s.variants]
+    ids = lambda chosen: [(s.name, v.name) for s, v in chosen]  # noqa: E731
+    assert ids(_select(cat, ["serving_split:tiny"], True, None)) == every
+    twice = _select(cat, ["serving_split:tiny", "serving_split", "serving_split:tiny"], False, None)
+    assert ids(twice) == [("serving_split", "tiny"), ("serving_split", "gpt2_small")]

@@ -11,8 +11,8 @@
 #   OUT=results/gpu tools/gpu_check.sh            # all steps
 #   STEPS="env cuda" tools/gpu_check.sh           # some of them
 #
-# Steps: env (fingerprint), cuda (the serving_cuda scenario through the CLI and through
-# pytest), fork (the fork-hazard scenarios' hazard and fix variants on this build;
+# Steps: env (fingerprint), cuda (the serving_cuda scenario through the CLI, and every
+# item marked cuda through pytest: serving_cuda and serving_batching:demo_cuda), fork (the fork-hazard scenarios' hazard and fix variants on this build;
 # FORK_SCENARIOS names others),
 # bench (the serving and IPC load scenarios, 3 repetitions after a warm-up; BENCH_SCENARIOS
 # names others). serving_batching's demo_cuda variant is the server overhead in the seed's

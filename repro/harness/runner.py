@@ -300,7 +300,7 @@ def run_variant(
         env=dict(variant.env),
         params=dict(variant.params),
         fingerprint=build.fp,
-        serial=scenario.serial,
+        serial=scenario.serial_for(variant),
         out_dir=out_dir,
         window=scenario.hang_window or HANG_WINDOW,
     )

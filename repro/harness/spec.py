@@ -9,7 +9,7 @@ A scenario is a module-level function ``fn(ctx)`` run in a fresh interpreter (se
     @scenario(
         name="fork_after_threads",
         seed="002",
-        claims=("002-fork",),
+        claims=("002-fork-deadlock",),
         variants=[
             hazard("fork", params={"method": "fork"}, expect=gomp_fork_hang),
             fix("spawn", params={"method": "spawn"}),
@@ -184,10 +184,10 @@ class Scenario:
     func: str  # "module:qualname", imported in the child
     variants: list[Variant]
     seed: str | None = None  # seed document number, e.g. "002"
-    claims: tuple[str, ...] = ()  # claim ids from docs/HAZARDS.md, e.g. "002-fork"
+    claims: tuple[str, ...] = ()  # claim ids of repro/claims.py, e.g. "002-fork-deadlock"
     doc: str = ""
     timeout: float = 60.0  # hard deadline per variant, seconds
-    serial: bool = False  # load scenarios: never run beside other scenarios
+    serial: bool = False  # every variant runs alone (load variants always do: see serial_for)
     markers: tuple[str, ...] = ()
     hang_window: float | None = None  # seconds of quiescence that make a HANG (None: the harness default, 1 s)
 
@@ -200,6 +200,11 @@ class Scenario:
 
     def timeout_for(self, variant: Variant) -> float:
         return float(variant.timeout if variant.timeout is not None else self.timeout)
+
+    def serial_for(self, variant: Variant) -> bool:
+        """Whether the variant runs alone: every load variant does (its figures are measured),
+        and every variant of a ``serial`` scenario."""
+        return self.serial or variant.kind == "load"
 
 
 REGISTRY: dict[str, Scenario] = {}

@@ -130,6 +130,7 @@ def _pct(xs, q):
                 "model_kwargs": {"in_features": 64, "hidden": 256, "depth": 32, "out_features": 16, "repeat": 8},
             },
             requires=predict.needs_cuda,
+            markers=("cuda",),
         ),
     ],
 )
