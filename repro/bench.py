@@ -9,9 +9,10 @@ machine touches every variant alike; the ratios a scenario reports are measured 
 side by side, and the table gives their median with min and max over the repetitions.
 
 Figures are read from each run's metrics (see :mod:`repro.figures` for the shapes understood);
-a target is judged on the median. ``--suite`` also times the full default test suite
-(``python -m pytest``) once; otherwise the suite's wall time is taken from a matrix cell file
-(``results/cells/py<X.Y>-<build>.json``) when one is there, with its date.
+a target is judged on the median. ``--suite`` also times the whole test suite once, as CI runs it
+(``python -m pytest -n 2``); otherwise the suite's wall time is taken from a matrix cell file
+(``results/cells/py<X.Y>-<build>.json``, one pytest process, no xdist) when one is there, with
+its date. The report names the command either way.
 
 Nothing here imports torch.
 """
@@ -155,6 +156,7 @@ def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
         return None  # a partial run says nothing about the full suite
     return {
         "wall_seconds": data.get("wall_seconds"),
+        "command": " ".join(["python -m pytest", *args]),
         "exitstatus": data.get("pytest", {}).get("exitstatus"),
         "tests": data.get("pytest", {}).get("tests"),
         "source": str(path.relative_to(ROOT)),
@@ -190,10 +192,11 @@ def cell_key_figures(python: str, build: str) -> dict[str, Any] | None:
 
 
 def time_suite(timeout: float) -> dict[str, Any]:
-    """The full default suite (``python -m pytest``) once, timed from outside."""
+    """The whole suite once as CI runs it (README: ``python -m pytest -n 2``), timed from outside."""
+    args = ["-n", "2", "-q", "-p", "no:cacheprovider"]
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -203,9 +206,10 @@ def time_suite(timeout: float) -> dict[str, Any]:
     tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
     return {
         "wall_seconds": round(time.monotonic() - t0, 1),
+        "command": " ".join(["python -m pytest", *args]),
         "exitstatus": proc.returncode,
         "summary": tail[0] if tail else "",
-        "source": "measured by this run (python -m pytest)",
+        "source": "measured by this run",
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
 
@@ -254,7 +258,7 @@ def missed_targets(report: dict[str, Any]) -> list[str]:
             if f["ok"] is False:
                 out.append(
                     f"{rec['scenario']}:{rec['variant']} {f['name']} = "
-                    f"{_figures.fmt_value(f['median'], f['unit'])} (target {f['target']})"
+                    f"{_figures.fmt_value(f['median'], f['unit'], f['target'])} (target {f['target']})"
                 )
         if not rec["all_ok"]:
             out.append(
@@ -302,8 +306,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("|---|---|---|---|---|---|")
         for rec, f in rows:
             out.append(
-                f"| `{rec['scenario']}:{rec['variant']}` | {f['name']} | {_figures.fmt_value(f['median'], f['unit'])} | "
-                f"{_figures.fmt_value(f['min'], f['unit'])} – {_figures.fmt_value(f['max'], f['unit'])} | {f['target']} | "
+                f"| `{rec['scenario']}:{rec['variant']}` | {f['name']} | {_figures.fmt_value(f['median'], f['unit'], f['target'])} | "
+                f"{_figures.fmt_value(f['min'], f['unit'], f['target'])} – {_figures.fmt_value(f['max'], f['unit'], f['target'])} | {f['target']} | "
                 f"{'yes' if f['ok'] else '**MISSED**'} |"
             )
     else:
@@ -331,11 +335,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("")
     suite = report.get("suite")
     if suite:
-        out.append("## Full default suite")
+        out.append("## The test suite")
         out.append("")
+        command = f"`{suite['command']}`" if suite.get("command") else "the test suite"
         out.append(
-            f"Wall time {suite.get('wall_seconds')} s on {m.get('cpus')} CPUs (exit status {suite.get('exitstatus')}; "
-            f"{suite.get('source')}, {suite.get('date')})."
+            f"Wall time of {command}: {suite.get('wall_seconds')} s on {m.get('cpus')} CPUs "
+            f"(exit status {suite.get('exitstatus')}; {suite.get('source')}, {suite.get('date')})."
         )
         out.append("")
     cellfig = report.get("cell_figures")
@@ -350,7 +355,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f = r["figure"]
             out.append(
                 f"| `{r['scenario']}:{r['variant']}` | {r['kind']} | {r['outcome']}{'' if r['ok'] else ' (unpredicted)'} | "
-                f"{f['name']} | {_figures.fmt_value(f['value'], f['unit'])} | {f['target'] or ''} |"
+                f"{f['name']} | {_figures.fmt_value(f['value'], f['unit'], f['target'])} | {f['target'] or ''} |"
             )
         out.append("")
     out.append("## All figures")
@@ -368,8 +373,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("|---|---|---|---|---|---|")
         for f in rec["figures"]:
             out.append(
-                f"| {f['name']} | {_figures.fmt_value(f['median'], f['unit'])} | {_figures.fmt_value(f['min'], f['unit'])} | "
-                f"{_figures.fmt_value(f['max'], f['unit'])} | {f['n']} | {f['target'] or ''} |"
+                f"| {f['name']} | {_figures.fmt_value(f['median'], f['unit'], f['target'])} | {_figures.fmt_value(f['min'], f['unit'], f['target'])} | "
+                f"{_figures.fmt_value(f['max'], f['unit'], f['target'])} | {f['n']} | {f['target'] or ''} |"
             )
     out.append("")
     return "\n".join(out)
@@ -404,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=positive_float, default=None, help="per-run deadline (default: the scenario's)")
     ap.add_argument("--json", dest="json_out", default="results/bench.json")
     ap.add_argument("--markdown", default=None, help="write the table here too (e.g. docs/BENCHMARKS.md)")
-    ap.add_argument("--suite", action="store_true", help="also time the full default suite (python -m pytest)")
+    ap.add_argument("--suite", action="store_true", help="also time the test suite as CI runs it (python -m pytest -n 2)")
     ap.add_argument("--suite-timeout", type=positive_float, default=3600.0)
     ap.add_argument("--list", action="store_true", help="list what would run and exit")
     ap.add_argument(

@@ -280,27 +280,37 @@ def key_figure(figures: list[Figure]) -> Figure | None:
     return None
 
 
-def fmt_value(value: float | None, unit: str = "") -> str:
+def fmt_value(value: float | None, unit: str = "", target: str | None = None) -> str:
+    """``value`` to about three significant digits, with its unit. Given the ``target`` it is
+    judged against, as many more digits as it takes for the text to be judged alike: a median of
+    1.0519 against ``<=1.05`` reads 1.052, not 1.05."""
     if value is None:
         return "–"
-    magnitude = abs(value)
-    if magnitude == 0:
-        text = "0"
-    elif magnitude >= 1000:
-        text = f"{value:,.0f}"
-    elif magnitude >= 100:
-        text = f"{value:.1f}"
-    elif magnitude >= 1:
-        text = f"{value:.3g}" if magnitude < 10 else f"{value:.1f}"
-    else:
-        text = f"{value:.3g}"
+    text = _digits(value)
+    met = meets(value, target)
+    if met is not None:
+        for digits in range(4, 10):
+            if meets(float(text.replace(",", "")), target) == met:
+                break
+            text = f"{value:.{digits}g}"
     if not unit:
         return text
     return f"{text}{unit}" if unit in ("x", "%") else f"{text} {unit}"
 
 
+def _digits(value: float) -> str:
+    magnitude = abs(value)
+    if magnitude == 0:
+        return "0"
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100 or 10 <= magnitude < 100:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
 def fmt_figure(fig: Figure) -> str:
-    text = f"{fig.name}={fmt_value(fig.value, fig.unit)}"
+    text = f"{fig.name}={fmt_value(fig.value, fig.unit, fig.target)}"
     if fig.target:
         text += f" ({fig.target}{' ✓' if fig.ok else ' ✗'})"
     if fig.claim:

@@ -60,7 +60,7 @@ def _label(row: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
     text = f"`{row['scenario']}:{row['variant']}` {entry['outcome']}"
     key = entry.get("key_figure")
     if key:
-        text += f" ({key['name']} {_figures.fmt_value(key['value'], key['unit'])}"
+        text += f" ({key['name']} {_figures.fmt_value(key['value'], key['unit'], key.get('target'))}"
         if key.get("target"):
             text += f", target {key['target']}{' met' if key['ok'] else ' missed'}"
         if key.get("claim"):

@@ -354,7 +354,7 @@ def cell_text(entry: Mapping[str, Any], *, plain: bool = False) -> str:
         text += f" (expected {'/'.join(entry['expected'])})"
     key = entry.get("key_figure")
     if key:
-        text += f" · {_figures.fmt_value(key['value'], key['unit'])}"
+        text += f" · {_figures.fmt_value(key['value'], key['unit'], key.get('target'))}"
         if key.get("target"):
             text += f" {key['target']}{' ✓' if key['ok'] else ' ✗'}"
         elif key.get("claim"):

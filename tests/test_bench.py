@@ -103,7 +103,7 @@ def test_markdown_says_where_a_target_is_missed():
     assert report["missed"] == ["srv:one overhead_ratio = 1.25x (target <=1.05)"]
     md = bench.render_markdown(report)
     assert "| `srv:one` | overhead_ratio | 1.25x | 1.2x – 1.3x | <=1.05 | **MISSED** |" in md
-    assert "Wall time 321.0 s on 2 CPUs" in md
+    assert "Wall time of the test suite: 321.0 s on 2 CPUs" in md
 
 
 def test_rerender_reads_the_suite_time_from_the_cell_again(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_rerender_reads_the_suite_time_from_the_cell_again(tmp_path, monkeypatch
     md = tmp_path / "BENCH.md"
     assert bench.rerender(path, str(md)) == 0
     assert json.loads(path.read_text())["suite"]["wall_seconds"] == 560.0
-    assert "Wall time 560.0 s" in md.read_text()
+    assert "Wall time of `python -m pytest`: 560.0 s" in md.read_text()
 
 
 SCENARIO = """
@@ -181,3 +181,28 @@ def test_suite_from_cell_ignores_partial_runs(tmp_path, monkeypatch):
     (cells / "py3.11-bundled.json").write_text(json.dumps(data))
     got = bench.suite_from_cell("3.11", "bundled")
     assert got["wall_seconds"] == 500.0 and Path(got["source"]) == Path("results/cells/py3.11-bundled.json")
+    assert got["command"] == "python -m pytest"  # the cell's pytest runs without xdist: said so, not "-n 2"
+    text = bench.render_markdown(
+        {"machine": {"cpus": 2}, "fingerprint": {}, "date": "d", "command": "c", "repeat": 1, "warmup": 0,
+         "missed": [], "cases": [], "suite": got}
+    )
+    assert "Wall time of `python -m pytest`: 500.0 s" in text
+
+
+@pytest.mark.parametrize(
+    "value, target, text",
+    [
+        (1.0519, "<=1.05", "1.052x"),  # missed: three digits would read 1.05 and seem to meet it
+        (1.0499, "<=1.05", "1.05x"),  # met, and reads as met
+        (2.4996, ">=2.5", "2.4996x"),
+        (2.5, ">=2.5", "2.5x"),
+        (1.0519, None, "1.05x"),
+        (1234.4, "<1234.5", "1,234x"),
+    ],
+)
+def test_a_figure_reads_as_judged(value, target, text):
+    from repro.figures import fmt_value, meets
+
+    assert fmt_value(value, "x", target) == text
+    if target:
+        assert meets(float(text.rstrip("x").replace(",", "")), target) == meets(value, target)
