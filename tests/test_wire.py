@@ -111,3 +111,19 @@ def test_fuzz_byte_flips_only_wire_error(pos, value):
     # a flip that still parses must still describe a consistent frame
     for t in f.tensors:
         assert t.numel() * t.element_size() <= len(data)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_what_numpy_and_json_refuse_is_a_wire_error(as_numpy):
+    """Frames that pass every size check and still cannot be built: an empty tensor whose shape's
+    product overflows before it reaches the 0, meta with an integer past Python's digit limit.
+    The server answers a WireError on that connection; anything else ended its thread."""
+    empty = bytearray(wire.encode(Frame(MsgType.REQUEST, 1, {}, [np.zeros((2, 4, 0), dtype=np.float32)])))
+    at = empty.find(struct.pack("<3Q", 2, 4, 0))
+    empty[at : at + 8] = struct.pack("<Q", 2**62)
+    with pytest.raises(WireError, match="cannot be built"):
+        wire.decode(empty, as_numpy=as_numpy)
+    meta = b'{"a":' + b"1" * 5000 + b"}"
+    digits = wire._HEADER.pack(wire.MAGIC, wire.VERSION, int(MsgType.REQUEST), 0, 0, 1, len(meta)) + meta
+    with pytest.raises(WireError, match="not valid UTF-8 JSON"):
+        wire.decode(digits, as_numpy=as_numpy)

@@ -222,7 +222,7 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
     if meta_len:
         try:
             meta = json.loads(bytes(buf[off : off + meta_len]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, an int past the digit limit
             raise WireError(f"meta is not valid UTF-8 JSON: {exc}") from None
         if not isinstance(meta, dict):
             raise WireError(f"meta must be a JSON object, got {type(meta).__name__}")
@@ -248,7 +248,10 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
             raise WireError(f"tensor {i}: shape {list(shape)} of {_DTYPES[code][0]} needs {count * _DTYPES[code][1]} bytes, header says {nbytes}")
         if off + nbytes > n:
             raise WireError(f"tensor {i}: {nbytes} bytes run past the end of the frame")
-        tensors.append(_decode_tensor(buf, off, code, shape, nbytes, as_numpy))
+        try:
+            tensors.append(_decode_tensor(buf, off, code, shape, nbytes, as_numpy))
+        except (ValueError, OverflowError, RuntimeError) as exc:  # e.g. an empty tensor of shape [2**62, 4, 0]
+            raise WireError(f"tensor {i}: shape {list(shape)} cannot be built: {exc}") from None
         off += nbytes
     if off != n:
         raise WireError(f"{n - off} trailing bytes after the last tensor")
