@@ -204,3 +204,32 @@ def test_server_killed_mid_generation_then_restarted():
             assert sc2.generate(ids, 3).shape == (1, 8)
     finally:
         srv.close()
+
+
+def test_a_failed_step_drops_the_sessions_cache():
+    """The trunk's KV cache grows in place, layer by layer: a step that fails part-way leaves it
+    half updated. The session then refuses the next step (bad_step) instead of running on it.
+    In process, with a trunk that fails: no server needed."""
+    import threading
+
+    from splitlearn.serving.server import _Conn
+    from splitlearn.serving.trunk_server import TrunkWorker, _Session
+
+    class Failing(torch.nn.Module):
+        def forward(self, hidden, **kw):
+            raise RuntimeError("out of memory (simulated)")
+
+    w = TrunkWorker({"authkey": "00", "max_frame": 1 << 20, "max_sessions": 4}, None)
+    w.torch, w.device = torch, torch.device("cpu")
+    w.models, w.locks = {"m": Failing()}, {"m": threading.Lock()}
+    w.info = {"m": {"hidden_size": 4, "dtype": "float32"}}
+    session = _Session("m", cache=object(), cache_len=3, step=0, batch=1)
+    w.sessions = {1: {"s": session}}
+    sent = []
+    w.send = lambda c, frame: sent.append(frame) or True
+    c = _Conn(None, 1)
+    for step in (1, 2):
+        w.on_trunk(c, wire.Frame(wire.MsgType.TRUNK, step, {"session": "s", "step": step}, [torch.zeros(1, 1, 4)]))
+    assert [f.meta["error"] for f in sent] == ["model_error", "bad_step"], [f.meta for f in sent]
+    assert "start again at step 0" in sent[0].meta["message"]
+    assert session.cache is None and session.step == -1

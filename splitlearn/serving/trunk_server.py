@@ -253,7 +253,14 @@ class TrunkWorker(ConnServer):
                     use_cache=session is not None,
                 )
         except Exception as exc:  # noqa: BLE001 - to the caller; the server keeps serving
-            return self.reply_error(c, rid, "model_error", f"{type(exc).__name__}: {exc}")
+            reset = ""
+            if session is not None:
+                # the cache grows in place, layer by layer: after a failure part of it holds this
+                # step and part does not. Dropped, so that the next step is refused (bad_step)
+                # instead of run on it: the generation starts again at step 0
+                session.cache, session.cache_len, session.step = None, 0, -1
+                reset = "; the session's cache was dropped: start again at step 0"
+            return self.reply_error(c, rid, "model_error", f"{type(exc).__name__}: {exc}{reset}")
         meta: dict[str, Any] = {}
         if session is not None:
             session.cache = out.past_key_values
