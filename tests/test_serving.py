@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -614,3 +615,120 @@ def test_recv_frame_waits_for_its_timeout_and_reports_eof():
     with pytest.raises(ServerUnavailable):
         transport.recv_frame(a, timeout=5)
     a.close()
+
+
+@pytest.fixture()
+def silent_server():
+    """A peer that authenticates a client and then never answers (nor, unless told, reads): a
+    server paused or partitioned mid-call. Yields (address, authkey, the accepted Channels)."""
+    from splitlearn.serving import transport
+
+    d, path = transport.private_socket_path("splitrepro-silent-")
+    lsock = transport.listen_unix(path)
+    key = os.urandom(16)
+    accepted: list = []
+
+    def serve() -> None:
+        s, _ = lsock.accept()
+        ch = transport.wrap(s)
+        transport.server_handshake(ch, key, 10)
+        accepted.append(ch)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield path, key, accepted
+    finally:
+        lsock.close()
+        t.join(10)
+        for ch in accepted:
+            ch.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _call_in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - examined by the test
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_close_from_another_thread_ends_a_waiting_call(silent_server):
+    """close() wakes a call blocked on the connection (Linux does not wake a poll(2) whose
+    descriptor another thread closes: the call waited out its whole timeout, and could then read
+    from whatever connection took the descriptor number)."""
+    path, key, accepted = silent_server
+    c = InferenceClient(path, authkey=key, timeout=60, as_numpy=True)
+    t, out = _call_in_thread(lambda: c.infer(np.zeros((1, 8), np.float32)))
+    _wait_until(lambda: accepted and accepted[0].poll(0), 10, "the request reached the server")
+    t0 = time.monotonic()
+    c.close()
+    t.join(10)
+    assert not t.is_alive(), "the call still waits 10 s after close()"
+    assert time.monotonic() - t0 < 5 and len(out) == 1 and isinstance(out[0], ServerUnavailable), out
+    c.close()  # again: nothing to do
+
+
+@pytest.mark.parametrize("cut", ["answer_stops_mid_frame", "server_stops_reading"])
+def test_call_timeout_covers_the_whole_frame_both_ways(silent_server, cut):
+    """A server that sends part of an answer and stops, or stops taking a large request: the call
+    ends at its timeout (TimeoutError), the connection is then marked unusable (out of step)."""
+    path, key, accepted = silent_server
+    with InferenceClient(path, authkey=key, timeout=0.3, as_numpy=True) as c:
+        _wait_until(lambda: accepted, 10, "the connection accepted")
+        if cut == "answer_stops_mid_frame":
+            x = np.zeros((1, 8), np.float32)
+            os.write(accepted[0].fileno(), (1000).to_bytes(4, "big") + b"y" * 10)  # 10 bytes of 1000
+        else:
+            x = np.zeros((2048, 1024), np.float32)  # 8 MiB: more than the socket buffers hold
+        t, out = _call_in_thread(lambda: c.infer(x))
+        t.join(10)
+        assert not t.is_alive(), "the call outlived its 0.3 s timeout by 10 s"
+        assert len(out) == 1 and isinstance(out[0], TimeoutError) and "no longer usable" in str(out[0]), out
+        with pytest.raises(ServerUnavailable, match="unusable"):
+            c.infer(np.zeros((1, 8), np.float32))
+
+
+def test_accept_errors_do_not_end_the_accept_loop():
+    """EMFILE and the like lose one connection, not the listener (the loop used to end on any
+    OSError, leaving a live server that never accepted again)."""
+    import errno
+
+    from splitlearn.serving.server import ConnServer
+
+    srv = ConnServer({"authkey": "00", "max_frame": 1 << 20}, None)
+    calls = []
+
+    class Flaky:
+        def accept(self):
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(errno.EMFILE, "Too many open files")
+            srv.stopping.set()  # as begin_stop does before it closes the socket
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    srv.lsock = Flaky()
+    srv.accept_loop()
+    assert len(calls) == 2 and srv.snapshot()["accept_errors"] == 1
+
+
+def test_close_all_survives_a_connection_closed_under_it():
+    from splitlearn.serving.server import ConnServer, _Conn
+
+    class ClosedMeanwhile:  # its reader closed it between close_all's look and its shutdown
+        closed = False
+
+        def fileno(self):
+            raise OSError("handle is closed")
+
+    srv = ConnServer({"authkey": "00", "max_frame": 1 << 20}, None)
+    srv.conns = {1: _Conn(ClosedMeanwhile(), 1)}
+    srv.close_all()
+    assert not srv.conns[1].alive

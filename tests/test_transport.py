@@ -4,10 +4,12 @@ of the byte stream into reads, frames larger than its buffer, pipelined frames, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import threading
+import time
 from multiprocessing.connection import Connection
 
 import pytest
@@ -30,14 +32,15 @@ def _in_thread(fn, *args) -> threading.Thread:
     return t
 
 
-def _assert_connection_reads_what_channel_sends(msgs: list[bytes]) -> None:
-    """Send ``msgs`` through a Channel (in a thread) and read them with CPython's Connection."""
+def _assert_connection_reads_what_channel_sends(msgs: list[bytes], timed: bool = False) -> None:
+    """Send ``msgs`` through a Channel (in a thread; with a deadline if ``timed``) and read them
+    with CPython's Connection."""
     a, b = socket.socketpair()
     ch, conn = Channel(a.detach()), Connection(b.detach())
 
     def write() -> None:
         for m in msgs:
-            ch.send_bytes(m)
+            ch.send_bytes(m, time.monotonic() + 30 if timed else None)
 
     t = _in_thread(write)
     try:
@@ -56,11 +59,11 @@ messages = st.lists(
 
 
 @settings(max_examples=40, deadline=None)
-@given(msgs=messages, bufsize=st.sampled_from([16, 37, 4096, 1 << 16]), chunk=st.integers(1, 9000))
-def test_channel_reads_cpython_frames_however_the_stream_is_cut(msgs, bufsize, chunk):
+@given(msgs=messages, bufsize=st.sampled_from([16, 37, 4096, 1 << 16]), chunk=st.integers(1, 9000), timed=st.booleans())
+def test_channel_reads_cpython_frames_however_the_stream_is_cut(msgs, bufsize, chunk, timed):
     """Frames written by CPython's Connection framing, delivered in arbitrary pieces (all
     pipelined, so reads see several frames and frames split across reads), come out whole
-    and in order."""
+    and in order; with a deadline (``timed``) as without."""
     ch, peer = _pair(bufsize)
     stream = b"".join(struct.pack("!i", len(m)) + m for m in msgs)
 
@@ -70,7 +73,7 @@ def test_channel_reads_cpython_frames_however_the_stream_is_cut(msgs, bufsize, c
 
     t = _in_thread(write)
     try:
-        got = [ch.recv_bytes() for _ in msgs]
+        got = [bytes(ch.recv_buffer(None, time.monotonic() + 30)) if timed else ch.recv_bytes() for _ in msgs]
         assert got == msgs
         t.join(30)
         peer.close()
@@ -82,9 +85,9 @@ def test_channel_reads_cpython_frames_however_the_stream_is_cut(msgs, bufsize, c
 
 
 @settings(max_examples=25, deadline=None)
-@given(msgs=messages)
-def test_cpython_connection_reads_channel_frames(msgs):
-    _assert_connection_reads_what_channel_sends(msgs)
+@given(msgs=messages, timed=st.booleans())
+def test_cpython_connection_reads_channel_frames(msgs, timed):
+    _assert_connection_reads_what_channel_sends(msgs, timed)
 
 
 def test_recv_buffer_is_a_fresh_bytearray_each_time():
@@ -250,3 +253,110 @@ def test_short_writes_are_completed(monkeypatch):
     monkeypatch.setattr(transport.os, "writev", lambda fd, bufs: real_write(fd, bytes(bufs[0])[:3]))
     monkeypatch.setattr(transport.os, "write", lambda fd, data: real_write(fd, bytes(data[:1000])))
     _assert_connection_reads_what_channel_sends([os.urandom(200_000), b"small" * 30, b""])
+
+
+def _fill_socket(sock: socket.socket) -> None:
+    """Send until the socket (and its peer's receive buffer) takes no more."""
+    chunk = b"x" * 65536
+    while True:
+        try:
+            sock.send(chunk, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+
+
+def test_a_frame_cut_off_mid_way_times_out_at_the_deadline():
+    """The timeout covers the whole frame, not only its first byte: a peer that sends part of a
+    frame and stops (paused, partitioned) gives FrameTimeout at the deadline, not a read that
+    never returns. Nothing at all gives a plain TimeoutError (the connection is still usable)."""
+    ch, peer = _pair()
+    got: list[BaseException] = []
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError) as nothing:
+            transport.recv_frame(ch, timeout=0.2)
+        assert not isinstance(nothing.value, transport.FrameTimeout)
+        assert time.monotonic() - t0 >= 0.2
+        peer.sendall(struct.pack("!i", 1000) + b"y" * 10)  # a header and 10 of 1000 bytes
+
+        def read() -> None:
+            try:
+                transport.recv_frame(ch, timeout=0.3)
+            except BaseException as exc:  # noqa: BLE001 - examined below
+                got.append(exc)
+
+        t = _in_thread(read)
+        t.join(10)
+        assert not t.is_alive(), "the read outlived its timeout by 10 s"
+        assert len(got) == 1 and isinstance(got[0], transport.FrameTimeout), got
+    finally:
+        peer.close()  # wakes a read that did not time out (EOF)
+        ch.close()
+
+
+@pytest.mark.parametrize("peer_reads", ["nothing_room_for_none", "nothing", "a_trickle"])
+def test_a_send_to_a_peer_that_stops_reading_ends_at_its_deadline(peer_reads):
+    """A send with a deadline never blocks past it: a peer that reads nothing, or a trickle (under
+    SO_SNDTIMEO each byte taken starts the timeout again). Nothing sent: TimeoutError, the
+    connection still in step; part sent: FrameTimeout."""
+    ch, peer = _pair()
+    stop = threading.Event()
+    try:
+        if peer_reads == "nothing_room_for_none":
+            borrowed = socket.socket(fileno=os.dup(ch.fileno()))
+            _fill_socket(borrowed)
+            borrowed.close()
+        elif peer_reads == "a_trickle":
+
+            def trickle() -> None:  # 1 KiB every 20 ms, until the test ends
+                with contextlib.suppress(OSError):
+                    while not stop.wait(0.02):
+                        peer.recv(1024)
+
+            reader = _in_thread(trickle)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError) as exc:
+            ch.send_bytes(b"z" * (64 if peer_reads == "nothing_room_for_none" else 8 << 20), t0 + 0.3)
+        took = time.monotonic() - t0
+        assert 0.3 <= took < 5, took
+        assert isinstance(exc.value, transport.FrameTimeout) == (peer_reads != "nothing_room_for_none")
+    finally:
+        stop.set()
+        if peer_reads == "a_trickle":
+            reader.join(5)
+        peer.close()
+        ch.close()
+
+
+def test_deadline_never_fires_after_its_block():
+    """threading.Timer.cancel does not stop a timer already firing: a connection that finished its
+    handshake in time must not be shut down by it afterwards (nor, once closed, a connection that
+    took its descriptor number)."""
+    fired = []
+
+    class HeldTimer:  # fires only when the test says, like a timer thread that lost the race
+        def __init__(self, interval, fn):
+            fired.append(fn)
+            self.daemon = True
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    ch, peer = _pair()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transport.threading, "Timer", HeldTimer)
+            with transport.deadline(ch, 5.0) as state:
+                pass
+        fired[0]()  # the late fire
+        assert not state["expired"]
+        peer.sendall(struct.pack("!i", 2) + b"ok")
+        assert ch.recv_bytes() == b"ok"  # still open both ways
+        ch.send_bytes(b"back")
+        assert peer.recv(100) == struct.pack("!i", 4) + b"back"
+    finally:
+        peer.close()
+        ch.close()

@@ -1,9 +1,14 @@
-"""InferenceClient: one authenticated Unix-socket connection to an :class:`InferenceServer`.
+"""InferenceClient: one authenticated connection to an :class:`InferenceServer` (a Unix socket
+path) or, as :class:`~splitlearn.serving.split_client.TrunkClient`, to a trunk server (host, port).
 
-Every call has a timeout; a broken connection, a dead server or an error frame raises at
-once (:class:`ServerUnavailable`, :class:`ServerError`), a slow one raises ``TimeoutError``.
-Answers are matched by request id: an answer that arrives after its caller gave up is
-dropped, never handed to the next call. Works without torch (``as_numpy=True``).
+Every call has a timeout, which covers the whole call: sending the request and receiving all
+of the answer. A broken connection, a dead server or an error frame raises at once
+(:class:`ServerUnavailable`, :class:`ServerError`), a slow one raises ``TimeoutError``; a call
+cut off in the middle of a frame (a server paused half-way through an answer, or one that stopped
+taking a large request) leaves the connection out of step, and later calls on it raise
+``ServerUnavailable``. Answers are matched by request id: an answer that arrives after its
+caller gave up is dropped, never handed to the next call. :meth:`close` from another thread
+ends a call waiting on the connection. Works without torch (``as_numpy=True``).
 
 How a call waits for its answer (``wait``):
 
@@ -47,7 +52,7 @@ _MIN_HISTORY = 3  # answers timed before the hybrid wait starts spinning
 class InferenceClient:
     def __init__(
         self,
-        address: str,
+        address: str | tuple[str, int],
         *,
         authkey: bytes | None,
         timeout: float = 30.0,
@@ -127,7 +132,13 @@ class InferenceClient:
             t_end = t_sent + timeout
             try:
                 try:
-                    self._conn.send_bytes(data)
+                    self._conn.send_bytes(data, deadline=t_end)
+                except transport.FrameTimeout:
+                    raise
+                except TimeoutError:  # not a byte sent: the connection is still in step
+                    raise TimeoutError(
+                        f"request {frame.request_id} not sent within {timeout:.3g}s: the server is not reading"
+                    ) from None
                 except (OSError, EOFError) as exc:
                     raise ServerUnavailable(f"send failed: {type(exc).__name__}: {exc}") from None
                 if timed and self.wait == "hybrid":
@@ -150,6 +161,9 @@ class InferenceClient:
             except ServerUnavailable as exc:
                 self._broken = str(exc)
                 raise ServerUnavailable(f"server at {self.address} went away: {exc}") from None
+            except transport.FrameTimeout as exc:  # cut off mid-frame: the stream is out of step
+                self._broken = f"timed out in the middle of a frame ({exc})"
+                raise TimeoutError(f"request {frame.request_id}: {exc}; the connection is no longer usable") from None
             except wire.WireError as exc:
                 self._broken = str(exc)
                 raise
@@ -178,7 +192,16 @@ class InferenceClient:
         return transport.recv_frame(self._conn, timeout=self.timeout if timeout is None else timeout, max_frame=self.max_frame)
 
     def close(self) -> None:
-        self._conn.close()
+        """Close the connection; a call waiting on it in another thread ends at once with
+        ``ServerUnavailable`` (it is woken first: closing alone would leave it waiting, and its
+        descriptor number free for another connection to take)."""
+        conn = self._conn
+        try:
+            transport.shutdown_fd(conn.fileno())
+        except OSError:  # closed already
+            return
+        with self._lock:
+            conn.close()
 
     def __enter__(self) -> InferenceClient:
         return self

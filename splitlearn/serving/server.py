@@ -20,8 +20,9 @@ The seed-002 fix done for real:
 * a bad request (wrong dtype or shape, malformed or oversized frame) gets an error frame on
   its own connection; the server keeps serving everyone else;
 * answers never block the batch loop: what a client's socket does not take at once waits in
-  that connection's outbox, drained by a writer thread of its own under ``send_timeout``;
-  a client that stops reading is dropped once ``max_outbox`` bytes wait for it;
+  that connection's outbox, drained by a writer thread of its own; a client that stops
+  reading is dropped once ``max_outbox`` bytes wait for it, or when it takes longer than
+  ``send_timeout`` over one answer;
 * at most ``max_connections`` connections (open or authenticating) at once; one more is
   closed at accept, before it costs a thread;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
@@ -442,6 +443,7 @@ class _Stats:
         self.undeliverable = 0
         self.slow_clients_dropped = 0
         self.connections_refused = 0
+        self.accept_errors = 0
         self.hist: dict[int, int] = {}
 
     def snapshot(self, open_conns: int, queued: int) -> dict[str, Any]:
@@ -468,6 +470,7 @@ class _Stats:
                 "undeliverable": self.undeliverable,
                 "slow_clients_dropped": self.slow_clients_dropped,
                 "connections_refused": self.connections_refused,
+                "accept_errors": self.accept_errors,
                 "queued": queued,
                 "pid": os.getpid(),
             }
@@ -532,11 +535,23 @@ class ConnServer:
     # -- connections ---------------------------------------------------------------------------
     def accept_loop(self) -> None:
         assert self.lsock is not None
+        last_error = None
         while not self.stopping.is_set():
             try:
                 s, _ = self.lsock.accept()
-            except OSError:
-                break
+            except OSError as exc:
+                if self.stopping.is_set():
+                    break  # begin_stop closed the listening socket
+                # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: this connection is lost, the server is
+                # not. Said once per kind of error; a short pause, since an accept that failed for
+                # want of descriptors fails again at once while the connection waits in the backlog
+                with self.stats.lock:
+                    self.stats.accept_errors += 1
+                if exc.errno != last_error:
+                    last_error = exc.errno
+                    print(f"[{self.name}] accept failed ({exc}); still listening", file=sys.stderr, flush=True)
+                self.stopping.wait(0.05)
+                continue
             with self.conns_lock:
                 full = len(self.conns) + self.handshaking >= self.max_connections
                 if not full:
@@ -548,7 +563,15 @@ class ConnServer:
                 print(f"[{self.name}] refused a connection: {self.max_connections} already open", file=sys.stderr, flush=True)
                 s.close()
                 continue
-            threading.Thread(target=self.handle, args=(s,), daemon=True, name="conn").start()
+            try:
+                threading.Thread(target=self.handle, args=(s,), daemon=True, name="conn").start()
+            except RuntimeError as exc:  # no thread to be had: refuse this one, keep the count right
+                with self.conns_lock:
+                    self.handshaking -= 1
+                with self.stats.lock:
+                    self.stats.connections_refused += 1
+                print(f"[{self.name}] refused a connection: {exc}", file=sys.stderr, flush=True)
+                s.close()
 
     def handle(self, s: socket.socket) -> None:
         conn = transport.wrap(s)
@@ -564,7 +587,6 @@ class ConnServer:
             except BaseException:
                 conn.close()
                 raise
-            transport.set_send_timeout(conn.fileno(), self.cfg["send_timeout"])
             with self.conns_lock:
                 self.next_cid += 1
                 c = _Conn(conn, self.next_cid, sock=socket.socket(fileno=conn.fileno()))
@@ -588,7 +610,7 @@ class ConnServer:
                     # its descriptor must not be closed (and reused by a new connection) while
                     # the writer may still write to it: wake it (EPIPE) and wait for it
                     if not conn.closed:
-                        transport._shutdown_fd(conn.fileno())
+                        transport.shutdown_fd(conn.fileno())
                     writer.join(self.cfg["send_timeout"] + 5)
                 with c.send_lock:  # no send uses the descriptor past this point
                     if c.sock is not None:
@@ -646,7 +668,8 @@ class ConnServer:
 
     def _drain(self, c: _Conn) -> None:
         """Writer thread of a connection whose reader fell behind: send its outbox in order,
-        each write bounded by ``send_timeout`` (SO_SNDTIMEO); exit when the outbox is empty."""
+        each answer within ``send_timeout`` (a client too slow to take one in that time is
+        dropped); exit when the outbox is empty."""
         while True:
             with c.send_lock:
                 if not c.outbox or not c.alive or c.sock is None:
@@ -658,8 +681,8 @@ class ConnServer:
                 c.outbox_bytes -= len(buf)
                 sock = c.sock
             try:
-                sock.sendall(buf)
-            except OSError:
+                transport.send_until(sock, [buf], time.monotonic() + self.cfg["send_timeout"])
+            except OSError:  # TimeoutError included
                 with c.send_lock:
                     self._lost(c)
 
@@ -667,7 +690,7 @@ class ConnServer:
         """Mark ``c`` dead and wake its reader (with EOF), which then drops it."""
         c.alive = False
         if not c.conn.closed:
-            transport._shutdown_fd(c.conn.fileno())
+            transport.shutdown_fd(c.conn.fileno())
 
     def reply_error(self, c: _Conn, rid: int, code: str, message: str) -> None:
         with self.stats.lock:
@@ -735,8 +758,10 @@ class ConnServer:
             conns = list(self.conns.values())
         for c in conns:
             c.alive = False
-            if not c.conn.closed:
-                transport._shutdown_fd(c.conn.fileno())
+            try:
+                transport.shutdown_fd(c.conn.fileno())
+            except OSError:  # its reader closed it meanwhile
+                pass
 
 
 class _InferenceWorker(ConnServer):

@@ -23,6 +23,7 @@ of the framing (see ``ipc_transports``). There is no ``send``/``recv`` that pick
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import socket
@@ -57,6 +58,59 @@ class ServerUnavailable(ServingError, ConnectionError):
 
 class HandshakeError(ServingError, AuthenticationError):
     """Authentication failed or did not finish within its deadline."""
+
+
+class FrameTimeout(TimeoutError):
+    """The deadline passed in the middle of a frame (part of it sent, or received): the stream
+    is out of step and the connection must be closed. A plain ``TimeoutError`` from a send or
+    receive with a deadline means no byte of the frame moved: the connection is still usable."""
+
+
+def _ms(seconds: float) -> int:
+    """poll(2)'s timeout for ``seconds`` (> 0): whole milliseconds, rounded up, so that a poll
+    that finds nothing has reached the deadline."""
+    return min(math.ceil(seconds * 1e3), 2**31 - 1)
+
+
+def send_until(sock: socket.socket, parts: list[Any], deadline: float) -> None:
+    """Send every buffer of ``parts``, in order, by the monotonic ``deadline``: non-blocking
+    sends, and poll(2) for room between them, so that a peer that stops reading (or reads a byte
+    at a time) cannot hold the sender past it, as a blocking send under SO_SNDTIMEO would (its
+    timeout starts again with every byte the peer takes). ``TimeoutError`` when nothing was
+    sent, :class:`FrameTimeout` when part was. ``parts``: bytes, or byte-format memoryviews."""
+    sent_any = False
+    if len(parts) == 1:  # the common case, kept short: one send that the socket takes whole
+        try:
+            n = sock.send(parts[0], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n == len(parts[0]):
+            return
+        sent_any = n > 0
+        parts = [memoryview(parts[0]).cast("B")[n:]]
+    views = [memoryview(b).cast("B") for b in parts if len(b)]
+    poller = None
+    while views:
+        try:
+            n = sock.send(views[0], socket.MSG_DONTWAIT) if len(views) == 1 else sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n:
+            sent_any = True
+            while n and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if sent_any:
+                raise FrameTimeout("the peer stopped taking a frame before the deadline; part of it was sent")
+            raise TimeoutError("the peer took no byte before the deadline")
+        if poller is None:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLOUT)
+        poller.poll(_ms(left))
 
 
 _LEN = struct.Struct("!i")
@@ -102,12 +156,13 @@ class Channel:
     bytes of a following frame stay buffered for the next call. Not thread-safe: one reader
     and one writer at a time (the serving code holds a lock per side)."""
 
-    __slots__ = ("_fd", "_buf", "_view", "_start", "_end", "__weakref__")
+    __slots__ = ("_fd", "_sock", "_buf", "_view", "_start", "_end", "__weakref__")
 
     def __init__(self, fd: int, *, bufsize: int = 1 << 16):
         if fd < 0:
             raise ValueError("invalid file descriptor")
         self._fd: int | None = fd
+        self._sock: socket.socket | None = None  # the descriptor, borrowed, for sends with a deadline
         self._buf = bytearray(max(bufsize, 16))
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # buffered, unread bytes: _buf[_start:_end]
@@ -124,10 +179,15 @@ class Channel:
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
+        if self._sock is not None:
+            self._sock.detach()  # borrowed: the descriptor is ours to close
+            self._sock = None
         if fd is not None:
             os.close(fd)
 
     def __del__(self) -> None:
+        if getattr(self, "_sock", None) is not None:
+            self._sock.detach()
         if getattr(self, "_fd", None) is not None:
             try:
                 os.close(self._fd)
@@ -141,13 +201,20 @@ class Channel:
         self.close()
 
     # -- sending ---------------------------------------------------------------------------
-    def send_bytes(self, buf: Any) -> None:
+    def send_bytes(self, buf: Any, deadline: float | None = None) -> None:
+        """Send one message. With a ``deadline`` (``time.monotonic()`` seconds) it never blocks
+        past it (see :func:`send_until`); without one it blocks until the socket took it all."""
         fd = self._fd
         if fd is None:
             raise OSError("handle is closed")
         if type(buf) is not bytes:
             buf = memoryview(buf).cast("B")
         n = len(buf)
+        if deadline is not None:
+            if self._sock is None:
+                self._sock = socket.socket(fileno=fd)
+            send_until(self._sock, [_LEN.pack(n) + buf] if n <= _SMALL else [frame_header(n), buf], deadline)
+            return
         if n <= _SMALL:  # the common case, kept short: one write of header + body
             data = _LEN.pack(n) + buf
             sent = os.write(fd, data)
@@ -166,14 +233,18 @@ class Channel:
         p.register(self.fileno(), select.POLLIN)
         return bool(p.poll(min(max(0.0, timeout) * 1e3, 2**31 - 1)))  # poll(2) takes an int of milliseconds
 
-    def recv_buffer(self, maxlength: int | None = None) -> bytearray:
+    def recv_buffer(self, maxlength: int | None = None, deadline: float | None = None) -> bytearray:
         """The next message as a fresh ``bytearray``. ``EOFError`` at end of stream (also in
-        the middle of a frame), :class:`FrameTooLarge` past ``maxlength``."""
+        the middle of a frame), :class:`FrameTooLarge` past ``maxlength``. With a ``deadline``
+        (``time.monotonic()`` seconds) no read waits past it: ``TimeoutError`` when no byte of
+        the message came, :class:`FrameTimeout` when part of it did."""
         if self._start == self._end:
             # nothing buffered: one read, which usually is exactly one whole frame
             fd = self._fd
             if fd is None:
                 raise OSError("handle is closed")
+            if deadline is not None:
+                self._wait(deadline, started=False)
             got = os.readv(fd, [self._view])
             if got >= 4:
                 n = _LEN.unpack_from(self._buf)[0]
@@ -182,30 +253,45 @@ class Channel:
             elif not got:
                 raise EOFError
             self._start, self._end = 0, got
-        return self._recv_buffered(maxlength)
+        return self._recv_buffered(maxlength, deadline)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         return bytes(self.recv_buffer(maxlength))
 
-    def _fill(self, need: int) -> None:
+    def _wait(self, deadline: float, *, started: bool = True) -> None:
+        """Until the socket is readable, or the deadline: then ``TimeoutError`` (FrameTimeout
+        once a frame has ``started``)."""
+        left = deadline - time.monotonic()
+        if left > 0:
+            p = select.poll()
+            p.register(self.fileno(), select.POLLIN)
+            if p.poll(_ms(left)):
+                return
+        if started:
+            raise FrameTimeout("the deadline passed in the middle of a frame: the connection is out of step")
+        raise TimeoutError("no message within the deadline")
+
+    def _fill(self, need: int, deadline: float | None) -> None:
         """Read until at least ``need`` bytes are buffered (``need`` <= the buffer's size)."""
         while self._end - self._start < need:
             if self._start and len(self._buf) - self._start < need:
                 k = self._end - self._start
                 self._buf[:k] = self._buf[self._start : self._end]
                 self._start, self._end = 0, k
+            if deadline is not None:
+                self._wait(deadline)
             got = os.readv(self.fileno(), [self._view[self._end :]])
             if not got:
                 raise EOFError
             self._end += got
 
-    def _recv_buffered(self, maxlength: int | None) -> bytearray:
-        self._fill(4)
+    def _recv_buffered(self, maxlength: int | None, deadline: float | None) -> bytearray:
+        self._fill(4, deadline)
         s = self._start
         n = _LEN.unpack_from(self._buf, s)[0]
         head = 4
         if n == -1:
-            self._fill(12)
+            self._fill(12, deadline)
             s = self._start
             n = _LEN64.unpack_from(self._buf, s + 4)[0]
             head = 12
@@ -226,6 +312,8 @@ class Channel:
         self._start = self._end = 0
         view = memoryview(out)
         while have < n:
+            if deadline is not None:
+                self._wait(deadline)
             got = os.readv(self.fileno(), [view[have:]])
             if not got:
                 raise EOFError
@@ -233,7 +321,7 @@ class Channel:
         return out
 
 
-def _shutdown_fd(fd: int) -> None:
+def shutdown_fd(fd: int) -> None:
     """Shut a socket down by descriptor: any thread blocked reading it wakes with EOF."""
     try:
         s = socket.socket(fileno=os.dup(fd))
@@ -256,9 +344,18 @@ def deadline(conn: Any, seconds: float | None) -> Iterator[dict[str, bool]]:
         yield state
         return
 
+    lock = threading.Lock()
+    done = False
+
     def fire() -> None:
-        state["expired"] = True
-        _shutdown_fd(conn.fileno())
+        # under the lock, and never once the block has ended: Timer.cancel does not stop a fire
+        # already running, whose shutdown would then hit a connection that finished in time, or
+        # one that took its descriptor number after it was closed
+        with lock:
+            if done:
+                return
+            state["expired"] = True
+            shutdown_fd(conn.fileno())
 
     timer = threading.Timer(max(0.0, seconds), fire)
     timer.daemon = True
@@ -266,6 +363,8 @@ def deadline(conn: Any, seconds: float | None) -> Iterator[dict[str, bool]]:
     try:
         yield state
     finally:
+        with lock:
+            done = True
         timer.cancel()
 
 
@@ -366,19 +465,6 @@ def listen_tcp(host: str = "127.0.0.1", port: int = 0, backlog: int = 128) -> so
     return s
 
 
-def set_send_timeout(sock_or_fd: Any, seconds: float) -> None:
-    """SO_SNDTIMEO: a write to a peer that stopped reading fails instead of blocking forever."""
-    import struct as _struct
-
-    fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        sec = int(seconds)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _struct.pack("ll", sec, int((seconds - sec) * 1e6)))
-    finally:
-        s.close()
-
-
 def wrap(sock: socket.socket) -> Channel:
     """A :class:`Channel` that owns the socket's descriptor."""
     sock.setblocking(True)
@@ -424,17 +510,17 @@ def send_frame(conn: Channel, frame: wire.Frame, *, max_frame: int = wire.DEFAUL
 def recv_frame(
     conn: Channel, *, timeout: float | None, max_frame: int = wire.DEFAULT_MAX_FRAME, as_numpy: bool = False
 ) -> wire.Frame:
-    """The next frame; ``TimeoutError`` when none starts within ``timeout``; ``ServerUnavailable``
-    on EOF; ``WireError`` when it is malformed or larger than ``max_frame`` (the connection is
-    then out of step and must be closed)."""
+    """The next frame, whole, within ``timeout``: ``TimeoutError`` when none started,
+    :class:`FrameTimeout` when one started and did not finish (the connection is then out of
+    step and must be closed); ``ServerUnavailable`` on EOF; ``WireError`` when it is malformed or
+    larger than ``max_frame`` (close the connection then too)."""
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
     try:
-        ready = timeout is None or conn.poll(timeout)
-    except (EOFError, OSError) as exc:
-        raise ServerUnavailable(f"receive failed: {type(exc).__name__}: {exc}") from None
-    if not ready:
-        raise TimeoutError(f"no answer within {timeout:.3g}s")
-    try:
-        data = conn.recv_buffer(max_frame)
+        data = conn.recv_buffer(max_frame, deadline)
+    except FrameTimeout as exc:
+        raise FrameTimeout(f"an answer started and did not finish within {timeout:.3g}s: {exc}") from None
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {timeout:.3g}s") from None
     except EOFError:
         raise ServerUnavailable("connection closed by peer") from None
     except FrameTooLarge as exc:
