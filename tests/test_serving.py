@@ -732,3 +732,18 @@ def test_close_all_survives_a_connection_closed_under_it():
     srv.conns = {1: _Conn(ClosedMeanwhile(), 1)}
     srv.close_all()
     assert not srv.conns[1].alive
+
+
+def test_hybrid_wait_unlearns_a_burst_of_late_timers(silent_server):
+    """The timer's lateness is learnt from the sleeps. Once a busy spell had made it larger than
+    the sleep, no wait slept any more, nothing new was learnt, and every wait spun from its start
+    for good (a matrix cell: 2.1 ms of client CPU per 2.1 ms call). The allowance is now at most
+    half the sleep: a wait still sleeps and measures the timer again."""
+    path, key, accepted = silent_server
+    with InferenceClient(path, authkey=key, wait="hybrid") as c:
+        c._answer_times.extend([0.01] * 32)  # answers take 10 ms
+        c._oversleeps.extend([0.05] * 32)  # and the timer was 50 ms late, once
+        t = time.monotonic()
+        c._hybrid_wait(t, t + 0.2)  # no answer comes: sleeps, then spins to 2x the median
+    assert c.wait_counts["spin_gave_up"] == 1
+    assert c._oversleeps[-1] < 0.05, "the wait did not sleep, so it learnt nothing new"
