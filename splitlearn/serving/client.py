@@ -17,12 +17,12 @@ How a call waits for its answer (``wait``):
   of the server's overhead for one client (``serving_batching``).
 * ``"hybrid"``: sleep for ``hybrid_sleep`` (default 0.9) of the median of the recent answer
   times, or until the earliest tenth of them if that comes first, less the timer's lateness
-  (nine in ten of the recent sleeps overshot by less; at most half the sleep); then poll the socket without sleeping
-  until the answer is there, up to twice that median, then block as above. The wake-up then
-  happens before the answer instead of after it. This is the hybrid polling of Linux's block
-  layer (blk-mq, 2016), which sleeps for half the mean completion time: with a microsecond
-  sleep (``select``; ``poll(2)`` counts whole milliseconds) that corrects for its own
-  lateness, 0.9 measured the same latency for a fifth of the CPU (2026-12-01, side by side
+  (nine in ten of the recent sleeps overshot by less; at most half the sleep); then poll the
+  socket without sleeping until the answer is there, up to twice that median, then block as
+  above. The wake-up then happens before the answer instead of after it. This is the hybrid
+  polling of Linux's block layer (blk-mq, 2016), which sleeps for half the mean completion
+  time: with a microsecond sleep (``select``; ``poll(2)`` counts whole milliseconds) that
+  corrects for its own lateness, 0.9 measured the same latency for a fifth of the CPU (2026-12-01, side by side
   with the millisecond sleep at 0.5, 2.5 ms calls: 0.30-0.32 ms of client CPU per call against
   1.43-1.56 ms). The price is the CPU of the spinning part of each wait (``serving_batching``
   records it), so use it where the caller has a core of its own, not with more spinning

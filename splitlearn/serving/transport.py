@@ -262,11 +262,10 @@ class Channel:
         """Until the socket is readable, or the deadline: then ``TimeoutError`` (FrameTimeout
         once a frame has ``started``)."""
         left = deadline - time.monotonic()
-        if left > 0:
-            p = select.poll()
-            p.register(self.fileno(), select.POLLIN)
-            if p.poll(_ms(left)):
-                return
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        if p.poll(_ms(left) if left > 0 else 0):  # past it: still take what is already there
+            return
         if started:
             raise FrameTimeout("the deadline passed in the middle of a frame: the connection is out of step")
         raise TimeoutError("no message within the deadline")
