@@ -747,3 +747,25 @@ def test_hybrid_wait_unlearns_a_burst_of_late_timers(silent_server):
         c._hybrid_wait(t, t + 0.2)  # no answer comes: sleeps, then spins to 2x the median
     assert c.wait_counts["spin_gave_up"] == 1
     assert c._oversleeps[-1] < 0.05, "the wait did not sleep, so it learnt nothing new"
+
+
+def test_a_request_that_stops_half_way_is_dropped_at_send_timeout():
+    """An (authenticated) client that sends part of a request and stops held its connection's
+    thread for ever. Idle between requests it may be as long as it likes; half-way through one,
+    the rest must come within send_timeout: then it gets an error and the connection is closed."""
+    srv = InferenceServer(ECHO, {}, send_timeout=0.5, start_timeout=120)
+    srv.start()
+    try:
+        with srv.client(timeout=10) as c:
+            assert torch.equal(c.infer(torch.ones(1, 2)), torch.full((1, 2), 2.0))  # idle before: fine
+            os.write(c._conn.fileno(), (1000).to_bytes(4, "big") + b"y" * 10)  # 10 bytes of 1000
+            t0 = time.monotonic()
+            f = c.recv_frame(timeout=10)
+            assert f.type == wire.MsgType.ERROR and f.meta["error"] == "frame_timeout", f.meta
+            assert time.monotonic() - t0 < 5
+            with pytest.raises(ServerUnavailable):
+                c.recv_frame(timeout=10)
+        with srv.client(timeout=10) as c:
+            assert c.stats()["slow_clients_dropped"] == 1 and c.stats()["connections_open"] == 1
+    finally:
+        srv.close()

@@ -22,7 +22,7 @@ The seed-002 fix done for real:
 * answers never block the batch loop: what a client's socket does not take at once waits in
   that connection's outbox, drained by a writer thread of its own; a client that stops
   reading is dropped once ``max_outbox`` bytes wait for it, or when it takes longer than
-  ``send_timeout`` over one answer;
+  ``send_timeout`` over one answer (or over the rest of a request it started to send);
 * at most ``max_connections`` connections (open or authenticating) at once; one more is
   closed at accept, before it costs a thread;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
@@ -700,8 +700,15 @@ class ConnServer:
     def serve_conn(self, c: _Conn) -> None:
         while not self.stopping.is_set():
             try:
-                data = c.conn.recv_buffer(self.max_frame)
+                # idle for as long as it likes between requests, but not half-way through one
+                data = c.conn.recv_buffer(self.max_frame, rest_within=self.cfg["send_timeout"])
             except EOFError:
+                return
+            except transport.FrameTimeout:
+                with self.stats.lock:
+                    self.stats.slow_clients_dropped += 1
+                print(f"[{self.name}] dropped connection {c.cid}: a request stopped half-way", file=sys.stderr, flush=True)
+                self.reply_error(c, 0, "frame_timeout", f"a request took more than {self.cfg['send_timeout']:g}s to arrive; closing")
                 return
             except transport.FrameTooLarge as exc:
                 with self.stats.lock:

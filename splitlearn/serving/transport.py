@@ -233,11 +233,16 @@ class Channel:
         p.register(self.fileno(), select.POLLIN)
         return bool(p.poll(min(max(0.0, timeout) * 1e3, 2**31 - 1)))  # poll(2) takes an int of milliseconds
 
-    def recv_buffer(self, maxlength: int | None = None, deadline: float | None = None) -> bytearray:
+    def recv_buffer(
+        self, maxlength: int | None = None, deadline: float | None = None, *, rest_within: float | None = None
+    ) -> bytearray:
         """The next message as a fresh ``bytearray``. ``EOFError`` at end of stream (also in
         the middle of a frame), :class:`FrameTooLarge` past ``maxlength``. With a ``deadline``
         (``time.monotonic()`` seconds) no read waits past it: ``TimeoutError`` when no byte of
-        the message came, :class:`FrameTimeout` when part of it did."""
+        the message came, :class:`FrameTimeout` when part of it did. ``rest_within`` (seconds),
+        without a deadline: wait for the message as long as it takes, but once part of it is
+        read the rest must come within that time (:class:`FrameTimeout`); no extra system call
+        when it comes whole."""
         if self._start == self._end:
             # nothing buffered: one read, which usually is exactly one whole frame
             fd = self._fd
@@ -253,6 +258,8 @@ class Channel:
             elif not got:
                 raise EOFError
             self._start, self._end = 0, got
+        if deadline is None and rest_within is not None:
+            deadline = time.monotonic() + rest_within
         return self._recv_buffered(maxlength, deadline)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
