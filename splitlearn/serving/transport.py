@@ -231,7 +231,7 @@ class Channel:
             return True
         p = select.poll()
         p.register(self.fileno(), select.POLLIN)
-        return bool(p.poll(min(max(0.0, timeout) * 1e3, 2**31 - 1)))  # poll(2) takes an int of milliseconds
+        return bool(p.poll(_ms(timeout) if timeout > 0 else 0))
 
     def recv_buffer(
         self, maxlength: int | None = None, deadline: float | None = None, *, rest_within: float | None = None
