@@ -597,6 +597,76 @@ def test_connection_cap_refuses_extra_clients_and_frees_slots():
         InferenceServer(ECHO, {}, max_connections=0)
 
 
+def _silent_unix(path, n):
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)  # and never answers the challenge
+        socks.append(s)
+    return socks
+
+
+def test_silent_connections_hold_places_for_the_grace_not_the_handshake_timeout():
+    # every place a connection may hold (max_connections 4) taken by clients that never speak,
+    # two more queued behind them: good clients still get in, each as soon as the oldest silent
+    # one has run the grace (0.3 s), long before the 30 s handshake timeout would free it
+    srv = InferenceServer(ECHO, {}, max_connections=4, handshake_grace=0.3, handshake_timeout=30.0, start_timeout=120)
+    srv.start()
+    silent = _silent_unix(srv.address, 6)
+    clients = []
+    try:
+        t0 = time.monotonic()
+        clients.append(srv.client(timeout=10, connect_timeout=10))
+        waited = time.monotonic() - t0
+        assert waited < 8, f"the first good client waited {waited:.1f}s"
+        c = clients[0]
+        # cut while every place was taken: the four oldest; the two others hold the places left
+        # (3 of max_connections 4 less the good client), so nobody needs them cut yet
+        _wait_until(lambda: c.stats()["handshakes_cut"] == 4, 10, "four silent connections cut")
+        assert c.stats()["handshakes_pending"] == 2
+        for s in silent[:4]:
+            s.settimeout(10)
+            while s.recv(4096):  # the challenge, then EOF
+                pass
+        for _ in range(2):  # each newcomer fills the places again: one more silent one is cut
+            clients.append(srv.client(timeout=10, connect_timeout=10))
+        for c in clients:
+            assert torch.equal(c.infer(torch.ones(1, 2)), torch.full((1, 2), 2.0))
+        _wait_until(lambda: clients[0].stats()["handshakes_cut"] == 6, 10, "all six silent connections cut")
+        st = clients[0].stats()
+        assert st["handshakes_pending"] == 0 and st["connections_open"] == 3
+        assert st["auth_failures"] == 0 and st["connections_refused"] == 0
+        waited = time.monotonic() - t0
+        assert waited < 20, f"three good clients took {waited:.1f}s"
+    finally:
+        for c in clients:
+            c.close()
+        for s in silent:
+            s.close()
+        srv.close()
+
+
+def test_without_a_grace_silent_connections_lock_everyone_out():
+    # the same flood with handshake_grace=None (places held for the whole handshake timeout, as
+    # before the gate cut anything): the good client gives up while it waits for a place
+    srv = InferenceServer(ECHO, {}, max_connections=4, handshake_grace=None, handshake_timeout=30.0, start_timeout=120)
+    srv.start()
+    silent = _silent_unix(srv.address, 4)
+    try:
+        with pytest.raises(HandshakeError, match="did not finish within"):
+            srv.client(timeout=2, connect_timeout=2)
+    finally:
+        for s in silent:
+            s.close()  # their places come back at EOF, not at the timeout
+        try:
+            with srv.client(timeout=10, connect_timeout=10) as c:
+                assert c.stats()["handshakes_cut"] == 0
+        finally:
+            srv.close()
+
+
 def test_recv_frame_waits_for_its_timeout_and_reports_eof():
     import socket
     from multiprocessing.connection import Connection

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -233,3 +234,60 @@ def test_a_failed_step_drops_the_sessions_cache():
     assert [f.meta["error"] for f in sent] == ["model_error", "bad_step"], [f.meta for f in sent]
     assert "start again at step 0" in sent[0].meta["message"]
     assert session.cache is None and session.step == -1
+
+
+def _local_non_loopback_ipv4():
+    import ipaddress
+
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return a.address
+    return None
+
+
+def test_a_remote_peer_cannot_take_every_place_to_authenticate():
+    # the server bound to this machine's own non-loopback address: connections from it are a
+    # remote peer's, held to max_handshakes_per_peer (2) places while they authenticate
+    ip = _local_non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    srv = TrunkServer(
+        {"echo": {"import": "splitlearn.serving.demo_models:EchoNet"}},
+        host=ip,
+        max_handshakes_per_peer=2,
+        handshake_grace=60.0,
+        handshake_timeout=60.0,
+        start_timeout=120,
+    )
+    srv.start()
+    silent = []
+    try:
+        for _ in range(2):
+            silent.append(socket.create_connection(srv.address, timeout=10))
+            silent[-1].recv(4096)  # the challenge: its handshake holds a place
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="closed the connection during authentication"):
+            srv.client(timeout=10, connect_timeout=10)
+        assert time.monotonic() - t0 < 5  # refused at once, not at a timeout
+        for s in silent:
+            s.close()  # their places come back at EOF
+        deadline = time.monotonic() + 30
+        while True:  # the server sees the EOFs on its own time: retry until a place is free
+            try:
+                c = srv.client(timeout=10, connect_timeout=10)
+                break
+            except ServerUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                threading.Event().wait(0.05)  # bounded poll of a condition we do not own
+        with c:
+            st = c.stats()
+            assert st["connections_refused"] >= 1 and st["handshakes_cut"] == 0
+            assert set(c.list_models()) == {"echo"}
+    finally:
+        for s in silent:
+            s.close()
+        srv.close()

@@ -23,6 +23,15 @@ per connection under a deadline that shuts the socket down when it expires):
 * ``wrong_key``: ``HandshakeError`` ("wrong authkey?") within the timeout, server keeps serving;
 * ``silent_client``: a client that connects and never speaks does not delay anyone else, and
   is dropped at the server's handshake deadline.
+
+A flood of silent clients against our own server (``max_connections`` 8, handshake timeout
+60 s, eight connections that never speak, then a good client):
+
+* ``silent_flood_no_grace`` (hazard): ``handshake_grace=None``, the server as it was before
+  its :class:`~splitlearn.serving.server.HandshakeGate` cut anything: the silent eight hold
+  every place for the whole handshake timeout and the good client gives up (FAIL);
+* ``silent_flood`` (fix): the default gate: once every place is taken, the oldest handshake
+  past the grace (0.5 s here) is cut, and the good client is in within about the grace.
 """
 
 from __future__ import annotations
@@ -143,6 +152,47 @@ def _ours_key_vs_open_listener(ctx, timeout):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _silent_flood(ctx, grace, timeout):
+    import torch
+
+    from splitlearn.serving import HandshakeError, InferenceServer, ServerUnavailable
+
+    n = 8
+    srv = InferenceServer(
+        ECHO, {"scale": 2.0}, max_connections=n, handshake_grace=grace, handshake_timeout=60.0, start_timeout=120
+    )
+    ctx.stage("start server")
+    srv.start()
+    silent: list[socket.socket] = []
+    try:
+        ctx.stage(f"{n} silent connections (max_connections {n}, handshake_grace {grace})")
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(srv.address)  # never answers the challenge
+            silent.append(s)
+        ctx.stage("a good client behind them")
+        t0 = time.monotonic()
+        try:
+            with srv.client(timeout=timeout, connect_timeout=timeout) as c:
+                answer = c.infer(torch.ones(1, 3))
+                waited = time.monotonic() - t0
+                st = c.stats()
+        except (HandshakeError, ServerUnavailable) as exc:
+            waited = time.monotonic() - t0
+            ctx.record(good_client_error=str(exc), good_client_waited_s=round(waited, 3))
+            ctx.fail(f"a good client was locked out by {n} silent connections (gave up after {waited:.1f}s): {exc}")
+            return
+        ctx.observe(f"good client in and answered after {waited:.2f}s")
+        ctx.record(good_client_s=round(waited, 3), server_stats=st)
+        ctx.check(torch.equal(answer, torch.full((1, 3), 2.0)), "wrong answer")
+        ctx.check(waited < grace + 3.0, f"the good client waited {waited:.1f}s, grace {grace}s")
+        ctx.check(st["handshakes_cut"] >= 1, "no silent connection was cut")
+    finally:
+        for s in silent:
+            s.close()
+        srv.close()
+
+
 def _with_server(ctx, body):
     from splitlearn.serving import InferenceServer
 
@@ -177,6 +227,13 @@ def _with_server(ctx, body):
         fix("open_client_vs_key_server", params={"timeout": 5.0}),
         fix("wrong_key", params={"timeout": 5.0}),
         fix("silent_client", params={"timeout": 5.0}),
+        hazard(
+            "silent_flood_no_grace",
+            expect=Outcome.FAIL,
+            params={"timeout": 3.0},
+            doc="places held for the handshake timeout: a good client is locked out",
+        ),
+        fix("silent_flood", params={"timeout": 10.0, "grace": 0.5}),
     ],
 )
 def serving_auth(ctx):
@@ -190,6 +247,10 @@ def serving_auth(ctx):
         return _stdlib_silent_client(ctx)
     if v == "key_vs_open_listener":
         return _ours_key_vs_open_listener(ctx, timeout)
+    if v == "silent_flood_no_grace":
+        return _silent_flood(ctx, None, timeout)
+    if v == "silent_flood":
+        return _silent_flood(ctx, float(ctx.params["grace"]), timeout)
 
     if v == "open_client_vs_key_server":
 

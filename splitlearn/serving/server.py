@@ -25,6 +25,13 @@ The seed-002 fix done for real:
   ``send_timeout`` over one answer (or over the rest of a request it started to send);
 * at most ``max_connections`` connections (open or authenticating) at once; one more is
   closed at accept, before it costs a thread;
+* at most ``max_handshakes`` connections authenticating at once (a :class:`HandshakeGate`):
+  while they are all taken, new connections wait in the listen backlog, and the oldest one
+  still authenticating after ``handshake_grace`` seconds is cut to make room. Silent peers
+  therefore hold places for at most the grace, not the whole handshake timeout, and never the
+  places of clients already in; a TCP peer that is not on loopback may hold at most
+  ``max_handshakes_per_peer`` of them (beyond, its oldest past the grace is cut, or else the new
+  one refused), so one remote host cannot take them all;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
   on the control pipe), so no server outlives its owner; in that case it also removes the
   owner's private directory (socket, weights file), which no one else would;
@@ -35,6 +42,7 @@ The seed-002 fix done for real:
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import multiprocessing as mp
 import os
@@ -47,13 +55,156 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from splitlearn.serving import transport, wire
 from splitlearn.serving.transport import ServingError
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+@dataclass
+class _Pending:
+    t0: float
+    peer: str | None
+    fd: int
+
+
+class HandshakeGate:
+    """Places for connections that are still authenticating.
+
+    At most ``total`` at once, and never more than ``room()`` (the server passes the places
+    its connection cap leaves: ``max_connections`` less the connections already in).
+    :meth:`wait_for_room` (the accept loop, before ``accept``) returns when a place is free;
+    while none is, it cuts the oldest handshake once that has run ``grace`` seconds (its socket
+    is shut down, so its blocked read fails at once). Until then new connections wait in the
+    kernel's listen backlog, where they cost the server nothing. ``grace=None`` never cuts: a
+    place is then held until its handshake ends or times out.
+
+    :meth:`enter` takes a place for an accepted connection, under its peer: ``None`` for a
+    Unix socket, the host for TCP. A TCP peer not on loopback holds at most ``per_peer``
+    places: one more cuts that peer's oldest handshake if it is past the grace, and is refused
+    otherwise. Loopback peers all share one address, so for them the total is the only limit.
+    (OpenSSH bounds unauthenticated connections the same two ways, ``MaxStartups`` and
+    ``PerSourceMaxStartups``; it drops new ones at random where this cuts old ones.)
+
+    :meth:`leave` gives the place back and tells whether the handshake was cut meanwhile. The
+    gate shuts a descriptor down only while its connection holds a place, and the handshake
+    thread closes it only after :meth:`leave`, so a cut never reaches a reused descriptor.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        per_peer: int | None = None,
+        grace: float | None = 1.0,
+        *,
+        room: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if total < 1:
+            raise ValueError("max_handshakes must be >= 1")
+        if per_peer is not None and per_peer < 1:
+            raise ValueError("max_handshakes_per_peer must be >= 1 (or None)")
+        if grace is not None and grace < 0:
+            raise ValueError("handshake_grace must be >= 0 (or None)")
+        self.total, self.per_peer, self.grace = int(total), per_peer, grace
+        self.room = room
+        self.clock = clock
+        self.cond = threading.Condition()
+        self.pending: dict[int, _Pending] = {}
+        self.next_token = 0
+        self.cut = 0  # handshakes cut so far
+        self.closed = False
+
+    def _places(self) -> int:  # under self.cond
+        return self.total if self.room is None else min(self.total, self.room())
+
+    def _cut(self, token: int) -> None:  # under self.cond
+        p = self.pending.pop(token)
+        self.cut += 1
+        try:
+            transport.shutdown_fd(p.fd)
+        except OSError:
+            pass
+
+    def _oldest(self, peer: Any = ...) -> tuple[int, float] | None:  # under self.cond
+        best = None
+        for tok, p in self.pending.items():
+            if peer is not ... and p.peer != peer:
+                continue
+            if best is None or p.t0 < best[1]:
+                best = (tok, p.t0)
+        return best
+
+    def wait_for_room(self) -> bool:
+        """Block until a place is free, cutting the oldest handshake past the grace; ``False``
+        once the gate is closed. Returns at once when no handshake holds a place: the
+        connections already in fill the cap, there is nothing to cut, and :meth:`enter`
+        refuses the next one."""
+        with self.cond:
+            while not self.closed:
+                oldest = self._oldest()
+                if oldest is None or len(self.pending) < self._places():
+                    return True
+                if self.grace is None:
+                    self.cond.wait()
+                    continue
+                age = self.clock() - oldest[1]
+                if age >= self.grace:
+                    self._cut(oldest[0])
+                    continue  # the room() cap may still be short of a place
+                self.cond.wait(self.grace - age)
+            return False
+
+    def enter(self, peer: str | None, fd: int) -> tuple[int | None, str]:
+        """Take a place for an accepted connection: ``(token, "")``, or ``(None, why)`` to
+        refuse it."""
+        with self.cond:
+            if len(self.pending) >= self._places():
+                return None, "no place left: the connections already in fill max_connections"
+            if peer is not None and self.per_peer is not None and not _is_loopback(peer):
+                mine = sum(1 for p in self.pending.values() if p.peer == peer)
+                if mine >= self.per_peer:
+                    oldest = self._oldest(peer)
+                    assert oldest is not None
+                    if self.grace is None or self.clock() - oldest[1] < self.grace:
+                        return None, f"{peer} already has {self.per_peer} connections authenticating (max_handshakes_per_peer)"
+                    self._cut(oldest[0])
+            self.next_token += 1
+            self.pending[self.next_token] = _Pending(self.clock(), peer, fd)
+            return self.next_token, ""
+
+    def leave(self, token: int) -> bool:
+        """Give the place back; ``True`` if the handshake had been cut."""
+        with self.cond:
+            gone = self.pending.pop(token, None) is None
+            self.cond.notify_all()
+            return gone
+
+    def notify(self) -> None:
+        """Something :meth:`room` counts has changed (a connection closed)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def waiting(self) -> int:
+        with self.cond:
+            return len(self.pending)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
 
 
 class ServerStartError(ServingError):
@@ -142,6 +293,9 @@ class ManagedServer:
         handshake_timeout: float = 10.0,
         send_timeout: float = 10.0,
         max_connections: int = 256,
+        max_handshakes: int | None = None,
+        max_handshakes_per_peer: int | None = 8,
+        handshake_grace: float | None = 1.0,
         max_outbox: int | None = None,
         num_threads: int | None = None,
     ) -> None:
@@ -156,6 +310,11 @@ class ManagedServer:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.max_connections = int(max_connections)
+        # at most 64 authenticating at once by default, never more than max_connections
+        self.max_handshakes = min(int(max_handshakes), self.max_connections) if max_handshakes is not None else min(64, self.max_connections)
+        self.max_handshakes_per_peer = None if max_handshakes_per_peer is None else int(max_handshakes_per_peer)
+        self.handshake_grace = None if handshake_grace is None else float(handshake_grace)
+        HandshakeGate(self.max_handshakes, self.max_handshakes_per_peer, self.handshake_grace)  # validates
         self.max_outbox = int(max_outbox) if max_outbox is not None else self.max_frame
         self.num_threads = num_threads
         self._dir: str | None = None
@@ -174,6 +333,9 @@ class ManagedServer:
             "handshake_timeout": self.handshake_timeout,
             "send_timeout": self.send_timeout,
             "max_connections": self.max_connections,
+            "max_handshakes": self.max_handshakes,
+            "max_handshakes_per_peer": self.max_handshakes_per_peer,
+            "handshake_grace": self.handshake_grace,
             "max_outbox": self.max_outbox,
             "num_threads": self.num_threads,
             # the owner's private directory: a server whose owner died removes it on its way out
@@ -443,10 +605,11 @@ class _Stats:
         self.undeliverable = 0
         self.slow_clients_dropped = 0
         self.connections_refused = 0
+        self.handshakes_cut = 0
         self.accept_errors = 0
         self.hist: dict[int, int] = {}
 
-    def snapshot(self, open_conns: int, queued: int) -> dict[str, Any]:
+    def snapshot(self, open_conns: int, queued: int, handshaking: int = 0) -> dict[str, Any]:
         with self.lock:
             b = max(self.batches, 1)
             return {
@@ -470,6 +633,8 @@ class _Stats:
                 "undeliverable": self.undeliverable,
                 "slow_clients_dropped": self.slow_clients_dropped,
                 "connections_refused": self.connections_refused,
+                "handshakes_cut": self.handshakes_cut,
+                "handshakes_pending": handshaking,
                 "accept_errors": self.accept_errors,
                 "queued": queued,
                 "pid": os.getpid(),
@@ -495,8 +660,14 @@ class ConnServer:
         self.stopping = threading.Event()
         self.owner_gone = False  # the control pipe hit EOF: the owning process is gone
         self.next_cid = 0
-        self.handshaking = 0  # connections accepted and not yet authenticated (under conns_lock)
         self.max_connections = int(cfg.get("max_connections") or 256)
+        # connections authenticating: the gate's places, within what max_connections leaves
+        self.gate = HandshakeGate(
+            int(cfg.get("max_handshakes") or min(64, self.max_connections)),
+            cfg.get("max_handshakes_per_peer"),
+            cfg.get("handshake_grace"),
+            room=lambda: self.max_connections - self.open_conns(),
+        )
         self.max_outbox = int(cfg.get("max_outbox") or self.max_frame)
         self.lsock: socket.socket | None = None
 
@@ -530,15 +701,19 @@ class ConnServer:
         self.stopping.wait()
 
     def snapshot(self) -> dict[str, Any]:
-        return self.stats.snapshot(self.open_conns(), 0)
+        return self.stats.snapshot(self.open_conns(), 0, self.gate.waiting())
 
     # -- connections ---------------------------------------------------------------------------
     def accept_loop(self) -> None:
         assert self.lsock is not None
         last_error = None
         while not self.stopping.is_set():
+            # a place to authenticate in first: while every place is taken, new connections wait
+            # in the listen backlog (the oldest handshake past the grace is cut to make room)
+            if not self.gate.wait_for_room():
+                break
             try:
-                s, _ = self.lsock.accept()
+                s, addr = self.lsock.accept()
             except OSError as exc:
                 if self.stopping.is_set():
                     break  # begin_stop closed the listening socket
@@ -552,48 +727,68 @@ class ConnServer:
                     print(f"[{self.name}] accept failed ({exc}); still listening", file=sys.stderr, flush=True)
                 self.stopping.wait(0.05)
                 continue
-            with self.conns_lock:
-                full = len(self.conns) + self.handshaking >= self.max_connections
-                if not full:
-                    self.handshaking += 1
-            if full:
-                # refuse before spending a thread on it: the client's handshake fails at once
-                with self.stats.lock:
-                    self.stats.connections_refused += 1
-                print(f"[{self.name}] refused a connection: {self.max_connections} already open", file=sys.stderr, flush=True)
-                s.close()
+            peer = addr[0] if isinstance(addr, tuple) else None
+            token, why = self.gate.enter(peer, s.fileno())
+            if token is None:
+                # refused before it costs a thread: the client's handshake fails at once
+                self._refuse(s, why)
                 continue
             try:
-                threading.Thread(target=self.handle, args=(s,), daemon=True, name="conn").start()
-            except RuntimeError as exc:  # no thread to be had: refuse this one, keep the count right
-                with self.conns_lock:
-                    self.handshaking -= 1
-                with self.stats.lock:
-                    self.stats.connections_refused += 1
-                print(f"[{self.name}] refused a connection: {exc}", file=sys.stderr, flush=True)
-                s.close()
+                threading.Thread(target=self.handle, args=(s, token), daemon=True, name="conn").start()
+            except RuntimeError as exc:  # no thread to be had: refuse this one, give its place back
+                self.gate.leave(token)
+                self._refuse(s, str(exc))
 
-    def handle(self, s: socket.socket) -> None:
-        conn = transport.wrap(s)
+    def _refuse(self, s: socket.socket, why: str) -> None:
+        with self.stats.lock:
+            self.stats.connections_refused += 1
+        print(f"[{self.name}] refused a connection: {why}", file=sys.stderr, flush=True)
+        s.close()
+
+    def handle(self, s: socket.socket, token: int) -> None:
+        conn = transport.wrap(s)  # the same descriptor the gate knows (wrap detaches it)
+        failure: BaseException | None = None
+        t0 = time.monotonic()
         try:
-            try:
-                transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
-            except transport.HandshakeError as exc:
-                with self.stats.lock:
-                    self.stats.auth_failures += 1
-                print(f"[{self.name}] rejected a connection: {exc}", file=sys.stderr, flush=True)
-                conn.close()
-                return
-            except BaseException:
-                conn.close()
-                raise
+            transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
+        except BaseException as exc:  # noqa: BLE001 - sorted below, once the place is given back
+            failure = exc
+        c = None
+        if failure is None:
+            # in before the place is given back, so that the connection cap, which counts both,
+            # never misses it
             with self.conns_lock:
                 self.next_cid += 1
                 c = _Conn(conn, self.next_cid, sock=socket.socket(fileno=conn.fileno()))
                 self.conns[c.cid] = c
-        finally:
+        # the place goes back before the descriptor may be closed: the gate shuts down only
+        # descriptors of connections that hold a place
+        cut = self.gate.leave(token)
+        if cut and c is not None:  # cut just as its handshake finished: never served
             with self.conns_lock:
-                self.handshaking -= 1
+                self.conns.pop(c.cid, None)
+            c.sock.detach()
+            c = None
+        if c is None:
+            conn.close()
+            if cut:
+                with self.stats.lock:
+                    self.stats.handshakes_cut += 1
+                    first = self.stats.handshakes_cut == 1
+                if first:  # said once; the stats count them
+                    print(
+                        f"[{self.name}] cut a connection still authenticating after {time.monotonic() - t0:.2f}s: "
+                        "every place to authenticate was taken (max_handshakes, max_connections; handshake_grace)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            elif isinstance(failure, transport.HandshakeError):
+                with self.stats.lock:
+                    self.stats.auth_failures += 1
+                print(f"[{self.name}] rejected a connection: {failure}", file=sys.stderr, flush=True)
+            elif failure is not None:
+                raise failure
+            return
         with self.stats.lock:
             self.stats.connections_total += 1
         try:
@@ -602,6 +797,7 @@ class ConnServer:
             c.alive = False
             with self.conns_lock:
                 self.conns.pop(c.cid, None)
+            self.gate.notify()  # a place under max_connections may have come free
             try:
                 self.on_disconnect(c)
             finally:
@@ -753,6 +949,7 @@ class ConnServer:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        self.gate.close()
         if self.lsock is not None:
             try:
                 self.lsock.shutdown(socket.SHUT_RDWR)
@@ -850,7 +1047,7 @@ class _InferenceWorker(ConnServer):
         self.queue.put(_Req(c, f.request_id, x, time.monotonic()))
 
     def snapshot(self) -> dict[str, Any]:
-        s = self.stats.snapshot(self.open_conns(), self.queue.qsize())
+        s = self.stats.snapshot(self.open_conns(), self.queue.qsize(), self.gate.waiting())
         s.update(max_batch_size=self.max_batch, max_wait_ms=self.max_wait * 1e3, in_batch=self.in_batch)
         return s
 

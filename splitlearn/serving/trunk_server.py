@@ -4,7 +4,10 @@ A client holds bottom and top (:class:`splitlearn.serving.split_client.SplitClie
 the bottom's hidden states; the server runs its trunk and sends the trunk's hidden states back.
 
 * bound to loopback (``127.0.0.1``) unless told otherwise; every connection authenticates
-  (HMAC challenge both ways, under a deadline);
+  (HMAC challenge both ways, under a deadline); connections still authenticating hold places
+  of a :class:`~splitlearn.serving.server.HandshakeGate`, at most ``max_handshakes_per_peer``
+  of them per remote host, and a silent one loses its place after ``handshake_grace`` once
+  they are all taken;
 * several models, by name; each is loaded in the server process from safetensors only: either a
   checkpoint directory split by :class:`splitlearn.ModelFactory` (only the trunk's tensors are
   read) or an import string + JSON kwargs + a safetensors weights file;
@@ -159,7 +162,7 @@ class TrunkWorker(ConnServer):
         return info
 
     def snapshot(self) -> dict[str, Any]:
-        s = self.stats.snapshot(self.open_conns(), 0)
+        s = self.stats.snapshot(self.open_conns(), 0, self.gate.waiting())
         with self.sessions_lock:
             s["sessions_open"] = sum(len(v) for v in self.sessions.values())
         s["forwards"] = self.forwards
