@@ -125,9 +125,75 @@ def test_close_releases_a_waiting_accept_loop(pairs):
     got: list[bool] = []
     t = threading.Thread(target=lambda: got.append(gate.wait_for_room()))
     t.start()
+    t.join(0.2)
+    assert t.is_alive()  # waiting in the condition, which close() must wake
     gate.close()
     t.join(5)
     assert got == [False]
+
+
+def test_a_handshake_past_the_grace_is_cut_only_for_a_newcomer(pairs):
+    # with the listening socket: the oldest handshake is cut when a connection waits behind it,
+    # not merely because it is slow (a slow client nobody waits for keeps its place)
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    clock = Clock()
+    gate = HandshakeGate(1, grace=1.0, clock=clock)
+    a, fa = pairs()
+    gate.enter(None, a.fileno())
+    clock.t += 5.0  # far past the grace
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(gate.wait_for_room(lsock)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and _alive(fa) and gate.cut == 0  # nobody waits: no cut
+    newcomer = socket.create_connection(lsock.getsockname(), timeout=5)
+    try:
+        t.join(5)
+        assert got == [True] and _was_cut(fa) and gate.cut == 1
+    finally:
+        newcomer.close()
+    # a place given back wakes the poll too
+    b, fb = pairs()
+    tok, _ = gate.enter(None, b.fileno())
+    clock.t += 5.0
+    lsock.accept()[0].close()  # the newcomer above, no longer waiting
+    got.clear()
+    t = threading.Thread(target=lambda: got.append(gate.wait_for_room(lsock)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()
+    assert gate.leave(tok) is False
+    t.join(5)
+    assert got == [True] and _alive(fb)
+    # and close() ends it
+    c, _ = pairs()
+    gate.enter(None, c.fileno())
+    clock.t += 5.0
+    got.clear()
+    t = threading.Thread(target=lambda: got.append(gate.wait_for_room(lsock)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive()
+    gate.close()
+    t.join(5)
+    assert got == [False]
+    lsock.close()
+
+
+def test_admit_runs_only_for_a_place_not_cut(pairs):
+    clock = Clock()
+    gate = HandshakeGate(1, grace=1.0, clock=clock)
+    (a, _), (b, _) = pairs(), pairs()
+    ta, _ = gate.enter(None, a.fileno())
+    clock.t += 2.0
+    assert gate.wait_for_room() is True  # no lsock: cut a
+    tb, _ = gate.enter(None, b.fileno())
+    admitted: list[str] = []
+    assert gate.leave(ta, admit=lambda: admitted.append("a")) is True
+    assert gate.leave(tb, admit=lambda: admitted.append("b")) is False
+    assert admitted == ["b"]
 
 
 def test_a_remote_peer_holds_at_most_per_peer_places(pairs):

@@ -23,15 +23,15 @@ The seed-002 fix done for real:
   that connection's outbox, drained by a writer thread of its own; a client that stops
   reading is dropped once ``max_outbox`` bytes wait for it, or when it takes longer than
   ``send_timeout`` over one answer (or over the rest of a request it started to send);
-* at most ``max_connections`` connections (open or authenticating) at once; one more is
-  closed at accept, before it costs a thread;
-* at most ``max_handshakes`` connections authenticating at once (a :class:`HandshakeGate`):
-  while they are all taken, new connections wait in the listen backlog, and the oldest one
-  still authenticating after ``handshake_grace`` seconds is cut to make room. Silent peers
-  therefore hold places for at most the grace, not the whole handshake timeout, and never the
-  places of clients already in; a TCP peer that is not on loopback may hold at most
-  ``max_handshakes_per_peer`` of them (beyond, its oldest past the grace is cut, or else the new
-  one refused), so one remote host cannot take them all;
+* at most ``max_connections`` connections (open or authenticating) at once, of them at most
+  ``max_handshakes`` authenticating (a :class:`HandshakeGate`). When the open connections
+  alone fill the cap, one more is closed at accept, before it costs a thread. When
+  connections still authenticating hold the places, new ones wait in the listen backlog, and
+  the oldest handshake that has run ``handshake_grace`` seconds is cut for a newcomer: silent
+  peers hold places for the grace, not the whole handshake timeout, and never the places of
+  clients already in. A TCP peer that is not on loopback may hold at most
+  ``max_handshakes_per_peer`` places (beyond, its oldest past the grace is cut, or else the
+  new one refused), so one remote host cannot take them all;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
   on the control pipe), so no server outlives its owner; in that case it also removes the
   owner's private directory (socket, weights file), which no one else would;
@@ -47,6 +47,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import select
 import shutil
 import socket
 import sys
@@ -85,11 +86,12 @@ class HandshakeGate:
 
     At most ``total`` at once, and never more than ``room()`` (the server passes the places
     its connection cap leaves: ``max_connections`` less the connections already in).
-    :meth:`wait_for_room` (the accept loop, before ``accept``) returns when a place is free;
-    while none is, it cuts the oldest handshake once that has run ``grace`` seconds (its socket
-    is shut down, so its blocked read fails at once). Until then new connections wait in the
-    kernel's listen backlog, where they cost the server nothing. ``grace=None`` never cuts: a
-    place is then held until its handshake ends or times out.
+    :meth:`wait_for_room` (the accept loop, before ``accept``) returns when a place is free.
+    While none is, new connections wait in the kernel's listen backlog, where they cost the
+    server nothing; once the oldest handshake has run ``grace`` seconds *and* a new connection
+    is waiting, that handshake is cut (its socket is shut down, so its blocked read fails at
+    once) and the newcomer takes its place. A slow handshake nobody waits behind is left to
+    its timeout. ``grace=None`` never cuts.
 
     :meth:`enter` takes a place for an accepted connection, under its peer: ``None`` for a
     Unix socket, the host for TCP. A TCP peer not on loopback holds at most ``per_peer``
@@ -98,9 +100,11 @@ class HandshakeGate:
     (OpenSSH bounds unauthenticated connections the same two ways, ``MaxStartups`` and
     ``PerSourceMaxStartups``; it drops new ones at random where this cuts old ones.)
 
-    :meth:`leave` gives the place back and tells whether the handshake was cut meanwhile. The
-    gate shuts a descriptor down only while its connection holds a place, and the handshake
-    thread closes it only after :meth:`leave`, so a cut never reaches a reused descriptor.
+    :meth:`leave` gives the place back and tells whether the handshake was cut meanwhile; its
+    ``admit`` callback registers a connection that got in, atomically with giving the place
+    back, so the connection cap never counts it twice or not at all. The gate shuts a
+    descriptor down only while its connection holds a place, and the handshake thread closes
+    it only after :meth:`leave`, so a cut never reaches a reused descriptor.
     """
 
     def __init__(
@@ -121,11 +125,17 @@ class HandshakeGate:
         self.total, self.per_peer, self.grace = int(total), per_peer, grace
         self.room = room
         self.clock = clock
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.Lock())
         self.pending: dict[int, _Pending] = {}
         self.next_token = 0
         self.cut = 0  # handshakes cut so far
         self.closed = False
+        # wakes wait_for_room out of its poll of the listening socket (a place came free, close)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._polling = False
+        self._finalizer = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
     def _places(self) -> int:  # under self.cond
         return self.total if self.room is None else min(self.total, self.room())
@@ -133,10 +143,7 @@ class HandshakeGate:
     def _cut(self, token: int) -> None:  # under self.cond
         p = self.pending.pop(token)
         self.cut += 1
-        try:
-            transport.shutdown_fd(p.fd)
-        except OSError:
-            pass
+        transport.shutdown_fd(p.fd)
 
     def _oldest(self, peer: Any = ...) -> tuple[int, float] | None:  # under self.cond
         best = None
@@ -147,11 +154,21 @@ class HandshakeGate:
                 best = (tok, p.t0)
         return best
 
-    def wait_for_room(self) -> bool:
-        """Block until a place is free, cutting the oldest handshake past the grace; ``False``
-        once the gate is closed. Returns at once when no handshake holds a place: the
+    def _wake(self) -> None:  # under self.cond
+        self.cond.notify_all()
+        if self._polling:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # a byte is there already
+
+    def wait_for_room(self, lsock: socket.socket | None = None) -> bool:
+        """Block until a place is free; ``False`` once the gate is closed. Cuts the oldest
+        handshake past the grace when a new connection waits on ``lsock`` (with no ``lsock``,
+        one is taken to be waiting). Returns at once when no handshake holds a place: the
         connections already in fill the cap, there is nothing to cut, and :meth:`enter`
         refuses the next one."""
+        poller = None
         with self.cond:
             while not self.closed:
                 oldest = self._oldest()
@@ -161,10 +178,36 @@ class HandshakeGate:
                     self.cond.wait()
                     continue
                 age = self.clock() - oldest[1]
-                if age >= self.grace:
+                if age < self.grace:
+                    self.cond.wait(self.grace - age)
+                    continue
+                if lsock is None:
                     self._cut(oldest[0])
                     continue  # the room() cap may still be short of a place
-                self.cond.wait(self.grace - age)
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(lsock.fileno(), select.POLLIN)
+                    poller.register(self._wake_r, select.POLLIN)
+                # past the grace: cut it for a newcomer, not before one comes
+                self._polling = True
+                self.cond.release()
+                try:
+                    events = poller.poll()
+                except OSError:  # the listening socket went away: stopping
+                    events = []
+                finally:
+                    self.cond.acquire()
+                    self._polling = False
+                try:
+                    while os.read(self._wake_r, 64):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                newcomer = any(fd == lsock.fileno() and ev & select.POLLIN for fd, ev in events)
+                if newcomer and not self.closed:
+                    oldest = self._oldest()
+                    if oldest is not None and len(self.pending) >= self._places() and self.clock() - oldest[1] >= self.grace:
+                        self._cut(oldest[0])
             return False
 
     def enter(self, peer: str | None, fd: int) -> tuple[int | None, str]:
@@ -185,17 +228,20 @@ class HandshakeGate:
             self.pending[self.next_token] = _Pending(self.clock(), peer, fd)
             return self.next_token, ""
 
-    def leave(self, token: int) -> bool:
-        """Give the place back; ``True`` if the handshake had been cut."""
+    def leave(self, token: int, admit: Callable[[], None] | None = None) -> bool:
+        """Give the place back; ``True`` if the handshake had been cut. ``admit`` (the
+        connection got in) runs under the gate's lock, only if it was not cut."""
         with self.cond:
-            gone = self.pending.pop(token, None) is None
-            self.cond.notify_all()
-            return gone
+            cut = self.pending.pop(token, None) is None
+            if not cut and admit is not None:
+                admit()
+            self._wake()
+            return cut
 
     def notify(self) -> None:
         """Something :meth:`room` counts has changed (a connection closed)."""
         with self.cond:
-            self.cond.notify_all()
+            self._wake()
 
     def waiting(self) -> int:
         with self.cond:
@@ -204,7 +250,15 @@ class HandshakeGate:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify_all()
+            self._wake()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class ServerStartError(ServingError):
@@ -605,11 +659,11 @@ class _Stats:
         self.undeliverable = 0
         self.slow_clients_dropped = 0
         self.connections_refused = 0
-        self.handshakes_cut = 0
         self.accept_errors = 0
         self.hist: dict[int, int] = {}
 
-    def snapshot(self, open_conns: int, queued: int, handshaking: int = 0) -> dict[str, Any]:
+    def snapshot(self, open_conns: int, queued: int, gate: HandshakeGate | None = None) -> dict[str, Any]:
+        cut, pending = (gate.cut, gate.waiting()) if gate is not None else (0, 0)
         with self.lock:
             b = max(self.batches, 1)
             return {
@@ -633,8 +687,8 @@ class _Stats:
                 "undeliverable": self.undeliverable,
                 "slow_clients_dropped": self.slow_clients_dropped,
                 "connections_refused": self.connections_refused,
-                "handshakes_cut": self.handshakes_cut,
-                "handshakes_pending": handshaking,
+                "handshakes_cut": cut,
+                "handshakes_pending": pending,
                 "accept_errors": self.accept_errors,
                 "queued": queued,
                 "pid": os.getpid(),
@@ -668,6 +722,7 @@ class ConnServer:
             cfg.get("handshake_grace"),
             room=lambda: self.max_connections - self.open_conns(),
         )
+        self.said_cut = False
         self.max_outbox = int(cfg.get("max_outbox") or self.max_frame)
         self.lsock: socket.socket | None = None
 
@@ -701,7 +756,7 @@ class ConnServer:
         self.stopping.wait()
 
     def snapshot(self) -> dict[str, Any]:
-        return self.stats.snapshot(self.open_conns(), 0, self.gate.waiting())
+        return self.stats.snapshot(self.open_conns(), 0, self.gate)
 
     # -- connections ---------------------------------------------------------------------------
     def accept_loop(self) -> None:
@@ -710,7 +765,7 @@ class ConnServer:
         while not self.stopping.is_set():
             # a place to authenticate in first: while every place is taken, new connections wait
             # in the listen backlog (the oldest handshake past the grace is cut to make room)
-            if not self.gate.wait_for_room():
+            if not self.gate.wait_for_room(self.lsock):
                 break
             try:
                 s, addr = self.lsock.accept()
@@ -746,39 +801,52 @@ class ConnServer:
         s.close()
 
     def handle(self, s: socket.socket, token: int) -> None:
-        conn = transport.wrap(s)  # the same descriptor the gate knows (wrap detaches it)
+        conn: transport.Channel | None = None
+        c: _Conn | None = None
+        cut = False
         failure: BaseException | None = None
         t0 = time.monotonic()
         try:
-            transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
-        except BaseException as exc:  # noqa: BLE001 - sorted below, once the place is given back
-            failure = exc
-        c = None
-        if failure is None:
-            # in before the place is given back, so that the connection cap, which counts both,
-            # never misses it
-            with self.conns_lock:
-                self.next_cid += 1
-                c = _Conn(conn, self.next_cid, sock=socket.socket(fileno=conn.fileno()))
-                self.conns[c.cid] = c
-        # the place goes back before the descriptor may be closed: the gate shuts down only
-        # descriptors of connections that hold a place
-        cut = self.gate.leave(token)
-        if cut and c is not None:  # cut just as its handshake finished: never served
-            with self.conns_lock:
-                self.conns.pop(c.cid, None)
-            c.sock.detach()
-            c = None
-        if c is None:
+            conn = transport.wrap(s)  # the same descriptor the gate knows (wrap detaches it)
+            try:
+                transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
+            except Exception as exc:  # noqa: BLE001 - sorted below, once the place is given back
+                failure = exc
+            if failure is None:
+                c = _Conn(conn, 0, sock=socket.socket(fileno=conn.fileno()))
+
+                def admit() -> None:  # under the gate's lock: in as the place goes back
+                    with self.conns_lock:
+                        self.next_cid += 1
+                        c.cid = self.next_cid
+                        self.conns[c.cid] = c
+
+                cut = self.gate.leave(token, admit=admit)
+            else:
+                cut = self.gate.leave(token)
+        except BaseException:
+            # the place goes back before the descriptor is closed: the gate shuts down only
+            # descriptors of connections that hold a place
+            self.gate.leave(token)
+            if c is not None and c.sock is not None:
+                c.sock.detach()
+            if conn is not None:
+                conn.close()
+            else:
+                s.close()
+            raise
+        if cut or failure is not None:
+            assert conn is not None
+            if c is not None and c.sock is not None:
+                c.sock.detach()  # cut just as its handshake finished: never served
             conn.close()
             if cut:
-                with self.stats.lock:
-                    self.stats.handshakes_cut += 1
-                    first = self.stats.handshakes_cut == 1
-                if first:  # said once; the stats count them
+                if not self.said_cut:  # said once; the stats count them
+                    self.said_cut = True
                     print(
                         f"[{self.name}] cut a connection still authenticating after {time.monotonic() - t0:.2f}s: "
-                        "every place to authenticate was taken (max_handshakes, max_connections; handshake_grace)",
+                        "every place to authenticate was taken and another connection waited "
+                        "(max_handshakes, max_connections; handshake_grace)",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -786,9 +854,10 @@ class ConnServer:
                 with self.stats.lock:
                     self.stats.auth_failures += 1
                 print(f"[{self.name}] rejected a connection: {failure}", file=sys.stderr, flush=True)
-            elif failure is not None:
-                raise failure
+            else:
+                raise failure  # type: ignore[misc]
             return
+        assert c is not None and conn is not None
         with self.stats.lock:
             self.stats.connections_total += 1
         try:
@@ -1047,7 +1116,7 @@ class _InferenceWorker(ConnServer):
         self.queue.put(_Req(c, f.request_id, x, time.monotonic()))
 
     def snapshot(self) -> dict[str, Any]:
-        s = self.stats.snapshot(self.open_conns(), self.queue.qsize(), self.gate.waiting())
+        s = self.stats.snapshot(self.open_conns(), self.queue.qsize(), self.gate)
         s.update(max_batch_size=self.max_batch, max_wait_ms=self.max_wait * 1e3, in_batch=self.in_batch)
         return s
 

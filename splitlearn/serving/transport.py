@@ -328,9 +328,10 @@ class Channel:
 
 
 def shutdown_fd(fd: int) -> None:
-    """Shut a socket down by descriptor: any thread blocked reading it wakes with EOF."""
+    """Shut a socket down by descriptor: any thread blocked reading it wakes with EOF. Borrows
+    the descriptor (no dup, which would fail just when descriptors run out)."""
     try:
-        s = socket.socket(fileno=os.dup(fd))
+        s = socket.socket(fileno=fd)
     except OSError:
         return
     try:
@@ -338,7 +339,7 @@ def shutdown_fd(fd: int) -> None:
     except OSError:
         pass
     finally:
-        s.close()
+        s.detach()
 
 
 @contextlib.contextmanager

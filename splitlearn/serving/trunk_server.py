@@ -162,7 +162,7 @@ class TrunkWorker(ConnServer):
         return info
 
     def snapshot(self) -> dict[str, Any]:
-        s = self.stats.snapshot(self.open_conns(), 0, self.gate.waiting())
+        s = self.stats.snapshot(self.open_conns(), 0, self.gate)
         with self.sessions_lock:
             s["sessions_open"] = sum(len(v) for v in self.sessions.values())
         s["forwards"] = self.forwards
