@@ -89,14 +89,15 @@ class HandshakeGate:
     :meth:`wait_for_room` (the accept loop, before ``accept``) returns when a place is free.
     While none is, new connections wait in the kernel's listen backlog, where they cost the
     server nothing; once the oldest handshake has run ``grace`` seconds *and* a new connection
-    is waiting, that handshake is cut (its socket is shut down, so its blocked read fails at
-    once) and the newcomer takes its place. A slow handshake nobody waits behind is left to
-    its timeout. ``grace=None`` never cuts.
+    is waiting, the newcomer is accepted and :meth:`enter` cuts that handshake (its socket is
+    shut down, so its blocked read fails at once) to give the newcomer its place. A slow
+    handshake nobody waits behind is left to its timeout. ``grace=None`` never cuts.
 
     :meth:`enter` takes a place for an accepted connection, under its peer: ``None`` for a
     Unix socket, the host for TCP. A TCP peer not on loopback holds at most ``per_peer``
-    places: one more cuts that peer's oldest handshake if it is past the grace, and is refused
-    otherwise. Loopback peers all share one address, so for them the total is the only limit.
+    places: one more cuts that peer's oldest handshake if it is past the grace (and nobody
+    else's), and is refused otherwise. Loopback peers all share one address, so for them the
+    total is the only limit.
     (OpenSSH bounds unauthenticated connections the same two ways, ``MaxStartups`` and
     ``PerSourceMaxStartups``; it drops new ones at random where this cuts old ones.)
 
@@ -116,12 +117,7 @@ class HandshakeGate:
         room: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if total < 1:
-            raise ValueError("max_handshakes must be >= 1")
-        if per_peer is not None and per_peer < 1:
-            raise ValueError("max_handshakes_per_peer must be >= 1 (or None)")
-        if grace is not None and grace < 0:
-            raise ValueError("handshake_grace must be >= 0 (or None)")
+        self.validate(total, per_peer, grace)
         self.total, self.per_peer, self.grace = int(total), per_peer, grace
         self.room = room
         self.clock = clock
@@ -136,6 +132,16 @@ class HandshakeGate:
         os.set_blocking(self._wake_w, False)
         self._polling = False
         self._finalizer = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+
+    @staticmethod
+    def validate(total: int, per_peer: int | None, grace: float | None) -> None:
+        """ValueError unless the settings make a gate (checked without building one)."""
+        if total < 1:
+            raise ValueError("max_handshakes must be >= 1")
+        if per_peer is not None and per_peer < 1:
+            raise ValueError("max_handshakes_per_peer must be >= 1 (or None)")
+        if grace is not None and grace < 0:
+            raise ValueError("handshake_grace must be >= 0 (or None)")
 
     def _places(self) -> int:  # under self.cond
         return self.total if self.room is None else min(self.total, self.room())
@@ -163,11 +169,13 @@ class HandshakeGate:
                 pass  # a byte is there already
 
     def wait_for_room(self, lsock: socket.socket | None = None) -> bool:
-        """Block until a place is free; ``False`` once the gate is closed. Cuts the oldest
-        handshake past the grace when a new connection waits on ``lsock`` (with no ``lsock``,
-        one is taken to be waiting). Returns at once when no handshake holds a place: the
-        connections already in fill the cap, there is nothing to cut, and :meth:`enter`
-        refuses the next one."""
+        """Block until a place is free, or until every place is taken, the oldest handshake
+        has run past the grace and a new connection waits on ``lsock`` (with no ``lsock``, one
+        is taken to be waiting): then :meth:`enter` cuts a handshake for it. ``False`` once the
+        gate is closed. Returns at once when no handshake holds a place: the connections
+        already in fill the cap, there is nothing to cut, and :meth:`enter` refuses the next
+        one. Any other event on ``lsock`` (an error, a closed descriptor) also returns, so that
+        ``accept`` meets it."""
         poller = None
         with self.cond:
             while not self.closed:
@@ -182,19 +190,19 @@ class HandshakeGate:
                     self.cond.wait(self.grace - age)
                     continue
                 if lsock is None:
-                    self._cut(oldest[0])
-                    continue  # the room() cap may still be short of a place
+                    return True
                 if poller is None:
+                    lfd = lsock.fileno()  # kept: a closed socket's fileno() is -1
                     poller = select.poll()
-                    poller.register(lsock.fileno(), select.POLLIN)
+                    poller.register(lfd, select.POLLIN)
                     poller.register(self._wake_r, select.POLLIN)
-                # past the grace: cut it for a newcomer, not before one comes
+                # past the grace: a handshake is cut for a newcomer, not before one comes
                 self._polling = True
                 self.cond.release()
                 try:
                     events = poller.poll()
-                except OSError:  # the listening socket went away: stopping
-                    events = []
+                except OSError:  # EINTR is retried by Python; anything else: let accept see it
+                    events = [(lfd, select.POLLERR)]
                 finally:
                     self.cond.acquire()
                     self._polling = False
@@ -203,27 +211,29 @@ class HandshakeGate:
                         pass
                 except (BlockingIOError, OSError):
                     pass
-                newcomer = any(fd == lsock.fileno() and ev & select.POLLIN for fd, ev in events)
-                if newcomer and not self.closed:
-                    oldest = self._oldest()
-                    if oldest is not None and len(self.pending) >= self._places() and self.clock() - oldest[1] >= self.grace:
-                        self._cut(oldest[0])
+                if any(fd == lfd for fd, _ in events) and not self.closed:
+                    return True  # a newcomer (POLLIN), or POLLNVAL/POLLERR for accept to meet
             return False
 
     def enter(self, peer: str | None, fd: int) -> tuple[int | None, str]:
         """Take a place for an accepted connection: ``(token, "")``, or ``(None, why)`` to
-        refuse it."""
+        refuse it. Where the place must come from a handshake past the grace, that one is cut:
+        the peer's own oldest when the peer is at its limit (then nobody else's), else the
+        oldest of all."""
         with self.cond:
-            if len(self.pending) >= self._places():
-                return None, "no place left: the connections already in fill max_connections"
             if peer is not None and self.per_peer is not None and not _is_loopback(peer):
-                mine = sum(1 for p in self.pending.values() if p.peer == peer)
-                if mine >= self.per_peer:
-                    oldest = self._oldest(peer)
-                    assert oldest is not None
-                    if self.grace is None or self.clock() - oldest[1] < self.grace:
+                mine = self._oldest(peer)
+                if mine is not None and sum(1 for p in self.pending.values() if p.peer == peer) >= self.per_peer:
+                    if self.grace is None or self.clock() - mine[1] < self.grace:
                         return None, f"{peer} already has {self.per_peer} connections authenticating (max_handshakes_per_peer)"
-                    self._cut(oldest[0])
+                    self._cut(mine[0])
+            while len(self.pending) >= self._places():
+                oldest = self._oldest()
+                if oldest is None:
+                    return None, "no place left: the connections already in fill max_connections"
+                if self.grace is None or self.clock() - oldest[1] < self.grace:
+                    return None, "no place left: every place to authenticate is held by a handshake younger than handshake_grace"
+                self._cut(oldest[0])
             self.next_token += 1
             self.pending[self.next_token] = _Pending(self.clock(), peer, fd)
             return self.next_token, ""
@@ -368,7 +378,7 @@ class ManagedServer:
         self.max_handshakes = min(int(max_handshakes), self.max_connections) if max_handshakes is not None else min(64, self.max_connections)
         self.max_handshakes_per_peer = None if max_handshakes_per_peer is None else int(max_handshakes_per_peer)
         self.handshake_grace = None if handshake_grace is None else float(handshake_grace)
-        HandshakeGate(self.max_handshakes, self.max_handshakes_per_peer, self.handshake_grace)  # validates
+        HandshakeGate.validate(self.max_handshakes, self.max_handshakes_per_peer, self.handshake_grace)
         self.max_outbox = int(max_outbox) if max_outbox is not None else self.max_frame
         self.num_threads = num_threads
         self._dir: str | None = None
@@ -808,6 +818,12 @@ class ConnServer:
         t0 = time.monotonic()
         try:
             conn = transport.wrap(s)  # the same descriptor the gate knows (wrap detaches it)
+        except OSError as exc:  # the peer went away before a byte was read (setsockopt failed)
+            self.gate.leave(token)  # the place goes back before the descriptor is closed
+            s.close()
+            print(f"[{self.name}] lost a connection before its handshake: {exc}", file=sys.stderr, flush=True)
+            return
+        try:
             try:
                 transport.server_handshake(conn, self.authkey, self.cfg["handshake_timeout"])
             except Exception as exc:  # noqa: BLE001 - sorted below, once the place is given back
