@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -305,3 +306,68 @@ def test_bad_settings_are_refused():
             HandshakeGate(**kw)
         with pytest.raises(ValueError):
             HandshakeGate.validate(**{"per_peer": None, "grace": 1.0, **kw})
+
+
+def _until(pred, limit=5.0):
+    end = time.monotonic() + limit
+    while not pred():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_a_newcomer_seen_as_a_handshake_gets_in_waits_for_the_grace_again(pairs, listener):
+    # max_connections is the tighter cap: a handshake let in takes its place with it, so the
+    # gate stays full; if that happens while the accept loop is woken by a newcomer, the gate
+    # is now full of young handshakes and the newcomer must wait in the backlog, not be
+    # accepted only to be refused
+    clock = Clock()
+    open_conns = [2]
+    gate = HandshakeGate(4, grace=1.0, room=lambda: 4 - open_conns[0], clock=clock)
+    (a, _), (b, fb) = pairs(), pairs()
+    ta, _ = gate.enter(None, a.fileno())
+    clock.t += 0.5
+    gate.enter(None, b.fileno())
+    clock.t += 0.7  # a 1.2 s, b 0.7 s: full, a past the grace
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(gate.wait_for_room(listener)), daemon=True)
+    t.start()
+    _until(lambda: gate._polling)
+    with gate.cond:  # the accept loop cannot take the lock back before a is in
+        newcomer = socket.create_connection(listener.getsockname(), timeout=5)
+        gate.pending.pop(ta)  # what leave(ta, admit=...) does, as one step under the lock
+        open_conns[0] += 1
+    try:
+        t.join(0.5)
+        assert t.is_alive() and not got  # b is young: the newcomer waits in the backlog
+        clock.t += 0.5  # b past the grace
+        t.join(5)
+        assert got == [True]
+        s, _ = listener.accept()
+        tok, why = gate.enter(None, s.fileno())
+        assert tok is not None, why
+        assert _was_cut(fb) and gate.cut == 1
+        s.close()
+    finally:
+        newcomer.close()
+
+
+def test_enter_with_wait_waits_out_the_grace_instead_of_refusing(pairs):
+    gate = HandshakeGate(1, grace=0.2)  # the real clock
+    (a, fa), (b, _) = pairs(), pairs()
+    gate.enter(None, a.fileno())
+    assert gate.enter(None, b.fileno())[0] is None  # young, no wait: refused
+    tok, why = gate.enter(None, b.fileno(), wait=True)
+    assert tok is not None, why
+    assert _was_cut(fa) and gate.cut == 1
+    closer = HandshakeGate(1, grace=None)
+    c, _ = pairs()
+    closer.enter(None, c.fileno())
+    got: list[tuple] = []
+    d, _ = pairs()
+    t = threading.Thread(target=lambda: got.append(closer.enter(None, d.fileno(), wait=True)), daemon=True)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()
+    closer.close()
+    t.join(5)
+    assert got and got[0][0] is None

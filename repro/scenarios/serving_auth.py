@@ -31,7 +31,8 @@ A flood of silent clients against our own server (``max_connections`` 8, handsha
   its :class:`~splitlearn.serving.server.HandshakeGate` cut anything: the silent eight hold
   every place for the whole handshake timeout and the good client gives up (FAIL);
 * ``silent_flood`` (fix): the default gate: once every place is taken, the oldest handshake
-  past the grace (0.5 s here) is cut, and the good client is in within about the grace.
+  past the grace (0.5 s here) is cut for the next connection that comes, and the good
+  client is in within about the grace.
 """
 
 from __future__ import annotations

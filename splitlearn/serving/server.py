@@ -171,8 +171,8 @@ class HandshakeGate:
     def wait_for_room(self, lsock: socket.socket | None = None) -> bool:
         """Block until a place is free, or until every place is taken, the oldest handshake
         has run past the grace and a new connection waits on ``lsock`` (with no ``lsock``, one
-        is taken to be waiting): then :meth:`enter` cuts a handshake for it. ``False`` once the
-        gate is closed. Returns at once when no handshake holds a place: the connections
+        is taken to be waiting): then :meth:`enter` may cut a handshake for it (or refuse it,
+        see there). ``False`` once the gate is closed. Returns at once when no handshake holds a place: the connections
         already in fill the cap, there is nothing to cut, and :meth:`enter` refuses the next
         one. Any other event on ``lsock`` (an error, a closed descriptor) also returns, so that
         ``accept`` meets it."""
@@ -211,15 +211,26 @@ class HandshakeGate:
                         pass
                 except (BlockingIOError, OSError):
                     pass
-                if any(fd == lfd for fd, _ in events) and not self.closed:
-                    return True  # a newcomer (POLLIN), or POLLNVAL/POLLERR for accept to meet
+                mine = [ev for fd, ev in events if fd == lfd]
+                if mine and not self.closed and any(ev & ~select.POLLIN for ev in mine):
+                    return True  # POLLNVAL, POLLERR...: for accept to meet
+                if mine and not self.closed:
+                    # a newcomer; the loop checks again that a place or a cut is still there
+                    # (a handshake let in meanwhile may have left the gate full of young ones)
+                    oldest = self._oldest()
+                    if oldest is None or len(self.pending) < self._places() or self.clock() - oldest[1] >= self.grace:
+                        return True
             return False
 
-    def enter(self, peer: str | None, fd: int) -> tuple[int | None, str]:
+    def enter(self, peer: str | None, fd: int, wait: bool = False) -> tuple[int | None, str]:
         """Take a place for an accepted connection: ``(token, "")``, or ``(None, why)`` to
         refuse it. Where the place must come from a handshake past the grace, that one is cut:
         the peer's own oldest when the peer is at its limit (then nobody else's), else the
-        oldest of all."""
+        oldest of all. A peer at its limit whose handshakes are all younger than the grace is
+        refused, and so is any connection when the connections already in fill the cap. When
+        every place is held by a handshake younger than the grace (one was let in between
+        :meth:`wait_for_room` and ``accept``, and the cap took its place), ``wait=True`` (the
+        accept loop) waits for a place or the grace; ``wait=False`` refuses."""
         with self.cond:
             if peer is not None and self.per_peer is not None and not _is_loopback(peer):
                 mine = self._oldest(peer)
@@ -231,9 +242,13 @@ class HandshakeGate:
                 oldest = self._oldest()
                 if oldest is None:
                     return None, "no place left: the connections already in fill max_connections"
-                if self.grace is None or self.clock() - oldest[1] < self.grace:
+                age = self.clock() - oldest[1]
+                if self.grace is not None and age >= self.grace:
+                    self._cut(oldest[0])
+                    continue
+                if not wait or self.closed:
                     return None, "no place left: every place to authenticate is held by a handshake younger than handshake_grace"
-                self._cut(oldest[0])
+                self.cond.wait(None if self.grace is None else self.grace - age)
             self.next_token += 1
             self.pending[self.next_token] = _Pending(self.clock(), peer, fd)
             return self.next_token, ""
@@ -733,6 +748,7 @@ class ConnServer:
             room=lambda: self.max_connections - self.open_conns(),
         )
         self.said_cut = False
+        self.said_lost = False
         self.max_outbox = int(cfg.get("max_outbox") or self.max_frame)
         self.lsock: socket.socket | None = None
 
@@ -793,7 +809,7 @@ class ConnServer:
                 self.stopping.wait(0.05)
                 continue
             peer = addr[0] if isinstance(addr, tuple) else None
-            token, why = self.gate.enter(peer, s.fileno())
+            token, why = self.gate.enter(peer, s.fileno(), wait=True)
             if token is None:
                 # refused before it costs a thread: the client's handshake fails at once
                 self._refuse(s, why)
@@ -821,7 +837,11 @@ class ConnServer:
         except OSError as exc:  # the peer went away before a byte was read (setsockopt failed)
             self.gate.leave(token)  # the place goes back before the descriptor is closed
             s.close()
-            print(f"[{self.name}] lost a connection before its handshake: {exc}", file=sys.stderr, flush=True)
+            with self.stats.lock:  # counted with the accepts that failed; said once
+                self.stats.accept_errors += 1
+                said, self.said_lost = self.said_lost, True
+            if not said:
+                print(f"[{self.name}] lost a connection before its handshake: {exc}", file=sys.stderr, flush=True)
             return
         try:
             try:
