@@ -172,10 +172,10 @@ class HandshakeGate:
         """Block until a place is free, or until every place is taken, the oldest handshake
         has run past the grace and a new connection waits on ``lsock`` (with no ``lsock``, one
         is taken to be waiting): then :meth:`enter` may cut a handshake for it (or refuse it,
-        see there). ``False`` once the gate is closed. Returns at once when no handshake holds a place: the connections
-        already in fill the cap, there is nothing to cut, and :meth:`enter` refuses the next
-        one. Any other event on ``lsock`` (an error, a closed descriptor) also returns, so that
-        ``accept`` meets it."""
+        see there). ``False`` once the gate is closed. Returns at once when no handshake holds
+        a place: the connections already in fill the cap, there is nothing to cut, and
+        :meth:`enter` refuses the next one. Any other event on ``lsock`` (an error, a closed
+        descriptor) also returns, so that ``accept`` meets it."""
         poller = None
         with self.cond:
             while not self.closed:
