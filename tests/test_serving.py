@@ -787,6 +787,41 @@ def test_accept_errors_do_not_end_the_accept_loop():
     assert len(calls) == 2 and srv.snapshot()["accept_errors"] == 1
 
 
+@pytest.mark.parametrize("code", ["EBADF", "ENOTSOCK", "EINVAL"])
+def test_a_listening_socket_gone_stops_the_server_instead_of_retrying_forever(code, capsys):
+    """EBADF (or ENOTSOCK, EINVAL) from accept outside a stop: the listener itself is unusable and
+    no retry clears it. The loop stops the server (so its owner sees it exit and can restart it)
+    rather than polling a dead socket every 50 ms behind a server that looks alive."""
+    import errno
+
+    from splitlearn.serving.server import ConnServer
+
+    err = getattr(errno, code)
+    srv = ConnServer({"authkey": "00", "max_frame": 1 << 20}, None)
+    calls = []
+
+    class Gone:
+        closed = False
+
+        def accept(self):
+            calls.append(1)
+            if len(calls) > 1:  # a retry: end the loop, the assertion below reports it
+                srv.stopping.set()
+            raise OSError(err, os.strerror(err))
+
+        def shutdown(self, how):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    srv.lsock = lsock = Gone()
+    srv.accept_loop()
+    assert calls == [1], f"{code}: accept retried, {len(calls)} calls"
+    assert srv.stopping.is_set() and lsock.closed and srv.snapshot()["accept_errors"] == 1
+    assert "listening socket unusable" in capsys.readouterr().err
+
+
 def test_close_all_survives_a_connection_closed_under_it():
     from splitlearn.serving.server import ConnServer, _Conn
 

@@ -34,7 +34,10 @@ The seed-002 fix done for real:
   new one refused), so one remote host cannot take them all;
 * the server exits when asked (:meth:`stop`), and on its own when the parent goes away (EOF
   on the control pipe), so no server outlives its owner; in that case it also removes the
-  owner's private directory (socket, weights file), which no one else would;
+  owner's private directory (socket, weights file), which no one else would. It also stops
+  when its listening socket itself becomes unusable (``accept`` fails with EBADF, ENOTSOCK or
+  EINVAL outside a stop): a server that can never accept again exits, for its owner to see and
+  restart, rather than look alive; other accept errors (EMFILE...) lose one connection only;
 * a socket path longer than a Unix address holds (107 bytes; a deep ``TMPDIR``) is a clear
   ``ValueError`` from :meth:`start`, before any process is started.
 """
@@ -42,6 +45,7 @@ The seed-002 fix done for real:
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import json
 import multiprocessing as mp
@@ -63,6 +67,9 @@ from typing import Any
 
 from splitlearn.serving import transport, wire
 from splitlearn.serving.transport import ServingError
+
+# accept() errors that say the listening socket itself is gone, not one connection
+_LISTENER_GONE = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EOPNOTSUPP})
 
 
 def _is_loopback(host: str) -> bool:
@@ -798,11 +805,18 @@ class ConnServer:
             except OSError as exc:
                 if self.stopping.is_set():
                     break  # begin_stop closed the listening socket
+                with self.stats.lock:
+                    self.stats.accept_errors += 1
+                if exc.errno in _LISTENER_GONE:
+                    # the listening socket itself is unusable (closed under us, no longer
+                    # listening): no retry can clear that, and a server that never accepts again
+                    # must not look alive. Stop, so that the owner sees it exit and restarts it.
+                    print(f"[{self.name}] listening socket unusable ({exc}); stopping", file=sys.stderr, flush=True)
+                    self.begin_stop()
+                    break
                 # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: this connection is lost, the server is
                 # not. Said once per kind of error; a short pause, since an accept that failed for
                 # want of descriptors fails again at once while the connection waits in the backlog
-                with self.stats.lock:
-                    self.stats.accept_errors += 1
                 if exc.errno != last_error:
                     last_error = exc.errno
                     print(f"[{self.name}] accept failed ({exc}); still listening", file=sys.stderr, flush=True)
