@@ -42,11 +42,19 @@ def run(name: str, timeout: float = GENEROUS, **kw):
 
 
 def assert_nothing_left(result) -> None:
-    """No process of the run is alive or an unreaped zombie of ours; no survivor reported."""
+    """No process of the run is alive or an unreaped zombie of ours; no survivor reported.
+
+    The run's processes are looked for by the run token *and* by the run's session (the root's
+    pid, members started no earlier than the root): a process whose environment was cleared
+    carries no token but stays in the session unless it calls setsid."""
     token = result.evidence["run_token"]
     assert result.evidence.get("survivors") == [], result.summary()
     tree = ev.Tree(-1, token)
     assert tree.token_scan() == set(), f"processes still carry the run token: {result.summary()}"
+    root = result.evidence.get("root")
+    if root:
+        in_session = ev.Tree(root["pid"], token, root_start=root["start"]).pids()
+        assert in_session == [], f"processes of the run's session still exist: {in_session}: {result.summary()}"
     for pid in result.evidence["pids"]:
         try:
             p = psutil.Process(pid)
@@ -206,6 +214,43 @@ def test_children_grandchildren_and_daemon_left_behind_are_killed_and_listed():
     left = r.evidence["left_behind"]
     assert len(left) == 3, left
     assert len({p["pid"] for p in left}) == 3
+
+
+def _kill_if_left(pidfile: Path) -> psutil.Process | None:
+    """The process named in ``pidfile`` if it is still alive (then killed, so that a failing
+    test leaves nothing behind either), else None."""
+    try:
+        p = psutil.Process(int(pidfile.read_text()))
+        if p.status() == psutil.STATUS_ZOMBIE or "time.sleep(1000)" not in " ".join(p.cmdline()):
+            return None  # gone, or the pid is another process's now
+    except (OSError, ValueError, psutil.Error):
+        return None
+    p.kill()
+    return p
+
+
+@pytest.mark.parametrize("how", ["popen", "shell"])
+def test_orphan_without_the_token_is_killed_and_listed(tmp_path, how):
+    """A sleeper started with an empty environment (no run token) outlives the root: it is
+    found through the run's session, killed and listed as left behind."""
+    pidfile = tmp_path / "sleeper.pid"
+    try:
+        r = run("orphan_env_cleared", args=[str(pidfile), how])
+        assert r.outcome == "PASS", r.summary()
+        pid = int(pidfile.read_text())
+        assert pid in [p["pid"] for p in r.evidence.get("left_behind", [])], r.summary()
+    finally:
+        left = _kill_if_left(pidfile)
+    assert left is None, f"the env-cleared sleeper {left.pid} survived the run"
+
+
+@pytest.mark.parametrize("work", ["sleep", "busy"])
+def test_busy_orphan_without_the_token_keeps_the_run_alive(work):
+    """The root is blocked reading a pipe while an env-cleared orphan works (sleeps, or spins
+    on the CPU) for 3 s before writing to it: the run is not quiescent, so PASS, not HANG."""
+    r = run("orphan_busy_worker", args=[work])
+    assert r.outcome == "PASS", r.summary()
+    assert r.seconds >= 3
 
 
 def test_the_trees_temp_dir_is_removed_after_the_run_and_its_leftovers_listed(tmp_path):

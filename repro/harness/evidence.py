@@ -1,8 +1,10 @@
 """Evidence about a scenario's process tree, and its removal.
 
-* :class:`Tree` finds every process of a run: the root's descendants, orphans adopted by the
-  harness (it is a child subreaper), and any process whose environment carries the run's
-  ``SPLITREPRO_RUN_TOKEN`` (found even after ``setsid`` + double fork).
+* :class:`Tree` finds every process of a run: the root's descendants, the members of the run's
+  session (the root leads a session of its own; found after their parent died, whatever their
+  environment), any process whose environment carries the run's ``SPLITREPRO_RUN_TOKEN`` (found
+  even after ``setsid`` + double fork), every process once seen in the tree, and the
+  descendants of all of these. See :class:`Tree` for the one kind of process it cannot see.
 * :func:`stacks` gets Python stacks of every process: ``py-spy dump --native``, then plain
   ``py-spy dump``, then SIGUSR1 -> faulthandler file (``_site/sitecustomize.py``), saying which.
 * :func:`match_signatures` names known messages in stderr.
@@ -91,67 +93,102 @@ def _has_token(pid: int, needle: bytes) -> bool:
 
 
 class Tree:
-    """The processes of one run."""
+    """The processes of one run.
 
-    def __init__(self, root_pid: int, token: str):
+    The root is started with ``start_new_session=True``, so its pid is the id of the run's
+    session. A process belongs to the run when it is
+
+    * the root (its pid with the root's start time),
+    * a member of the run's session started no earlier than the root (the kernel keeps the
+      session's id from being reused as a pid while any member lives; the start time keeps out
+      processes older than the run),
+    * a carrier of the run token in its environment (found after ``setsid`` too),
+    * a process once found in the tree, recognised by pid and start time after it was reparented
+      (to the harness, a child subreaper, or to init), left the session or dropped the token,
+    * or a descendant of any of these.
+
+    Orphans adopted by the harness are found through these rules, not through their parent: a
+    process that calls ``setsid`` *and* runs without the token *and* loses its parent before a
+    scan sees it (the harness scans every 0.15 s while the run lasts, and at its end) is not
+    found; nothing ties it to the run any more.
+    """
+
+    def __init__(self, root_pid: int, token: str, root_start: int | None = None):
         self.root_pid = root_pid
         self.token = token
         self._needle = f"SPLITREPRO_RUN_TOKEN={token}\0".encode()
-        self._not_ours: dict[int, str | None] = {}  # pid -> starttime known not to carry the token
+        self._not_ours: dict[int, int] = {}  # pid -> starttime known not to carry the token
         self.seen: dict[int, str] = {}  # pid -> name: every process ever seen in the tree
+        self._tracked: dict[int, int] = {}  # pid -> starttime of every process ever seen in the tree
         self.session = root_pid  # start_new_session: the root leads its own session
         self.has_proc = os.path.isdir("/proc/self")
+        # The root's start time (clock ticks since boot), read while the root cannot have been
+        # reaped yet (right after Popen), or given (a tree rebuilt after the run, in tests).
+        self.root_start = root_start if root_start is not None else _start_time(root_pid)
 
-    def _scan(self) -> tuple[set[int], dict[int, int]]:
-        """One pass over /proc: (pids carrying the token, pid -> ppid of every process)."""
+    def _scan(self) -> tuple[set[int], dict[int, tuple[int, int, int]]]:
+        """One pass over /proc: (pids carrying the token, pid -> (ppid, session, start time) of
+        every process)."""
         found: set[int] = set()
-        parents: dict[int, int] = {}
+        procs: dict[int, tuple[int, int, int]] = {}
         me = os.getpid()
         try:
             names = os.listdir("/proc")
         except OSError:
-            return found, parents
+            return found, procs
         for name in names:
             if not name.isdigit():
                 continue
             pid = int(name)
-            try:
-                with open(f"/proc/{name}/stat", "rb") as fh:
-                    text = fh.read().decode("ascii", "replace")
-                fields = text[text.rindex(")") + 2 :].split()
-                ppid, start = int(fields[1]), fields[19]
-            except (OSError, ValueError, IndexError):
+            stat = _stat_fields(pid)
+            if stat is None:
                 continue
-            parents[pid] = ppid
+            procs[pid] = stat
             if pid == me:
                 continue
+            start = stat[2]
             if self._not_ours.get(pid) == start:
                 continue  # environ is fixed at exec: a process seen without the token keeps lacking it
             if _has_token(pid, self._needle):
                 found.add(pid)
             else:
                 self._not_ours[pid] = start
-        return found, parents
+        return found, procs
 
     def token_scan(self) -> set[int]:
         return self._scan()[0] if self.has_proc else set()
 
+    def _ours(self, pid: int, ppid_sid_start: tuple[int, int, int]) -> bool:
+        """Whether a process is of the run by itself (not as a descendant): the root, a member
+        of the run's session, or a process tracked since it was seen in the tree."""
+        _, sid, start = ppid_sid_start
+        if self.root_start is None:
+            return pid == self.root_pid  # no start time to tell the root from a reused pid
+        if pid == self.root_pid:
+            return start == self.root_start
+        if sid == self.session and start >= self.root_start:
+            return True
+        return self._tracked.get(pid) == start
+
     def pids(self, include_root: bool = True) -> list[int]:
-        """Live (or zombie) processes of the run, root first: the root's descendants, token
-        carriers, and the descendants of token carriers that dropped the token."""
+        """Live (or zombie) processes of the run, root first (see the class's docstring)."""
         if self.has_proc:
-            tokened, parents = self._scan()
+            tokened, procs = self._scan()
             children: dict[int, list[int]] = {}
-            for pid, ppid in parents.items():
+            for pid, (ppid, _, _) in procs.items():
                 children.setdefault(ppid, []).append(pid)
             found: set[int] = set()
-            stack = [self.root_pid, *tokened] if self.root_pid in parents else list(tokened)
+            stack = [*tokened, *(pid for pid, info in procs.items() if self._ours(pid, info))]
             while stack:
                 pid = stack.pop()
                 if pid in found:
                     continue
                 found.add(pid)
                 stack.extend(children.get(pid, ()))
+            found.discard(os.getpid())
+            for pid in found:
+                if pid in procs:
+                    self._tracked[pid] = procs[pid][2]
         else:
             found = set()
             try:
@@ -268,13 +305,25 @@ class Tree:
         return reaped
 
 
-def _session(pid: int) -> int | None:
+def _stat_fields(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, session, start time in clock ticks since boot) from /proc/PID/stat."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             text = fh.read().decode("ascii", "replace")
-        return int(text[text.rindex(")") + 2 :].split()[3])
+        fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+        return int(fields[1]), int(fields[3]), int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _session(pid: int) -> int | None:
+    stat = _stat_fields(pid)
+    return None if stat is None else stat[1]
+
+
+def _start_time(pid: int) -> int | None:
+    stat = _stat_fields(pid)
+    return None if stat is None else stat[2]
 
 
 def wait_gone(pids: list[int], timeout: float) -> None:

@@ -411,7 +411,10 @@ def _run(
     )
     notes: list[str] = []
     if not subreaper:
-        notes.append("not a child subreaper here: orphans are found by the run-token scan only")
+        notes.append(
+            "not a child subreaper here: orphans go to init; they are found by the run's session, "
+            "the run token or having been seen in the tree"
+        )
     readable, why = proc_readable()
     if not readable:
         notes.append(why)
@@ -452,6 +455,9 @@ def _run(
                     start_new_session=True,
                 )
             tree = ev.Tree(proc.pid, token)
+            # the run's session is the root's pid; with the root's start time it names the run's
+            # processes after the run too (pids are reused)
+            result.evidence["root"] = {"pid": proc.pid, "start": tree.root_start}
             try:
                 detector = HangDetector(window=window, deadline=deadline)
                 verdict = _watch(proc, tree, detector, deadline, readable)
