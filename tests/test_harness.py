@@ -438,6 +438,16 @@ def test_hang_at_interpreter_shutdown_is_named():
     assert any("interpreter shutdown" in n for n in r.evidence["notes"])
 
 
+def test_forked_child_leaving_through_the_harness_does_not_write_the_result():
+    """A child forked (no exec) by the root calls sys.exit(0), which unwinds into the harness's
+    child.main; the root then deadlocks. Only the root writes the result: HANG, with the code
+    still running (no "the code had finished" note)."""
+    r = run("fork_exit_then_deadlock")
+    assert_hang(r, processes=1)
+    assert r.evidence["child_status"] == "running", r.summary()
+    assert not any("the code had finished" in n for n in r.evidence["notes"]), r.summary()
+
+
 def test_session_lock_dir_reaches_xdist_workers():
     """conftest scopes the run lock to this session; xdist workers must see the same dir."""
     assert os.environ.get("SPLITREPRO_LOCK_DIR"), "tests/conftest.py sets it for the session"

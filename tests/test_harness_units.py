@@ -235,3 +235,35 @@ def test_run_selects_each_variant_once():
     assert ids(_select(cat, ["serving_split:tiny"], True, None)) == every
     twice = _select(cat, ["serving_split:tiny", "serving_split", "serving_split:tiny"], False, None)
     assert ids(twice) == [("serving_split", "tiny"), ("serving_split", "gpt2_small")]
+
+
+def test_a_forked_copy_of_the_context_never_writes_the_result(tmp_path):
+    """record/stage/observe/_finish in a process forked from the context's owner change only the
+    fork's copy: the result file keeps the owner's state. (Run in a fresh interpreter: this test
+    process may have threads, and is not to be forked.)"""
+    import json
+    import subprocess
+
+    result = tmp_path / "result.json"
+    code = f"""
+import os
+from repro.harness.context import Context
+ctx = Context(scenario="s", variant="v", kind="fix", params={{}}, workdir=".", result_path={str(result)!r}, timeout=5)
+ctx.record(owner=1)
+pid = os.fork()
+if pid == 0:
+    ctx.record(forked=1)
+    ctx.stage("in-the-fork")
+    ctx.observe("from the fork")
+    ctx._finish("pass")
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "from the fork" in proc.stderr  # observe still echoes
+    data = json.loads(result.read_text())
+    assert data["status"] == "running" and data["metrics"] == {"owner": 1}
+    assert data["stages"] == [] and data["observations"] == []
+    assert not list(tmp_path.glob(".result.json.*.tmp"))

@@ -5,6 +5,11 @@ and writes the result file atomically. Status values in the result file:
 ``pass``, ``fail`` (AssertionError / ScenarioFailure), ``error`` (any other exception),
 ``exit`` (the code called ``sys.exit(n)`` with n != 0: a deliberate exit, not a crash),
 ``running`` (partial, rewritten while the scenario runs).
+
+Only the process that started here writes the result. A process the code forks without exec
+(``os.fork``) runs on from the fork point with a copy of this frame: when it unwinds into
+:func:`main` (``sys.exit``, an exception, the end of the code) it leaves as it would without
+the harness, with its own exit status, and the result file keeps the root's state.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("script_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
 
-    from repro.harness.context import Context, ScenarioFailure
+    from repro.harness.context import Context
 
     ctx = Context(
         scenario=args.scenario or (os.path.basename(args.script) if args.script else args.func),
@@ -68,7 +73,22 @@ def main(argv: list[str] | None = None) -> int:
             import runpy
 
             runpy.run_path(args.script, run_name="__main__")
-    except SystemExit as exc:
+    except BaseException as exc:  # noqa: BLE001 - every escape is evidence
+        if not ctx.is_owner():
+            # A forked child of the code: the interpreter ends it as it would anywhere else
+            # (SystemExit keeps its code; an uncaught exception prints its traceback, status 1).
+            raise
+        return _report(ctx, exc)
+    if ctx.is_owner():
+        ctx._finish("pass")
+    return 0
+
+
+def _report(ctx, exc: BaseException) -> int:
+    """Write the final result for an exception that ended the code; return the exit status."""
+    from repro.harness.context import ScenarioFailure
+
+    if isinstance(exc, SystemExit):
         code = exc.code
         if code in (None, 0):
             ctx._finish("pass")
@@ -76,14 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx._state["exit_code"] = code if isinstance(code, int) else 1
         ctx._finish("exit", {"type": "SystemExit", "message": str(code), "traceback": ""})
         return code if isinstance(code, int) else 1
-    except (ScenarioFailure, AssertionError) as exc:
-        ctx._finish("fail", _error_info(exc))
-        return 1
-    except BaseException as exc:  # noqa: BLE001 - every escape is evidence
-        ctx._finish("error", _error_info(exc))
-        return 1
-    ctx._finish("pass")
-    return 0
+    ctx._finish("fail" if isinstance(exc, (ScenarioFailure, AssertionError)) else "error", _error_info(exc))
+    return 1
 
 
 if __name__ == "__main__":

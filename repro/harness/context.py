@@ -3,6 +3,11 @@
 ``ctx.record(**metrics)`` and ``ctx.stage(name)`` rewrite the result file atomically at once,
 so that a scenario that later hangs or crashes still leaves its figures and the stage it was
 in for the parent to read. Nothing goes through pipes.
+
+Only the process that made the context (the run's root) writes the result file. A process
+forked from it (``os.fork`` without exec) holds a copy of the context whose state goes stale at
+once; its ``record``/``stage``/``observe`` change that copy only (``observe`` still echoes to
+stderr), so that it can never overwrite the root's result.
 """
 
 from __future__ import annotations
@@ -106,6 +111,10 @@ class Context:
             self._state["error"] = error
         self._flush()
 
+    def is_owner(self) -> bool:
+        """Whether this process made the context (and so writes the result), not a fork of it."""
+        return os.getpid() == self._state["pid"]
+
     def _flush(self) -> None:
-        if self._result_path is not None:
+        if self._result_path is not None and self.is_owner():
             write_json_atomic(self._result_path, self._state)
