@@ -2,6 +2,10 @@
 
 The CLI process is a harness parent: it never imports torch, numpy or transformers.
 Exit status of ``run`` and ``script``: 0 exactly when every observed outcome is the expected one.
+Ctrl-C (SIGINT), SIGTERM (``timeout``, a CI cancel) and SIGHUP (a closed terminal) stop any
+command the same way: the run in progress has its process tree killed and reaped (the tree runs
+in a session of its own, out of reach of signals sent to the CLI's) and its temp dirs removed,
+and the exit status is 128 + the signal's number (130, 143, 129).
 
 Other modules add subcommands in one of two ways:
 
@@ -14,13 +18,16 @@ Other modules add subcommands in one of two ways:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -381,8 +388,62 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the signal finds the main thread: a KeyboardInterrupt, so
+    that it takes the path of Ctrl-C through the harness (the run's tree killed and reaped, its
+    temp dirs removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise :class:`Stopped` (unless ignored, as
+    under ``nohup``). After the first such signal SIGINT, SIGTERM and SIGHUP are ignored, so a
+    repeat cannot cut the cleanup short. The previous handlers are restored on the way out
+    (``main`` is also called inside other programs, pytest for one). Only the main thread can
+    set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    watched = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {sig: signal.getsignal(sig) for sig in watched}
+
+    def stop(signum: int, _frame: Any) -> None:
+        for sig in watched:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    try:
+        for sig in STOP_SIGNALS:
+            if previous[sig] is not signal.SIG_IGN:
+                signal.signal(sig, stop)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with _stop_signals_interrupt():
+        try:
+            return _dispatch(argv)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                print("interrupted" + ("" if signum == signal.SIGINT else f" by {name}"), file=sys.stderr)
+            return 128 + signum
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         mod, _, fn = DELEGATED[argv[0]][0].partition(":")
         return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
@@ -395,8 +456,4 @@ def main(argv: list[str] | None = None) -> int:
         args.script_args = [*args.script_args, *passthrough]
     if getattr(args, "expect", "absent") is None:
         args.expect = ["PASS"]
-    try:
-        return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return int(args.handler(args) or 0)

@@ -3,6 +3,7 @@ the right verdict, with its evidence, and leave no process alive."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -364,9 +365,12 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
     assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
 
 
-def test_interrupted_run_leaves_nothing_behind(tmp_path):
-    """Ctrl-C in the middle of a run: exit 130, the scenario's tree killed, and neither the run's
-    directory nor the tree's temp dir left in TMPDIR (there is no verdict to keep evidence for)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_interrupted_run_leaves_nothing_behind(tmp_path, sig):
+    """Ctrl-C (SIGINT), SIGTERM (``timeout``, a CI cancel) or SIGHUP (a closed terminal) in the
+    middle of a run: exit 128 + the signal's number, the scenario's tree killed (it runs in a
+    session of its own, out of reach of the signal), and neither the run's directory nor the
+    tree's temp dir left in TMPDIR (there is no verdict to keep evidence for)."""
     env = {k: v for k, v in os.environ.items() if k != "SPLITREPRO_KEEP"}
     env["TMPDIR"] = str(tmp_path)
     cmd = [sys.executable, "-m", "repro", "script", str(PROGRAMS / "long_sleep.py"), "--no-fingerprint", "--timeout", "120"]
@@ -379,24 +383,32 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path):
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
     )
+    child = None
     try:
         # the run is under way once the CLI's child (the scenario's interpreter) exists
         until = time.monotonic() + 60
-        child = None
         while child is None:
             assert cli.poll() is None and time.monotonic() < until, "the run never started"
             child = next((p for p in psutil.Process(cli.pid).children() if "repro.harness.child" in p.cmdline()), None)
             if child is None:
                 time.sleep(0.05)  # polling another process's start: there is nothing to wait on
         assert list(tmp_path.glob("splitrepro-long_sleep.py-*")) and list(tmp_path.glob("sr-*"))
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal(sig)
         out, _ = cli.communicate(timeout=60)
     finally:
         if cli.poll() is None:
             cli.kill()
             cli.wait()
-    assert cli.returncode == 130 and "interrupted" in out, out
-    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        survived = False
+        if child is not None:
+            with contextlib.suppress(psutil.Error):
+                survived = child.status() != psutil.STATUS_ZOMBIE
+            if survived:  # fail, but leave nothing running: the scenario's session is the child's pid
+                os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                child.wait(10)  # reaps it if it was reparented here (this process may be a subreaper)
+    assert cli.returncode == 128 + sig and "interrupted" in out, (cli.returncode, out)
+    assert not survived, "the scenario's tree outlived the harness"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -440,25 +440,29 @@ def _run(
                 repr(deadline),
                 *_after_dashdash(child_args),
             ]
-            with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=so,
-                    stderr=se,
-                    cwd=work,
-                    env=child_env(
-                        {**(env or {}), **({"TMPDIR": str(scratch)} if scratch else {})},
-                        token=token,
-                        evidence_dir=str(evidence_dir),
-                    ),
-                    start_new_session=True,
-                )
-            tree = ev.Tree(proc.pid, token)
-            # the run's session is the root's pid; with the root's start time it names the run's
-            # processes after the run too (pids are reused)
-            result.evidence["root"] = {"pid": proc.pid, "start": tree.root_start}
+            # The try opens before the start: an interruption (Ctrl-C, SIGTERM through the CLI)
+            # at any point after Popen returns still kills the tree.
+            proc: subprocess.Popen | None = None
+            tree: ev.Tree | None = None
             try:
+                with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=so,
+                        stderr=se,
+                        cwd=work,
+                        env=child_env(
+                            {**(env or {}), **({"TMPDIR": str(scratch)} if scratch else {})},
+                            token=token,
+                            evidence_dir=str(evidence_dir),
+                        ),
+                        start_new_session=True,
+                    )
+                tree = ev.Tree(proc.pid, token)
+                # the run's session is the root's pid; with the root's start time it names the
+                # run's processes after the run too (pids are reused)
+                result.evidence["root"] = {"pid": proc.pid, "start": tree.root_start}
                 detector = HangDetector(window=window, deadline=deadline)
                 verdict = _watch(proc, tree, detector, deadline, readable)
                 result.seconds = round(time.monotonic() - t0, 3)  # same origin as the deadline
@@ -477,8 +481,10 @@ def _run(
                     window,
                 )
             except BaseException:
-                # interrupted (Ctrl-C, pytest-timeout) or a harness bug: never leave the tree behind
-                tree.kill_all(proc)
+                # interrupted (Ctrl-C, SIGTERM/SIGHUP through the CLI, pytest-timeout) or a harness
+                # bug: never leave the tree behind
+                if proc is not None:
+                    (tree or ev.Tree(proc.pid, token)).kill_all(proc)
                 raise
     except KeyboardInterrupt:
         # the user stopped it (also while waiting for the run lock): no verdict, so no evidence
