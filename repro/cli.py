@@ -228,6 +228,9 @@ def cmd_script(args) -> int:
     if not Path(args.path).is_file():
         print(f"python -m repro script: error: not a file: {args.path}", file=sys.stderr)
         return 2
+    if args.cwd is not None and not Path(args.cwd).is_dir():
+        print(f"python -m repro script: error: --cwd: not a directory: {args.cwd}", file=sys.stderr)
+        return 2
     extra = args.script_args
     r = run_script(
         args.path,
@@ -236,6 +239,7 @@ def cmd_script(args) -> int:
         python=args.python,
         expect=args.expect,
         fingerprint=not args.no_fingerprint,
+        cwd=args.cwd,
     )
     print(_line(r))
     print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
@@ -350,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)"
     )
     p.add_argument("--python", type=interpreter, default=sys.executable)
+    p.add_argument(
+        "--cwd", metavar="DIR", default=None, help="directory to run the script in (default: the current one)"
+    )
     p.add_argument("script_args", nargs="*", help="the script's arguments, after --")
     p.set_defaults(handler=cmd_script)
 

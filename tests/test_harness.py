@@ -155,6 +155,38 @@ def test_script_arguments_and_pass():
     assert r.evidence["termination"]["kind"] == "exit"
 
 
+def test_script_runs_in_the_callers_directory(tmp_path, monkeypatch):
+    """As `python FILE ARGS`: relative paths in the arguments are read from the caller's current
+    directory, and a file the script writes relatively stays there after the run."""
+    (tmp_path / "in.txt").write_text("input\n")
+    monkeypatch.chdir(tmp_path)
+    r = run("relative_paths", args=["in.txt", "out.txt"])
+    assert r.outcome == "PASS" and r.ok, r.summary()
+    assert (tmp_path / "out.txt").read_text() == "INPUT\n"
+    assert r.params["cwd"] == str(tmp_path)
+
+
+def test_cli_script_cwd_chooses_the_directory(tmp_path, capsys):
+    from repro import cli
+
+    (tmp_path / "in.txt").write_text("input\n")
+    prog = str(PROGRAMS / "relative_paths.py")
+    rc = cli.main(["script", prog, "--no-fingerprint", "--cwd", str(tmp_path), "--", "in.txt", "out.txt"])
+    assert rc == 0, capsys.readouterr().out
+    assert (tmp_path / "out.txt").read_text() == "INPUT\n"
+
+
+def test_script_whose_name_starts_with_a_dash(tmp_path):
+    """The child's options carry their values as --opt=VALUE: a script named '-dash.py' is not
+    taken for an option."""
+    script = tmp_path / "-dash.py"
+    script.write_text((PROGRAMS / "ok.py").read_text())
+    r = run_script(script, timeout=GENEROUS, args=["a", "b"], fingerprint=False, out_dir=tmp_path / "out")
+    assert_nothing_left(r)
+    assert r.outcome == "PASS" and r.ok, r.summary()
+    assert r.scenario == "-dash.py"
+
+
 # -- CRASH and deliberate exits ----------------------------------------------------------------
 def test_abort_is_crash_named_sigabrt():
     r = run("abort")

@@ -1,8 +1,8 @@
 """Run one scenario variant, or any Python script, in a fresh interpreter and classify it.
 
 The child is ``python -m repro.harness.child ...`` started with ``subprocess.Popen`` (never a
-fork of this process), in its own session, stdin from /dev/null, stdout/stderr to files, in a
-per-run working directory, with a controlled environment. While it runs, the whole process
+fork of this process), in its own session, stdin from /dev/null, stdout/stderr to files, with a
+controlled environment; a scenario runs in a per-run working directory, a script in the caller's. While it runs, the whole process
 tree is sampled from /proc (:mod:`repro.harness.verdict`) so that a HANG is decided about a
 second after the tree goes quiescent rather than at the deadline. On HANG/TIMEOUT/CRASH the
 evidence (:mod:`repro.harness.evidence`) is gathered, then every process of the run is killed
@@ -276,17 +276,13 @@ def run_variant(
         build = Build(build.fp, variant.env)
     expected, reason = variant.expected(build)
     limit = float(timeout if timeout is not None else scenario.timeout_for(variant))
+    # --option=VALUE throughout: a value starting with '-' is never read as an option
     argv = [
-        "--func",
-        scenario.func,
-        "--scenario",
-        scenario.name,
-        "--variant",
-        variant.name,
-        "--kind",
-        variant.kind,
-        "--params",
-        json.dumps(dict(variant.params), default=str),
+        f"--func={scenario.func}",
+        f"--scenario={scenario.name}",
+        f"--variant={variant.name}",
+        f"--kind={variant.kind}",
+        f"--params={json.dumps(dict(variant.params), default=str)}",
     ]
     return _run(
         argv,
@@ -317,22 +313,31 @@ def run_script(
     fingerprint: dict[str, Any] | bool = True,
     out_dir: str | os.PathLike | None = None,
     serial: bool = False,
+    cwd: str | os.PathLike | None = None,
 ) -> Result:
     """Run any Python file as ``__main__`` in a fresh interpreter, with the same verdicts.
 
+    As ``python PATH ARGS`` would: in the caller's current directory (``cwd`` to choose
+    another), so that relative paths in ``args`` and files the script writes relatively are
+    where the caller expects them. ``path`` itself is resolved against the caller's directory.
     ``fingerprint``: True collects the interpreter's fingerprint (cached), False leaves it
     empty (no torch import at all), a dict is used as is.
     """
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"script not found: {path}")
+    where = Path(cwd).resolve() if cwd is not None else Path.cwd()
+    if not where.is_dir():
+        raise NotADirectoryError(f"not a directory to run in: {where}")
     if fingerprint is True:
         from repro.harness.fingerprint import get_fingerprint
 
         fp = get_fingerprint(python)
     else:
         fp = dict(fingerprint) if isinstance(fingerprint, dict) else {}
-    argv = ["--script", str(path), "--scenario", path.name, "--kind", "script", "--", *map(str, args)]
+    # The child starts in the run's work dir (so that `-m` puts nothing of the caller's on
+    # sys.path) and changes to `where` just before the script runs.
+    argv = [f"--script={path}", f"--scenario={path.name}", "--kind=script", f"--cwd={where}", "--", *map(str, args)]
     return _run(
         argv,
         scenario=path.name,
@@ -343,7 +348,7 @@ def run_script(
         timeout=float(timeout),
         python=python,
         env=dict(env or {}),
-        params={"args": list(map(str, args))},
+        params={"args": list(map(str, args)), "cwd": str(where)},
         fingerprint=fp,
         serial=serial,
         out_dir=out_dir,
@@ -427,14 +432,10 @@ def _run(
                 "-m",
                 "repro.harness.child",
                 *_split_before_dashdash(child_args),
-                "--result",
-                str(result_path),
-                "--workdir",
-                str(work),
-                "--timeout",
-                str(timeout),
-                "--deadline",
-                repr(deadline),
+                f"--result={result_path}",
+                f"--workdir={work}",
+                f"--timeout={timeout!r}",
+                f"--deadline={deadline!r}",
                 *_after_dashdash(child_args),
             ]
             with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
