@@ -325,20 +325,45 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
         (["matrix", "{notjson}", "-o", "{out}"], "not JSON"),
         (["matrix", "{empty}", "-o", "{out}"], "no cell files found"),
         (["hazards", "{notjson}", "-o", "{out}.md"], "not JSON"),
+        (["run", "no_such_scenario"], "run: error: unknown scenario 'no_such_scenario'"),
+        (["run"], "run: error: name a scenario"),
+        (["run", "harness_overhead:badvariant"], "run: error: scenario 'harness_overhead' has no variant 'badvariant'"),
+        (["run", "harness_overhead", "--kind", "hazard"], "run: error: nothing selected"),
+        (["bench", "no_such_scenario", "--json", "{out}.json"], "bench: error: unknown scenario"),
+        (["script", "{ok}", "--cwd", "{missing}"], "--cwd: not a directory"),
+        # interpreters that give no fingerprint: no torch, something else on stdout, a hang
+        (["run", "harness_overhead", "--python", "{notorch}"], "run: error: could not fingerprint"),
+        (["script", "{ok}", "--python", "{notorch}", "--", "a", "b"], "No module named 'torch'"),
+        (["env", "--python", "{chatty}"], "env: error: could not fingerprint"),
+        (["env", "--python", "{hangs}"], "no answer in 2s"),
     ],
 )
-def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
-    """A wrong path, interpreter or number is named in one line with exit status 2, never a traceback."""
+def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys, monkeypatch):
+    """A wrong path, name, interpreter or number is named in one line with exit status 2 (1 is
+    for outcomes not as expected), never a traceback."""
     from repro import cli
+    from repro.harness import fingerprint
 
     (tmp_path / "notjson.json").write_text("this is not json")
     (tmp_path / "empty").mkdir()
+    real = sys.executable
+    pythons = {  # -S: no site-packages, so no torch; the project still comes through PYTHONPATH
+        "notorch": f'exec {real} -S "$@"\n',
+        "chatty": "echo 'hello from a shell profile'\n",
+        "hangs": f'case "$1" in -c) exec {real} "$@";; *) exec sleep 600;; esac\n',  # finds torch, hangs importing it
+    }
+    for name, body in pythons.items():
+        (tmp_path / name).write_text("#!/bin/sh\n" + body)
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setattr(fingerprint, "PROBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(fingerprint, "COLLECT_TIMEOUT_S", 2.0)
     paths = {
         "ok": str(PROGRAMS / "ok.py"),
         "missing": str(tmp_path / "missing.json"),
         "notjson": str(tmp_path / "notjson.json"),
         "empty": str(tmp_path / "empty"),
         "out": str(tmp_path / "report"),
+        **{name: str(tmp_path / name) for name in pythons},
     }
     argv = [a.format(**paths) for a in argv]
     try:
@@ -348,6 +373,7 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert says in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 or "usage:" in err, err  # one line, or argparse's usage + line
     assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
 
 
