@@ -226,6 +226,30 @@ def test_native_exit_with_mkl_message_is_told_apart_from_a_crash():
     assert {"intel-mkl-error", "mkl-threading-layer-incompatible"} <= set(r.evidence["signatures"])
 
 
+def test_signature_in_the_error_the_root_raised():
+    """The root's exception is recorded in the result, not printed: its message is sought too."""
+    r = run("error_with_signature")
+    assert r.outcome == "ERROR", r.summary()
+    assert "dataloader-worker-died" in r.evidence["signatures"], r.summary()
+
+
+@pytest.mark.parametrize(
+    "which, message, signature, kind",
+    [
+        ("omp", "OMP: Error #15", "omp-error-15-duplicate-runtime", "abort"),
+        ("mkl", "INTEL MKL ERROR", "intel-mkl-error", "deliberate-native-exit"),
+    ],
+)
+def test_signature_followed_by_more_than_a_tail_of_stderr(which, message, signature, kind):
+    """A message followed by more output than the stored tail holds is still named, and the
+    classification that rests on it (MKL's deliberate exit) still holds."""
+    r = run("early_signature", args=[which])
+    assert r.outcome == "CRASH", r.summary()
+    assert signature in r.evidence["signatures"], r.summary()
+    assert r.evidence["termination"]["kind"] == kind, r.evidence["termination"]
+    assert message not in r.evidence["stderr_tail"] and len(r.evidence["stderr_tail"]) <= 4001  # the tail stays short
+
+
 def test_expected_outcome_makes_ok():
     r = run("sys_exit", expect=["FAIL"])
     assert r.ok

@@ -644,7 +644,15 @@ def _finish(
     if crash_fh:
         evd["faulthandler"] = crash_fh
     evd["stderr_tail"] = stderr_tail
-    evd["signatures"] = ev.match_signatures(stderr_tail, *crash_fh.values())
+    # Signatures anywhere in stderr, not only in its tail, and in the error the root recorded
+    # (the child keeps it out of stderr: a DataLoader's "worker (pid N) is killed" is raised there).
+    in_stderr, unread = ev.scan_signatures(stderr_path)
+    if unread:
+        notes.append(f"stderr is long: {unread} bytes in its middle not sought for signatures")
+    error = child.get("error") or {}
+    recorded = f"{error.get('type')}: {error.get('message')}" if error else ""
+    found = set(in_stderr) | set(ev.match_signatures(recorded, *crash_fh.values()))
+    evd["signatures"] = [name for name in ev.SIGNATURES if name in found]
     evd["termination"] = _termination(rc, child, verdict, evd["signatures"])
     evd["exit_code"] = rc
     if stacks:
