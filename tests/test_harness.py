@@ -204,6 +204,16 @@ def test_segfault_is_crash_named_sigsegv():
     assert "string_at" in r.evidence["top_frame"]
 
 
+def test_killed_by_a_signal_after_reporting_fail_is_crash():
+    """A signal is a crash whatever the code reported before it: the FAIL it recorded stays in
+    the evidence, the crash is not hidden behind it."""
+    r = run("fail_then_segfault")
+    assert r.outcome == "CRASH", r.summary()
+    term = r.evidence["termination"]
+    assert term["signal"] == "SIGSEGV" and "'fail'" in term["description"], term
+    assert r.evidence["child_status"] == "fail" and r.error["type"] == "AssertionError"
+
+
 def test_exit_without_result_is_crash_with_code():
     r = run("os_exit")
     assert r.outcome == "CRASH"

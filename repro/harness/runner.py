@@ -680,6 +680,9 @@ def _finish(
 
 def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
     status = child.get("status")
+    if rc is not None and rc < 0:
+        # killed by a signal: a crash whatever the code reported before (the termination says what)
+        return Outcome.CRASH.value
     if rc == 0 and status == "pass":
         return Outcome.PASS.value
     if status == "fail":
@@ -688,7 +691,7 @@ def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
         return Outcome.ERROR.value
     if status == "exit" and rc is not None and rc > 0:
         return Outcome.FAIL.value  # a deliberate sys.exit(n): the program's own verdict
-    return Outcome.CRASH.value  # signal, abort, exit without a final result, or rc != 0 after pass
+    return Outcome.CRASH.value  # exit without a final result, or rc != 0 after pass
 
 
 def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, signatures: list[str]) -> dict[str, Any]:
@@ -709,6 +712,8 @@ def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, sig
             name, text = f"signal {-rc}", ""
         kind = "abort" if name == "SIGABRT" else "signal"
         desc = f"killed by {name}" + (f" ({text})" if text else "")
+        if status in ("pass", "fail", "error", "exit"):
+            desc += f" after the code reported {status!r} (the signal came after its result was written)"
         return {"kind": kind, "signal": name, "description": desc}
     if rc == 0:
         if status == "pass":
