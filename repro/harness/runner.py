@@ -2,9 +2,10 @@
 
 The child is ``python -m repro.harness.child ...`` started with ``subprocess.Popen`` (never a
 fork of this process), in its own session, stdin from /dev/null, stdout/stderr to files, with a
-controlled environment; a scenario runs in a per-run working directory, a script in the caller's. While it runs, the whole process
-tree is sampled from /proc (:mod:`repro.harness.verdict`) so that a HANG is decided about a
-second after the tree goes quiescent rather than at the deadline. On HANG/TIMEOUT/CRASH the
+controlled environment; a scenario runs in a per-run working directory, a script in the caller's
+current directory. While it runs, the whole process tree is sampled from /proc
+(:mod:`repro.harness.verdict`) so that a HANG is decided about a second after the tree goes
+quiescent rather than at the deadline. On HANG/TIMEOUT/CRASH the
 evidence (:mod:`repro.harness.evidence`) is gathered, then every process of the run is killed
 and reaped; a process that survives marks the run failed.
 
