@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from repro import figures as _figures
-from repro.cli import positive_float
+from repro.cli import positive_float, usage_error
 from repro.harness.report import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,13 @@ def select(catalogue: dict[str, Any], names: list[str]) -> list[tuple[Any, Any]]
     for name in names:
         scen, _, var = name.partition(":")
         if scen not in catalogue:
-            raise SystemExit(f"unknown scenario {scen!r}; known: {', '.join(catalogue)}")
+            usage_error("bench", f"unknown scenario {scen!r}; known: {', '.join(catalogue)}")
         sc = catalogue[scen]
         if var:
-            chosen.append((sc, sc.variant(var)))
+            try:
+                chosen.append((sc, sc.variant(var)))
+            except KeyError as exc:
+                usage_error("bench", str(exc.args[0]))
         else:
             loads = [v for v in sc.variants if v.kind == "load"]
             chosen.extend((sc, v) for v in (loads or sc.variants))

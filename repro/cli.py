@@ -1,7 +1,9 @@
 """``python -m repro`` — list, run, script, env, report (plus subcommands other modules register).
 
 The CLI process is a harness parent: it never imports torch, numpy or transformers.
-Exit status of ``run`` and ``script``: 0 exactly when every observed outcome is the expected one.
+Exit status of ``run`` and ``script``: 0 exactly when every observed outcome is the expected one,
+1 when one was not; every command: 2 on a usage error (a bad argument, an unknown scenario or
+variant, an interpreter that cannot be fingerprinted), named in one line.
 Ctrl-C (SIGINT), SIGTERM (``timeout``, a CI cancel) and SIGHUP (a closed terminal) stop any
 command the same way: the run in progress has its process tree killed and reaped (the tree runs
 in a session of its own, out of reach of signals sent to the CLI's) and its temp dirs removed,
@@ -29,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("repro.bench:main", "timed load scenarios (see python -m repro bench --help)"),
@@ -40,6 +42,16 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "hazards": ("repro.hazards_doc:main", "write docs/HAZARDS.md from the claims and matrix results (see --help)"),
 }
 SUBCOMMANDS: dict[str, Callable[[Any], None] | str] = {}
+
+
+USAGE = 2  # exit status of a usage error, as argparse's
+
+
+def usage_error(command: str, message: str) -> NoReturn:
+    """A usage error found after parsing: one line on stderr, as argparse words its own, and
+    exit status 2 (1 means an outcome was not the expected one)."""
+    print(f"python -m repro {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(USAGE)
 
 
 # -- argument types: a bad value is a usage error (exit 2) named by argparse, never a traceback
@@ -81,19 +93,19 @@ def _select(catalogue, names: list[str], all_: bool, kinds: list[str] | None) ->
     chosen = []
     if all_ or not names:
         if not all_:
-            raise SystemExit("run: name a scenario (NAME or NAME:VARIANT) or pass --all")
+            usage_error("run", "name a scenario (NAME or NAME:VARIANT) or pass --all")
         for sc in catalogue.values():
             chosen.extend((sc, v) for v in sc.variants)
     for name in names:
         sname, _, vname = name.partition(":")
         if sname not in catalogue:
-            raise SystemExit(f"unknown scenario {sname!r}; known: {', '.join(catalogue)}")
+            usage_error("run", f"unknown scenario {sname!r}; known: {', '.join(catalogue)}")
         sc = catalogue[sname]
         if vname:
             try:
                 chosen.append((sc, sc.variant(vname)))
             except KeyError as exc:
-                raise SystemExit(str(exc.args[0])) from None
+                usage_error("run", str(exc.args[0]))
         else:
             chosen.extend((sc, v) for v in sc.variants)
     if kinds:
@@ -163,17 +175,25 @@ def _write_report(path: str, results) -> None:
     Path(path).write_text(render(results))
 
 
+def _fingerprint(command: str, python: str, **kw: Any) -> dict[str, Any]:
+    """The build's fingerprint; an interpreter that cannot give one is a usage error."""
+    from repro.harness.fingerprint import FingerprintError, get_fingerprint
+
+    try:
+        return get_fingerprint(python, **kw)
+    except FingerprintError as exc:
+        usage_error(command, str(exc))
+
+
 def cmd_run(args) -> int:
-    from repro.harness.fingerprint import get_fingerprint
     from repro.harness.runner import Result, run_variant
     from repro.harness.spec import Build
 
     cat = _catalogue()
     chosen = _select(cat, args.names, args.all, args.kind)
     if not chosen:
-        print("nothing selected", file=sys.stderr)
-        return 2
-    fp = get_fingerprint(args.python)
+        usage_error("run", f"nothing selected: no variant named is of kind {' or '.join(args.kind or [])}")
+    fp = _fingerprint("run", args.python)
     for w in fp.get("warnings") or []:
         print(f"warning: {w}", file=sys.stderr)
     total = len(chosen) * args.repeat
@@ -235,6 +255,9 @@ def cmd_script(args) -> int:
     if not Path(args.path).is_file():
         print(f"python -m repro script: error: not a file: {args.path}", file=sys.stderr)
         return 2
+    if args.cwd is not None and not Path(args.cwd).is_dir():
+        print(f"python -m repro script: error: --cwd: not a directory: {args.cwd}", file=sys.stderr)
+        return 2
     extra = args.script_args
     r = run_script(
         args.path,
@@ -242,7 +265,8 @@ def cmd_script(args) -> int:
         args=extra,
         python=args.python,
         expect=args.expect,
-        fingerprint=not args.no_fingerprint,
+        fingerprint=False if args.no_fingerprint else _fingerprint("script", args.python),
+        cwd=args.cwd,
     )
     print(_line(r))
     print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
@@ -259,9 +283,7 @@ def cmd_env(args) -> int:
 
         fp = collect()
     else:
-        from repro.harness.fingerprint import get_fingerprint
-
-        fp = get_fingerprint(args.python, refresh=args.refresh)
+        fp = _fingerprint("env", args.python, refresh=args.refresh)
     if args.json:
         print(json.dumps(fp, indent=1, sort_keys=True, default=str))
         return 0
@@ -357,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fingerprint", action="store_true", help="do not fingerprint the build (no torch import anywhere)"
     )
     p.add_argument("--python", type=interpreter, default=sys.executable)
+    p.add_argument(
+        "--cwd", metavar="DIR", default=None, help="directory to run the script in (default: the current one)"
+    )
     p.add_argument("script_args", nargs="*", help="the script's arguments, after --")
     p.set_defaults(handler=cmd_script)
 

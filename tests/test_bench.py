@@ -20,13 +20,16 @@ def _catalogue():
     }
 
 
-def test_select_defaults_to_load_variants():
+def test_select_defaults_to_load_variants(capsys):
     cat = _catalogue()
     assert [(s.name, v.name) for s, v in bench.select(cat, [])] == [("a", "x")]
     assert [(s.name, v.name) for s, v in bench.select(cat, ["b"])] == [("b", "only")]  # no load variant: all
     assert [(s.name, v.name) for s, v in bench.select(cat, ["a:y", "a", "a:y"])] == [("a", "y"), ("a", "x")]
-    with pytest.raises(SystemExit, match="unknown scenario"):
-        bench.select(cat, ["nope"])
+    for name, says in (("nope", "unknown scenario 'nope'"), ("a:nope", "has no variant 'nope'")):
+        with pytest.raises(SystemExit) as exc:
+            bench.select(cat, [name])
+        assert exc.value.code == 2  # a usage error
+        assert says in capsys.readouterr().err
 
 
 def test_variants_that_do_not_apply_are_skipped_with_the_reason():

@@ -164,6 +164,38 @@ def test_script_arguments_and_pass():
     assert r.evidence["termination"]["kind"] == "exit"
 
 
+def test_script_runs_in_the_callers_directory(tmp_path, monkeypatch):
+    """As `python FILE ARGS`: relative paths in the arguments are read from the caller's current
+    directory, and a file the script writes relatively stays there after the run."""
+    (tmp_path / "in.txt").write_text("input\n")
+    monkeypatch.chdir(tmp_path)
+    r = run("relative_paths", args=["in.txt", "out.txt"])
+    assert r.outcome == "PASS" and r.ok, r.summary()
+    assert (tmp_path / "out.txt").read_text() == "INPUT\n"
+    assert r.params["cwd"] == str(tmp_path)
+
+
+def test_cli_script_cwd_chooses_the_directory(tmp_path, capsys):
+    from repro import cli
+
+    (tmp_path / "in.txt").write_text("input\n")
+    prog = str(PROGRAMS / "relative_paths.py")
+    rc = cli.main(["script", prog, "--no-fingerprint", "--cwd", str(tmp_path), "--", "in.txt", "out.txt"])
+    assert rc == 0, capsys.readouterr().out
+    assert (tmp_path / "out.txt").read_text() == "INPUT\n"
+
+
+def test_script_whose_name_starts_with_a_dash(tmp_path):
+    """The child's options carry their values as --opt=VALUE: a script named '-dash.py' is not
+    taken for an option."""
+    script = tmp_path / "-dash.py"
+    script.write_text((PROGRAMS / "ok.py").read_text())
+    r = run_script(script, timeout=GENEROUS, args=["a", "b"], fingerprint=False, out_dir=tmp_path / "out")
+    assert_nothing_left(r)
+    assert r.outcome == "PASS" and r.ok, r.summary()
+    assert r.scenario == "-dash.py"
+
+
 # -- CRASH and deliberate exits ----------------------------------------------------------------
 def test_abort_is_crash_named_sigabrt():
     r = run("abort")
@@ -179,6 +211,16 @@ def test_segfault_is_crash_named_sigsegv():
     assert r.evidence["termination"]["signal"] == "SIGSEGV"
     assert "segmentation-fault" in r.evidence["signatures"]
     assert "string_at" in r.evidence["top_frame"]
+
+
+def test_killed_by_a_signal_after_reporting_fail_is_crash():
+    """A signal is a crash whatever the code reported before it: the FAIL it recorded stays in
+    the evidence, the crash is not hidden behind it."""
+    r = run("fail_then_segfault")
+    assert r.outcome == "CRASH", r.summary()
+    term = r.evidence["termination"]
+    assert term["signal"] == "SIGSEGV" and "'fail'" in term["description"], term
+    assert r.evidence["child_status"] == "fail" and r.error["type"] == "AssertionError"
 
 
 def test_exit_without_result_is_crash_with_code():
@@ -201,6 +243,30 @@ def test_native_exit_with_mkl_message_is_told_apart_from_a_crash():
     assert r.outcome == "CRASH" and term["kind"] == "deliberate-native-exit" and term["deliberate"]
     assert "signal" not in term
     assert {"intel-mkl-error", "mkl-threading-layer-incompatible"} <= set(r.evidence["signatures"])
+
+
+def test_signature_in_the_error_the_root_raised():
+    """The root's exception is recorded in the result, not printed: its message is sought too."""
+    r = run("error_with_signature")
+    assert r.outcome == "ERROR", r.summary()
+    assert "dataloader-worker-died" in r.evidence["signatures"], r.summary()
+
+
+@pytest.mark.parametrize(
+    "which, message, signature, kind",
+    [
+        ("omp", "OMP: Error #15", "omp-error-15-duplicate-runtime", "abort"),
+        ("mkl", "INTEL MKL ERROR", "intel-mkl-error", "deliberate-native-exit"),
+    ],
+)
+def test_signature_followed_by_more_than_a_tail_of_stderr(which, message, signature, kind):
+    """A message followed by more output than the stored tail holds is still named, and the
+    classification that rests on it (MKL's deliberate exit) still holds."""
+    r = run("early_signature", args=[which])
+    assert r.outcome == "CRASH", r.summary()
+    assert signature in r.evidence["signatures"], r.summary()
+    assert r.evidence["termination"]["kind"] == kind, r.evidence["termination"]
+    assert message not in r.evidence["stderr_tail"] and len(r.evidence["stderr_tail"]) <= 4001  # the tail stays short
 
 
 def test_expected_outcome_makes_ok():
@@ -339,20 +405,45 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
         (["matrix", "{notjson}", "-o", "{out}"], "not JSON"),
         (["matrix", "{empty}", "-o", "{out}"], "no cell files found"),
         (["hazards", "{notjson}", "-o", "{out}.md"], "not JSON"),
+        (["run", "no_such_scenario"], "run: error: unknown scenario 'no_such_scenario'"),
+        (["run"], "run: error: name a scenario"),
+        (["run", "harness_overhead:badvariant"], "run: error: scenario 'harness_overhead' has no variant 'badvariant'"),
+        (["run", "harness_overhead", "--kind", "hazard"], "run: error: nothing selected"),
+        (["bench", "no_such_scenario", "--json", "{out}.json"], "bench: error: unknown scenario"),
+        (["script", "{ok}", "--cwd", "{missing}"], "--cwd: not a directory"),
+        # interpreters that give no fingerprint: no torch, something else on stdout, a hang
+        (["run", "harness_overhead", "--python", "{notorch}"], "run: error: could not fingerprint"),
+        (["script", "{ok}", "--python", "{notorch}", "--", "a", "b"], "No module named 'torch'"),
+        (["env", "--python", "{chatty}"], "env: error: could not fingerprint"),
+        (["env", "--python", "{hangs}"], "no answer in 2s"),
     ],
 )
-def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
-    """A wrong path, interpreter or number is named in one line with exit status 2, never a traceback."""
+def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys, monkeypatch):
+    """A wrong path, name, interpreter or number is named in one line with exit status 2 (1 is
+    for outcomes not as expected), never a traceback."""
     from repro import cli
+    from repro.harness import fingerprint
 
     (tmp_path / "notjson.json").write_text("this is not json")
     (tmp_path / "empty").mkdir()
+    real = sys.executable
+    pythons = {  # -S: no site-packages, so no torch; the project still comes through PYTHONPATH
+        "notorch": f'exec {real} -S "$@"\n',
+        "chatty": "echo 'hello from a shell profile'\n",
+        "hangs": f'case "$1" in -c) exec {real} "$@";; *) exec sleep 600;; esac\n',  # finds torch, hangs importing it
+    }
+    for name, body in pythons.items():
+        (tmp_path / name).write_text("#!/bin/sh\n" + body)
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setattr(fingerprint, "PROBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(fingerprint, "COLLECT_TIMEOUT_S", 2.0)
     paths = {
         "ok": str(PROGRAMS / "ok.py"),
         "missing": str(tmp_path / "missing.json"),
         "notjson": str(tmp_path / "notjson.json"),
         "empty": str(tmp_path / "empty"),
         "out": str(tmp_path / "report"),
+        **{name: str(tmp_path / name) for name in pythons},
     }
     argv = [a.format(**paths) for a in argv]
     try:
@@ -362,6 +453,7 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert says in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 or "usage:" in err, err  # one line, or argparse's usage + line
     assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
 
 

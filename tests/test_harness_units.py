@@ -139,6 +139,34 @@ def test_signatures():
     assert ev.match_signatures("all fine") == []
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 100, 4096, 1 << 20])
+@pytest.mark.parametrize("line_end", ["\n", ""])
+def test_scan_signatures_reads_the_whole_file_in_chunks(tmp_path, chunk, line_end):
+    """Found wherever they are: across chunk cuts, in a line longer than a chunk (no newline
+    before it), with multi-byte text around; a file of nothing known matches nothing."""
+    noise = "".join(f"bruit n° {i} ⟂ unrelated\n" for i in range(300))
+    text = noise + "x" * 5000 + line_end + "[mutex.cc : 452] RAW: Lock blocking 0x1\n" + noise
+    text += "OMP: Error #15: Initializing libiomp5.so" + ("y" * 3000 if not line_end else "\n") + noise
+    path = tmp_path / "stderr.txt"
+    path.write_text(text)
+    found, unread = ev.scan_signatures(path, chunk=chunk)
+    assert found == ["abseil-mutex-raw-lock-blocking", "omp-error-15-duplicate-runtime"] and unread == 0
+    (tmp_path / "plain.txt").write_text(noise)
+    assert ev.scan_signatures(tmp_path / "plain.txt", chunk=chunk) == ([], 0)
+    assert ev.scan_signatures(tmp_path / "missing.txt") == ([], 0)
+
+
+def test_scan_signatures_of_a_huge_file_reads_its_head_and_tail(tmp_path):
+    path = tmp_path / "stderr.txt"
+    filler = "z" * 99 + "\n"
+    path.write_text("Fatal Python error: one\n" + filler * 50 + "libgomp: in the middle\n" + filler * 50 + "Bus error\n")
+    size = path.stat().st_size
+    found, unread = ev.scan_signatures(path, limit=2000, chunk=256)
+    assert found == ["python-fatal-error", "bus-error"]  # the middle, beyond the limit, is not read
+    assert unread == size - 2000
+    assert "libgomp-error" in ev.scan_signatures(path, limit=size, chunk=256)[0]
+
+
 def test_top_frame_of_py_spy_dump():
     dump = 'Thread 7 (idle): "MainThread"\n    0x7f (libgomp.so.1)\n    _wait_child (repro/scenarios/fork_threads.py:62)\n    <module> (x.py:1)\n'
     assert ev.top_frame(dump) == "_wait_child (repro/scenarios/fork_threads.py:62)"

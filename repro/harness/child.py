@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="{}", help="JSON object")
     ap.add_argument("--result", required=True)
     ap.add_argument("--workdir", default=".")
+    ap.add_argument("--cwd", default=None, help="directory a script runs in (the caller's own)")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--deadline", type=float, default=None, help="absolute time.monotonic() deadline of the parent")
     ap.add_argument("script_args", nargs=argparse.REMAINDER)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
             sys.argv = [args.script, *extra]
             sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+            if args.cwd:
+                os.chdir(args.cwd)
             import runpy
 
             runpy.run_path(args.script, run_name="__main__")

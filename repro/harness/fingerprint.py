@@ -20,6 +20,18 @@ from pathlib import Path
 from typing import Any
 
 _MEMO: dict[str, dict[str, Any]] = {}
+PROBE_TIMEOUT_S = 60.0  # finding torch (no import)
+COLLECT_TIMEOUT_S = 300.0  # importing torch and numpy, asking threadpoolctl
+
+
+class FingerprintError(RuntimeError):
+    """The interpreter gave no fingerprint: it failed (no torch?), hung, or printed something
+    else than the fingerprint's JSON on stdout. The message is one line."""
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _version(dist: str) -> str | None:
@@ -126,7 +138,14 @@ def _torch_origin(python: str) -> str:
         spec = importlib.util.find_spec("torch")  # locates, does not import
         return spec.origin if spec and spec.origin else ""
     code = "import importlib.util as u; s = u.find_spec('torch'); print(s.origin if s and s.origin else '')"
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    try:
+        out = subprocess.run(
+            [python, "-c", code], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise FingerprintError(f"could not fingerprint {python}: no answer in {PROBE_TIMEOUT_S:g}s") from None
+    except OSError as exc:
+        raise FingerprintError(f"could not fingerprint {python}: cannot run it ({exc.strerror or exc})") from None
     return out.stdout.strip()
 
 
@@ -150,8 +169,12 @@ def cache_key(python: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def get_fingerprint(python: str = sys.executable, *, refresh: bool = False, timeout: float = 300.0) -> dict[str, Any]:
-    """The fingerprint of ``python``'s build, from a clean child, cached."""
+def get_fingerprint(
+    python: str = sys.executable, *, refresh: bool = False, timeout: float | None = None
+) -> dict[str, Any]:
+    """The fingerprint of ``python``'s build, from a clean child, cached. Raises
+    :class:`FingerprintError` (one line) when the interpreter cannot give one."""
+    timeout = COLLECT_TIMEOUT_S if timeout is None else timeout
     key = cache_key(python)
     if not refresh and key in _MEMO:
         return _MEMO[key]
@@ -165,18 +188,36 @@ def get_fingerprint(python: str = sys.executable, *, refresh: bool = False, time
             pass
     from repro.harness.runner import PROJECT_ROOT, child_env
 
-    proc = subprocess.run(
-        [python, "-m", "repro", "env", "--json", "--here"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=child_env(),
-        cwd=PROJECT_ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        proc = subprocess.run(
+            [python, "-m", "repro", "env", "--json", "--here"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            env=child_env(),
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise FingerprintError(
+            f"could not fingerprint {python}: no answer in {timeout:g}s (does importing torch hang?)"
+        ) from None
+    except OSError as exc:
+        raise FingerprintError(f"could not fingerprint {python}: cannot run it ({exc.strerror or exc})") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"could not fingerprint {python}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-    fp = json.loads(proc.stdout)
+        why = _last_line(proc.stderr) or "no message"
+        raise FingerprintError(f"could not fingerprint {python}: it exited {proc.returncode}: {why}")
+    try:
+        fp = json.loads(proc.stdout)
+    except ValueError:
+        fp = None
+    if not isinstance(fp, dict):
+        start = proc.stdout.strip()[:80]
+        raise FingerprintError(
+            f"could not fingerprint {python}: its output is not the fingerprint's JSON "
+            f"(something else printed on stdout? it begins {start!r})"
+        )
     _MEMO[key] = fp
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

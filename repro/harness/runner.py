@@ -1,10 +1,11 @@
 """Run one scenario variant, or any Python script, in a fresh interpreter and classify it.
 
 The child is ``python -m repro.harness.child ...`` started with ``subprocess.Popen`` (never a
-fork of this process), in its own session, stdin from /dev/null, stdout/stderr to files, in a
-per-run working directory, with a controlled environment. While it runs, the whole process
-tree is sampled from /proc (:mod:`repro.harness.verdict`) so that a HANG is decided about a
-second after the tree goes quiescent rather than at the deadline. On HANG/TIMEOUT/CRASH the
+fork of this process), in its own session, stdin from /dev/null, stdout/stderr to files, with a
+controlled environment; a scenario runs in a per-run working directory, a script in the caller's
+current directory. While it runs, the whole process tree is sampled from /proc
+(:mod:`repro.harness.verdict`) so that a HANG is decided about a second after the tree goes
+quiescent rather than at the deadline. On HANG/TIMEOUT/CRASH the
 evidence (:mod:`repro.harness.evidence`) is gathered, then every process of the run is killed
 and reaped; a process that survives marks the run failed.
 
@@ -276,17 +277,13 @@ def run_variant(
         build = Build(build.fp, variant.env)
     expected, reason = variant.expected(build)
     limit = float(timeout if timeout is not None else scenario.timeout_for(variant))
+    # --option=VALUE throughout: a value starting with '-' is never read as an option
     argv = [
-        "--func",
-        scenario.func,
-        "--scenario",
-        scenario.name,
-        "--variant",
-        variant.name,
-        "--kind",
-        variant.kind,
-        "--params",
-        json.dumps(dict(variant.params), default=str),
+        f"--func={scenario.func}",
+        f"--scenario={scenario.name}",
+        f"--variant={variant.name}",
+        f"--kind={variant.kind}",
+        f"--params={json.dumps(dict(variant.params), default=str)}",
     ]
     return _run(
         argv,
@@ -317,22 +314,31 @@ def run_script(
     fingerprint: dict[str, Any] | bool = True,
     out_dir: str | os.PathLike | None = None,
     serial: bool = False,
+    cwd: str | os.PathLike | None = None,
 ) -> Result:
     """Run any Python file as ``__main__`` in a fresh interpreter, with the same verdicts.
 
+    As ``python PATH ARGS`` would: in the caller's current directory (``cwd`` to choose
+    another), so that relative paths in ``args`` and files the script writes relatively are
+    where the caller expects them. ``path`` itself is resolved against the caller's directory.
     ``fingerprint``: True collects the interpreter's fingerprint (cached), False leaves it
     empty (no torch import at all), a dict is used as is.
     """
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"script not found: {path}")
+    where = Path(cwd).resolve() if cwd is not None else Path.cwd()
+    if not where.is_dir():
+        raise NotADirectoryError(f"not a directory to run in: {where}")
     if fingerprint is True:
         from repro.harness.fingerprint import get_fingerprint
 
         fp = get_fingerprint(python)
     else:
         fp = dict(fingerprint) if isinstance(fingerprint, dict) else {}
-    argv = ["--script", str(path), "--scenario", path.name, "--kind", "script", "--", *map(str, args)]
+    # The child starts in the run's work dir (so that `-m` puts nothing of the caller's on
+    # sys.path) and changes to `where` just before the script runs.
+    argv = [f"--script={path}", f"--scenario={path.name}", "--kind=script", f"--cwd={where}", "--", *map(str, args)]
     return _run(
         argv,
         scenario=path.name,
@@ -343,7 +349,7 @@ def run_script(
         timeout=float(timeout),
         python=python,
         env=dict(env or {}),
-        params={"args": list(map(str, args))},
+        params={"args": list(map(str, args)), "cwd": str(where)},
         fingerprint=fp,
         serial=serial,
         out_dir=out_dir,
@@ -430,14 +436,10 @@ def _run(
                 "-m",
                 "repro.harness.child",
                 *_split_before_dashdash(child_args),
-                "--result",
-                str(result_path),
-                "--workdir",
-                str(work),
-                "--timeout",
-                str(timeout),
-                "--deadline",
-                repr(deadline),
+                f"--result={result_path}",
+                f"--workdir={work}",
+                f"--timeout={timeout!r}",
+                f"--deadline={deadline!r}",
                 *_after_dashdash(child_args),
             ]
             # The try opens before the start: an interruption (Ctrl-C, SIGTERM through the CLI)
@@ -655,7 +657,15 @@ def _finish(
     if crash_fh:
         evd["faulthandler"] = crash_fh
     evd["stderr_tail"] = stderr_tail
-    evd["signatures"] = ev.match_signatures(stderr_tail, *crash_fh.values())
+    # Signatures anywhere in stderr, not only in its tail, and in the error the root recorded
+    # (the child keeps it out of stderr: a DataLoader's "worker (pid N) is killed" is raised there).
+    in_stderr, unread = ev.scan_signatures(stderr_path)
+    if unread:
+        notes.append(f"stderr is long: {unread} bytes in its middle not sought for signatures")
+    error = child.get("error") or {}
+    recorded = f"{error.get('type')}: {error.get('message')}" if error else ""
+    found = set(in_stderr) | set(ev.match_signatures(recorded, *crash_fh.values()))
+    evd["signatures"] = [name for name in ev.SIGNATURES if name in found]
     evd["termination"] = _termination(rc, child, verdict, evd["signatures"])
     evd["exit_code"] = rc
     if stacks:
@@ -683,6 +693,9 @@ def _finish(
 
 def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
     status = child.get("status")
+    if rc is not None and rc < 0:
+        # killed by a signal: a crash whatever the code reported before (the termination says what)
+        return Outcome.CRASH.value
     if rc == 0 and status == "pass":
         return Outcome.PASS.value
     if status == "fail":
@@ -691,7 +704,7 @@ def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
         return Outcome.ERROR.value
     if status == "exit" and rc is not None and rc > 0:
         return Outcome.FAIL.value  # a deliberate sys.exit(n): the program's own verdict
-    return Outcome.CRASH.value  # signal, abort, exit without a final result, or rc != 0 after pass
+    return Outcome.CRASH.value  # exit without a final result, or rc != 0 after pass
 
 
 def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, signatures: list[str]) -> dict[str, Any]:
@@ -712,6 +725,8 @@ def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, sig
             name, text = f"signal {-rc}", ""
         kind = "abort" if name == "SIGABRT" else "signal"
         desc = f"killed by {name}" + (f" ({text})" if text else "")
+        if status in ("pass", "fail", "error", "exit"):
+            desc += f" after the code reported {status!r} (the signal came after its result was written)"
         return {"kind": kind, "signal": name, "description": desc}
     if rc == 0:
         if status == "pass":
