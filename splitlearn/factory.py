@@ -93,7 +93,10 @@ class ModelFactory:
         ``low_memory``: True = incremental, False = traditional, None = incremental iff sharded.
         ``dtype``: optional torch dtype of the parts (default: the checkpoint's dtype). The
         traditional path hands it to ``from_pretrained`` (the whole model is converted); the
-        incremental path converts only the tensors it reads.
+        incremental path converts only the tensors it reads. Either way the parts hold what
+        ``from_pretrained(dtype=dtype)`` holds, non-persistent buffers included: the rotary
+        ``inv_freq`` stays float32 (as transformers keeps it), Gemma's embedding scale is in
+        ``dtype``.
         """
         t0 = time.perf_counter()
         if not ModelRegistry.is_registered(model_type):
@@ -160,8 +163,10 @@ class ModelFactory:
 
         for p, module in built.items():
             with stage(log, f"move {p} to {device}"):
-                if dtype is not None:
-                    module.to(dtype=dtype)
+                # no module.to(dtype): the weights already are in ``dtype`` (converted on read, or by
+                # from_pretrained), and the call would also round the non-persistent buffers that
+                # transformers keeps in float32 (the rotary inv_freq), so the parts would no longer
+                # compute what the full model computes
                 module.to(torch.device(device))
                 module.eval()
                 module.load_info = {"mode": mode, "opened_files": opened, "path": str(loader.model_dir)}

@@ -485,6 +485,8 @@ class RotaryPart(SplitPart):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def _init_nonpersistent(self) -> None:
+        # inv_freq comes out float32 whatever the weights' dtype, as in the full model loaded by
+        # from_pretrained(dtype=...); its forward computes cos/sin in float32 and casts them
         self.rotary_emb = self.rotary_cls(config=self.config)
 
     def _layer_extra(self, hidden, position_ids):
