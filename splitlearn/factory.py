@@ -12,6 +12,18 @@ check the checkpoint against the config without reading tensor data (layer count
 names, shapes from the safetensors headers), so a config that does not match the weights is an
 error before any heavy work, never a silently half-random model.
 
+Storage policy: the parts of one call never share storage. A checkpoint with tied embeddings
+(GPT-2, Gemma, Qwen2 with ``tie_word_embeddings``) gives the bottom's token embedding and the
+top's LM head the same values, and both paths would hand the two parts the same tensor (the full
+model's tied parameter; or, reading the checkpoint, one memory map of the embedding), so that a
+training step on the bottom would silently change the top, or not, depending on path, dtype and
+device. A tie cannot survive parts that are moved to devices of their own anyway, so the factory
+unties always: a tensor of a later part (bottom, trunk, top order) whose storage overlaps that of
+an earlier part becomes a copy of its own (in practice the top's ``lm_head.weight``). The cost is
+one extra copy of the embedding matrix when the bottom and the top are built in the same call,
+and nothing when they are not or when they already are separate (a dtype conversion on read, a
+move to another device); ``load_info["own_copies"]`` of each part names what was copied.
+
 Importing this module imports neither torch nor transformers.
 """
 
@@ -93,7 +105,13 @@ class ModelFactory:
         ``low_memory``: True = incremental, False = traditional, None = incremental iff sharded.
         ``dtype``: optional torch dtype of the parts (default: the checkpoint's dtype). The
         traditional path hands it to ``from_pretrained`` (the whole model is converted); the
-        incremental path converts only the tensors it reads.
+        incremental path converts only the tensors it reads. Either way the parts hold what
+        ``from_pretrained(dtype=dtype)`` holds, non-persistent buffers included: the rotary
+        ``inv_freq`` stays float32 (as transformers keeps it), Gemma's embedding scale is in
+        ``dtype``.
+
+        The parts never share storage with one another (see the storage policy in the module
+        docstring): with tied embeddings the top gets its own copy of the LM head.
         """
         t0 = time.perf_counter()
         if not ModelRegistry.is_registered(model_type):
@@ -160,11 +178,21 @@ class ModelFactory:
 
         for p, module in built.items():
             with stage(log, f"move {p} to {device}"):
-                if dtype is not None:
-                    module.to(dtype=dtype)
+                # no module.to(dtype): the weights already are in ``dtype`` (converted on read, or by
+                # from_pretrained), and the call would also round the non-persistent buffers that
+                # transformers keeps in float32 (the rotary inv_freq), so the parts would no longer
+                # compute what the full model computes
                 module.to(torch.device(device))
                 module.eval()
-                module.load_info = {"mode": mode, "opened_files": opened, "path": str(loader.model_dir)}
+        with stage(log, "give each part storage of its own"):
+            own_copies = _own_storage(built)
+        for p, module in built.items():
+            module.load_info = {
+                "mode": mode,
+                "opened_files": opened,
+                "path": str(loader.model_dir),
+                "own_copies": own_copies[p],
+            }
         seconds = time.perf_counter() - t0
         _last.info = {
             "model_type": model_type,
@@ -175,10 +203,63 @@ class ModelFactory:
             "split_points": (s1, s2),
             "opened_files": opened,
             "all_files": loader.files,
+            "own_copies": own_copies,
             "seconds": round(seconds, 4),
         }
         log.info("loaded %s parts %s in %.2fs (%s, opened %s)", model_type, ",".join(wanted), seconds, mode, opened)
         return built.get("bottom"), built.get("trunk"), built.get("top")
+
+
+def _storage_span(tensor: Any) -> tuple[str, int, int]:
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr()
+    return str(tensor.device), start, start + storage.nbytes()
+
+
+def _own_storage(built: dict[str, Any]) -> dict[str, list[str]]:
+    """Replace, in each part after the first, every parameter or buffer whose storage overlaps
+    the storage of an earlier part by a copy (a parameter stays a parameter with its
+    ``requires_grad``, a buffer keeps its persistence). Names sharing one tensor inside a part
+    get one copy between them. Returns ``{part: [local names copied]}``."""
+    import torch
+
+    earlier: list[tuple[str, int, int]] = []
+    copied: dict[str, list[str]] = {}
+    for p, module in built.items():
+        spans: list[tuple[str, int, int]] = []
+        replaced: dict[int, Any] = {}  # id of the shared tensor -> its copy
+        copied[p] = []
+        named = list(module.named_parameters(remove_duplicate=False))
+        named += list(module.named_buffers(remove_duplicate=False))
+        for name, tensor in named:
+            device, start, end = _storage_span(tensor)
+            if start == end:
+                continue  # no storage (empty tensor)
+            shared = any(d == device and s < end and start < e for d, s, e in earlier)
+            if not shared:
+                spans.append((device, start, end))
+                continue
+            copy = replaced.get(id(tensor))
+            if copy is None:
+                data = tensor.detach().clone()
+                if isinstance(tensor, torch.nn.Parameter):
+                    copy = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+                else:
+                    copy = data
+                replaced[id(tensor)] = copy
+                spans.append(_storage_span(copy))
+                log.info(
+                    "%s %s shared storage with an earlier part: given a copy of its own (%.1f MiB)",
+                    p,
+                    name,
+                    copy.nelement() * copy.element_size() / 2**20,
+                )
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            setattr(owner, attr, copy)
+            copied[p].append(name)
+        earlier.extend(spans)
+    return copied
 
 
 def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:

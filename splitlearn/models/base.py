@@ -345,7 +345,12 @@ class SplitPart(nn.Module):
         cls, state_dict: Mapping[str, torch.Tensor], config: Any, start_layer: int = 0, end_layer: int | None = None
     ) -> SplitPart:
         """Build this part from a full model's state dict (checkpoint keys) or any mapping with the
-        same keys (the lazy view of a ShardLoader reads only the tensors asked for)."""
+        same keys (the lazy view of a ShardLoader reads only the tensors asked for).
+
+        The part adopts the mapping's tensors without copying them, so parts built here from one
+        tied state dict share the embedding's storage with each other (and with its source);
+        :meth:`splitlearn.ModelFactory.create_split_models` gives each of its parts storage of
+        its own (see the storage policy in :mod:`splitlearn.factory`)."""
         part, plan = cls.plan_from(state_dict, config, start_layer, end_layer)
         tensors = {local: state_dict[key] for local, key in plan.items()}
         part.load_tensors(tensors, source=getattr(state_dict, "description", "state dict"))
@@ -485,6 +490,8 @@ class RotaryPart(SplitPart):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def _init_nonpersistent(self) -> None:
+        # inv_freq comes out float32 whatever the weights' dtype, as in the full model loaded by
+        # from_pretrained(dtype=...); its forward computes cos/sin in float32 and casts them
         self.rotary_emb = self.rotary_cls(config=self.config)
 
     def _layer_extra(self, hidden, position_ids):

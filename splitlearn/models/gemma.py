@@ -39,9 +39,12 @@ class GemmaBottomModel(_GemmaPart, BottomPart):
 
     def _init_nonpersistent(self) -> None:
         super()._init_nonpersistent()
-        # a non-persistent buffer: not in any checkpoint, recreated after a meta build
+        # a non-persistent buffer: not in any checkpoint, recreated after a meta build. In the
+        # weights' dtype, as transformers has it (it builds the model under the load dtype as
+        # torch's default dtype); the rotary inv_freq, by contrast, it computes in float32
+        weight = self.embed_tokens.weight
         self.embed_tokens.embed_scale = torch.tensor(
-            self.config.hidden_size**0.5, device=self.embed_tokens.weight.device
+            self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device
         )
 
 
