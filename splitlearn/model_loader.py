@@ -422,8 +422,14 @@ class ModelLoader:
         with stage(log, f"{auto.__name__}.from_pretrained", path=config.model_path):
             try:
                 model = auto.from_pretrained(str(config.model_path), **kwargs)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"cannot load Hugging Face model from {str(config.model_path)!r}: {exc}") from exc
+            except Exception as exc:  # every failure is a ModelLoadError, the cause chained
+                # OSError (no weights), ValueError/KeyError (config), SafetensorError (truncated or
+                # corrupt file), RuntimeError (shapes that do not fit the config), UnpicklingError
+                # (a .bin that is not a plain state dict), MemoryError...
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ModelLoadError(
+                    f"cannot load Hugging Face model from {str(config.model_path)!r}: {type(exc).__name__}: {first}"
+                ) from exc
         return model.to(config.device).eval()
 
     def _load_split(self, config: ModelConfig) -> Any:

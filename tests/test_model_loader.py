@@ -418,3 +418,44 @@ def test_thread_setting_reaches_loader_and_later_threads(main_work):
     assert seen["report"]["num_threads"] == 1
     assert seen["main"] in (1, 3), seen
     print(f"main thread after a loader set 1 (main ran {main_work}): {seen['main']}")
+
+
+# -- huggingface path: every failure is a ModelLoadError ---------------------------------------
+def _hf_copy(tmp_path):
+    import shutil
+
+    dst = tmp_path / "hf"
+    shutil.copytree(tiny_model_dir("gpt2"), dst)
+    return dst
+
+
+def test_huggingface_truncated_safetensors_is_a_load_error(tmp_path):
+    from safetensors import SafetensorError
+
+    model_dir = _hf_copy(tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=r"cannot load Hugging Face model .*SafetensorError") as ei:
+        ModelLoader().load_from_config(ModelConfig("hf", "huggingface", model_dir))
+    assert isinstance(ei.value.__cause__, SafetensorError)
+
+
+def test_huggingface_unpicklable_bin_is_a_load_error(tmp_path):
+    model_dir = tmp_path / "bin"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((tiny_model_dir("gpt2") / "config.json").read_text())
+    (model_dir / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(ModelLoadError, match=r"cannot load Hugging Face model .*UnpicklingError") as ei:
+        ModelLoader().load_from_config(ModelConfig("hf", "huggingface", model_dir))
+    assert isinstance(ei.value.__cause__, pickle.UnpicklingError)
+
+
+def test_huggingface_weights_that_do_not_fit_the_config_are_a_load_error(tmp_path):
+    model_dir = _hf_copy(tmp_path)
+    cfg_path = model_dir / "config.json"
+    hf_cfg = json.loads(cfg_path.read_text())
+    hf_cfg["n_positions"] = 2 * hf_cfg["n_positions"]  # wpe no longer fits the checkpoint's
+    cfg_path.write_text(json.dumps(hf_cfg))
+    with pytest.raises(ModelLoadError, match="cannot load Hugging Face model") as ei:
+        ModelLoader().load_from_config(ModelConfig("hf", "huggingface", model_dir))
+    assert ei.value.__cause__ is not None
