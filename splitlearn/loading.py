@@ -46,6 +46,35 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
+_MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """``{tensor name: (safetensors dtype, bytes of data)}`` from the JSON header at the start of
+    a safetensors file. Reads the header only, never tensor data, and imports nothing heavy.
+    A malformed header is :class:`CorruptWeights`; an unreadable file raises its ``OSError``."""
+    p = Path(path)
+    with open(p, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CorruptWeights(f"{p} is not a valid safetensors file: {len(raw)} bytes, shorter than its header length")
+        length = int.from_bytes(raw, "little")
+        if length > _MAX_HEADER_BYTES:
+            raise CorruptWeights(f"{p} is not a valid safetensors file: header length {length} is implausible")
+        text = fh.read(length)
+    try:
+        header = json.loads(text)
+        out: dict[str, tuple[str, int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            out[name] = (str(info["dtype"]), int(end) - int(start))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CorruptWeights(f"{p} is not a valid safetensors file: bad header: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
 def _size(path: Path) -> str:
     try:
         return f"{path.stat().st_size} bytes"
@@ -273,4 +302,11 @@ class LazyStateDict(Mapping):
         return self._loader.shape(key)
 
 
-__all__ = ["ShardLoader", "LazyStateDict", "resolve_model_dir", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME"]
+__all__ = [
+    "ShardLoader",
+    "LazyStateDict",
+    "resolve_model_dir",
+    "read_safetensors_header",
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+]

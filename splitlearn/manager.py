@@ -8,9 +8,11 @@ State machine of one model id (all transitions run on the event loop thread)::
     LOADING  --worker raises / timeout / caller cancelled / unload_model--> (absent) + failure record
     READY    --unload_model--> (absent)
 
-* ``load_model`` validates the config and estimates its memory **outside** the lock; under the
-  lock it only refuses duplicates (loading or loaded), checks memory (estimate plus the estimates
-  of loads in flight against ``psutil.virtual_memory().available``) and inserts the placeholder.
+* ``load_model`` validates the config and estimates its memory **outside** the lock (the
+  estimate in a thread: for split families it reads checkpoint headers and may import
+  transformers); under the lock it only refuses duplicates (loading or loaded), checks memory
+  (estimate plus the estimates of loads in flight against ``psutil.virtual_memory().available``)
+  and inserts the placeholder.
   The load runs in a ``ThreadPoolExecutor``; the lock is taken again only to swap it in.
 * Every placeholder carries a generation number. The swap-in happens only if the placeholder in
   the table is still that one; otherwise (timeout, cancellation, unload, a retry that replaced it)
@@ -245,11 +247,15 @@ class AsyncModelManager:
         if self._closed:
             raise ModelManagerError("manager is shut down")
         config.validate()  # outside the lock: fast, may stat files
-        estimate = self.loader.estimate_memory(config)
+        # Outside the lock and off the loop: a split family's estimate reads the checkpoint's
+        # headers and, the first time, imports transformers and the family's module.
+        estimate = await asyncio.get_running_loop().run_in_executor(None, self.loader.estimate_memory, config)
         model_id = config.model_id
 
         t_lock = time.perf_counter()
         async with self._lock:  # short: no await inside
+            if self._closed:
+                raise ModelManagerError("manager is shut down")
             self._refuse_duplicate(model_id)
             self._check_memory(model_id, estimate)
             ph = LoadingPlaceholder(model_id, config, next(self._generations), estimate)

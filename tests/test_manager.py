@@ -225,6 +225,27 @@ def test_resource_check_refuses_and_counts_loads_in_flight(ckpt, gates):
     run(main())
 
 
+def test_memory_check_of_a_split_part_counts_the_part_not_the_checkpoint():
+    """The trunk of a sharded checkpoint loaded incrementally fits in less than the whole
+    checkpoint: a budget below 2x the checkpoint (the former estimate) admits it."""
+    from fixtures.models import tiny_model_dir
+    from splitlearn.model_loader import ModelLoader
+
+    tiny = tiny_model_dir("gpt2", sharded=True)
+    whole = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    trunk = ModelConfig("trunk", "gpt2", str(tiny), component="trunk", split_points=[2, 4], low_memory=True)
+    part = ModelLoader().estimate_memory(trunk)
+    assert part < whole
+
+    async def main():
+        async with AsyncModelManager(available_memory=lambda: whole, memory_reserve_bytes=0) as mgr:
+            managed = await mgr.load_model(trunk)
+            assert managed.estimated_bytes == part == mgr.status("trunk")["estimated_bytes"]
+            assert managed.param_bytes <= part
+
+    run(main())
+
+
 def test_real_psutil_check_refuses_an_absurd_estimate(ckpt):
     path, _ = ckpt
 
