@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from splitlearn.errors import CorruptWeights, MissingShard, ModelNotFound
+from splitlearn.model_loader import ModelLoadError
 
 log = logging.getLogger("splitlearn.loading")
 
@@ -43,6 +44,69 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if not (directory / "config.json").is_file():
         raise ModelNotFound(f"model directory {directory} has no config.json")
     return directory
+
+
+_MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """``{tensor name: (safetensors dtype, bytes of data)}`` from the JSON header at the start of
+    a safetensors file. Reads the header only, never tensor data, and imports nothing heavy.
+    A malformed header is :class:`CorruptWeights`; an unreadable file raises its ``OSError``."""
+    p = Path(path)
+    with open(p, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CorruptWeights(f"{p} is not a valid safetensors file: {len(raw)} bytes, shorter than its header length")
+        length = int.from_bytes(raw, "little")
+        if length > _MAX_HEADER_BYTES:
+            raise CorruptWeights(f"{p} is not a valid safetensors file: header length {length} is implausible")
+        text = fh.read(length)
+    try:
+        header = json.loads(text)
+        out: dict[str, tuple[str, int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            out[name] = (str(info["dtype"]), int(end) - int(start))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CorruptWeights(f"{p} is not a valid safetensors file: bad header: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size} bytes"
+    except OSError as exc:
+        return f"size unknown: {exc.strerror or exc}"
+
+
+def _unreadable(path: Path, exc: OSError, doing: str) -> Exception:
+    """The error to raise when safetensors could not open or read ``path``.
+
+    safetensors (0.8) reports every failure to open a file as ``FileNotFoundError("No such file
+    or directory")`` without an errno: a file it may not read (EACCES) and a process out of file
+    descriptors (EMFILE) included. Opening the file here recovers the real reason, chained as the
+    cause: :class:`MissingShard` if the file is really gone, else
+    :class:`~splitlearn.model_loader.ModelLoadError` -- never :class:`CorruptWeights`, since
+    nothing is known to be wrong with the file's contents."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError as real:
+        error: Exception = MissingShard(f"{doing} {path}: it is missing ({real.strerror})")
+        error.__cause__ = real
+        return error
+    except OSError as real:
+        error = ModelLoadError(f"{doing} {path}: {type(real).__name__}: [Errno {real.errno}] {real.strerror or real}")
+        error.__cause__ = real
+        return error
+    # The file opens now: the failure was safetensors' own (a failed memory map, a descriptor
+    # limit reached only for a moment...). Its message may not be accurate; report it as is.
+    error = ModelLoadError(f"{doing} {path}: {type(exc).__name__}: {exc} (the file exists and can be opened)")
+    error.__cause__ = exc
+    return error
 
 
 class ShardLoader:
@@ -105,7 +169,7 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ files
     def _handle(self, fname: str) -> Any:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         with self._lock:
             handle = self._handles.get(fname)
@@ -119,10 +183,13 @@ class ShardLoader:
                 self.opened_files.append(fname)
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as exc:  # SafetensorError and friends
+            except SafetensorError as exc:  # the header: truncated, not JSON, offsets past the end...
                 raise CorruptWeights(
-                    f"{path} is not a valid safetensors file (truncated or corrupt; {path.stat().st_size} bytes): {exc}"
+                    f"{path} is not a valid safetensors file (truncated or corrupt; {_size(path)}): {exc}"
                 ) from exc
+            except OSError as exc:
+                error = _unreadable(path, exc, "cannot open")
+                raise error from error.__cause__
             self._handles[fname] = handle
             return handle
 
@@ -134,32 +201,46 @@ class ShardLoader:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape recorded in the file header (reads no tensor data)."""
+        from safetensors import SafetensorError
+
         handle = self._handle(self.file_for(key))
         try:
             return tuple(handle.get_slice(key).get_shape())
-        except Exception as exc:
+        except SafetensorError as exc:  # "File does not contain tensor ..."
             raise CorruptWeights(f"{self.model_dir / self.file_for(key)} does not hold tensor {key!r}: {exc}") from exc
 
     def get_tensor(self, key: str, dtype: Any = None):
         """Read one tensor. With ``dtype`` (floating tensors only), the tensor is converted and
         the file is read through a handle of its own that is dropped at once, so the pages of
-        the source tensor are unmapped instead of staying resident until :meth:`close`."""
+        the source tensor are unmapped instead of staying resident until :meth:`close`.
+
+        Errors: :class:`CorruptWeights` when safetensors rejects the file or the tensor (a
+        format error); :class:`~splitlearn.model_loader.ModelLoadError` with the real cause
+        chained for everything else -- the file cannot be opened or read (permissions, too many
+        open files, I/O errors) or the tensor or its converted copy cannot be allocated."""
+        from safetensors import SafetensorError, safe_open
+
         fname = self.file_for(key)
+        path = self.model_dir / fname
         handle = self._handle(fname)
         try:
-            if dtype is None:
+            if dtype is None or handle.get_slice(key).get_dtype() not in _FLOAT_DTYPES:
                 return handle.get_tensor(key)
-            if handle.get_slice(key).get_dtype() not in _FLOAT_DTYPES:
-                return handle.get_tensor(key)
-            from safetensors import safe_open
-
-            with safe_open(str(self.model_dir / fname), framework="pt", device="cpu") as transient:
+            with safe_open(str(path), framework="pt", device="cpu") as transient:
                 source = transient.get_tensor(key)
                 converted = source.to(dtype)
                 del source
             return converted
-        except Exception as exc:
-            raise CorruptWeights(f"cannot read tensor {key!r} from {self.model_dir / fname}: {exc}") from exc
+        except SafetensorError as exc:
+            raise CorruptWeights(f"cannot read tensor {key!r} from {path}: {exc}") from exc
+        except OSError as exc:
+            error = _unreadable(path, exc, f"cannot read tensor {key!r} from")
+            raise error from error.__cause__
+        except Exception as exc:  # allocation of the tensor or of its converted copy, mostly
+            what = f" as {dtype}" if dtype is not None else ""
+            raise ModelLoadError(
+                f"cannot load tensor {key!r} from {path}{what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def validate_all(self) -> None:
         """Open every file's header (detects truncated or corrupt files and index entries that
@@ -221,4 +302,11 @@ class LazyStateDict(Mapping):
         return self._loader.shape(key)
 
 
-__all__ = ["ShardLoader", "LazyStateDict", "resolve_model_dir", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME"]
+__all__ = [
+    "ShardLoader",
+    "LazyStateDict",
+    "resolve_model_dir",
+    "read_safetensors_header",
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+]

@@ -8,18 +8,29 @@ State machine of one model id (all transitions run on the event loop thread)::
     LOADING  --worker raises / timeout / caller cancelled / unload_model--> (absent) + failure record
     READY    --unload_model--> (absent)
 
-* ``load_model`` validates the config and estimates its memory **outside** the lock; under the
-  lock it only refuses duplicates (loading or loaded), checks memory (estimate plus the estimates
-  of loads in flight against ``psutil.virtual_memory().available``) and inserts the placeholder.
+* ``load_model`` validates the config and estimates its memory **outside** the lock (the
+  estimate in a thread: for split families it reads checkpoint headers and may import
+  transformers); under the lock it only refuses duplicates (loading or loaded), checks memory
+  (estimate plus the estimates of loads in flight against ``psutil.virtual_memory().available``)
+  and inserts the placeholder.
   The load runs in a ``ThreadPoolExecutor``; the lock is taken again only to swap it in.
 * Every placeholder carries a generation number. The swap-in happens only if the placeholder in
   the table is still that one; otherwise (timeout, cancellation, unload, a retry that replaced it)
   the loaded model is dropped and never registered.
 * A caller that gives up (``asyncio.wait_for``, task cancellation, ``load_timeout``) removes the
-  placeholder at once, so a retry can start, and sets the load's cancel event: a load that has not
-  started is withdrawn from the pool, a running one stops at its next checkpoint (see
+  placeholder at once, so a retry can be accepted, and sets the load's cancel event: a load that
+  has not started is withdrawn from the pool, a running one stops at its next checkpoint (see
   :class:`~splitlearn.model_loader.ModelLoader`), and one that finishes anyway has its result
   dropped in the worker thread (logged, counted in ``stats()["orphans_dropped"]``).
+* Such a load is *abandoned but running* until its worker returns: Python cannot stop a thread
+  inside ``from_pretrained`` or a C call, and the memory it holds is real. Until then its
+  estimate still counts against the memory budget of every load (``stats()["abandoned_running"]``
+  counts them), and a retry of the **same id waits** for that worker to end before its own load
+  starts, so two copies of one model never load at once. The retry is accepted at once (its
+  placeholder, ``status`` ``loading`` with ``waiting_for_generation`` set, refuses duplicates as
+  usual) and its time limit covers the wait; a retry that times out, is cancelled or is unloaded
+  while waiting leaves like any other load. Waiting rather than refusing: the retry needs no
+  polling by its caller, and it costs no lock time (the wait, like the load, is outside the lock).
 * A failed or cancelled load leaves a failure record: ``status(id)`` reports ``failed`` with the
   error until a new load of that id starts. It does not block the retry.
 
@@ -101,6 +112,7 @@ def _info(entry: Any, **fields: Any) -> dict[str, Any]:
         "estimated_bytes": entry.estimated_bytes,
         "param_bytes": None,
         "error": None,
+        "waiting_for_generation": None,
     }
     row.update(fields)
     return row
@@ -119,10 +131,18 @@ class LoadingPlaceholder:
     future: concurrent.futures.Future | None = None  # the worker's job
     waiter: asyncio.Future | None = None  # the loop-side view of ``future``
     aborted: asyncio.Future | None = None  # set by unload_model / shutdown with the reason
+    # an abandoned load of the same id whose worker still runs: this load starts when it has ended
+    waits_for: LoadingPlaceholder | None = None
+    # set (on the loop) when the worker of this load, abandoned while running, has returned
+    worker_ended: asyncio.Future | None = None
     status: ModelStatus = ModelStatus.LOADING
 
     def info(self) -> dict[str, Any]:
-        return _info(self, elapsed_s=round(time.monotonic() - self.started, 6))
+        return _info(
+            self,
+            elapsed_s=round(time.monotonic() - self.started, 6),
+            waiting_for_generation=self.waits_for.generation if self.waits_for is not None else None,
+        )
 
 
 @dataclass
@@ -196,6 +216,8 @@ class AsyncModelManager:
         self._lock = asyncio.Lock()
         self._entries: dict[str, LoadingPlaceholder | ManagedModel] = {}
         self._failures: dict[str, FailedLoad] = {}
+        # generation -> placeholder of a load given up while its worker still runs (loop thread only)
+        self._abandoned: dict[int, LoadingPlaceholder] = {}
         self._generations = itertools.count(1)
         self._stats_lock = threading.Lock()
         self._stats = {
@@ -241,18 +263,27 @@ class AsyncModelManager:
         :class:`DuplicateModelError`, :class:`InsufficientResourcesError`,
         :class:`LoadTimeoutError`, the loader's error, or ``CancelledError`` when the caller is
         cancelled. In every failing case the placeholder is gone when this returns.
+
+        If an earlier load of this id was given up but its worker still runs, this load waits
+        for that worker to end before it starts (see the module notes); the time limit covers
+        the wait.
         """
         if self._closed:
             raise ModelManagerError("manager is shut down")
         config.validate()  # outside the lock: fast, may stat files
-        estimate = self.loader.estimate_memory(config)
+        # Outside the lock and off the loop: a split family's estimate reads the checkpoint's
+        # headers and, the first time, imports transformers and the family's module.
+        estimate = await asyncio.get_running_loop().run_in_executor(None, self.loader.estimate_memory, config)
         model_id = config.model_id
 
         t_lock = time.perf_counter()
         async with self._lock:  # short: no await inside
+            if self._closed:
+                raise ModelManagerError("manager is shut down")
             self._refuse_duplicate(model_id)
             self._check_memory(model_id, estimate)
             ph = LoadingPlaceholder(model_id, config, next(self._generations), estimate)
+            ph.waits_for = self._abandoned_of(model_id)
             self._entries[model_id] = ph
             self._failures.pop(model_id, None)
         log.info(
@@ -269,12 +300,17 @@ class AsyncModelManager:
             if timeout is not None
             else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
         )
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
         try:
-            ph.aborted = asyncio.get_running_loop().create_future()
+            ph.aborted = loop.create_future()
+            if ph.waits_for is not None:
+                await self._wait_for_abandoned(ph, limit)
             ph.future = self._executor.submit(self._run_load, ph)
             self._bump("loads_started")
             ph.waiter = asyncio.wrap_future(ph.future)
-            done, _ = await asyncio.wait({ph.waiter, ph.aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait({ph.waiter, ph.aborted}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if ph.aborted in done:  # unload_model / shutdown: their reason wins over the worker's
                 raise LoadCancelled(f"load of {model_id!r} (generation {ph.generation}) stopped: {ph.aborted.result()}")
             elif ph.waiter in done:
@@ -325,17 +361,91 @@ class AsyncModelManager:
         )
 
     def _check_memory(self, model_id: str, estimate: int) -> None:
+        """Estimate + loads in flight + loads given up whose workers still run + reserve must fit
+        the available memory. A load waiting for an abandoned one of its id never runs beside it,
+        so the two count once, at the larger of their estimates."""
         if not self.check_resources:
             return
         available = self._available_memory()
         in_flight = sum(e.estimated_bytes for e in self._entries.values() if isinstance(e, LoadingPlaceholder))
-        needed = estimate + in_flight + self.memory_reserve_bytes
+        abandoned = 0
+        for old in self._abandoned.values():
+            if old.model_id == model_id:
+                successor = estimate  # the load being checked will wait for it
+            else:
+                entry = self._entries.get(old.model_id)
+                successor = entry.estimated_bytes if isinstance(entry, LoadingPlaceholder) and entry.waits_for is old else 0
+            abandoned += max(0, old.estimated_bytes - successor)
+        needed = estimate + in_flight + abandoned + self.memory_reserve_bytes
         if needed > available:
             raise InsufficientResourcesError(
                 f"not enough memory to load {model_id!r}: estimate {estimate / 2**20:.1f} MiB + loads in flight "
-                f"{in_flight / 2**20:.1f} MiB + reserve {self.memory_reserve_bytes / 2**20:.1f} MiB > available "
-                f"{available / 2**20:.1f} MiB"
+                f"{in_flight / 2**20:.1f} MiB + loads given up but still running {abandoned / 2**20:.1f} MiB + "
+                f"reserve {self.memory_reserve_bytes / 2**20:.1f} MiB > available {available / 2**20:.1f} MiB"
             )
+
+    def _abandoned_of(self, model_id: str) -> LoadingPlaceholder | None:
+        """The latest load of ``model_id`` given up while its worker still runs, if any."""
+        olds = [old for old in self._abandoned.values() if old.model_id == model_id]
+        return max(olds, key=lambda old: old.generation) if olds else None
+
+    async def _wait_for_abandoned(self, ph: LoadingPlaceholder, limit: float | None) -> None:
+        """Hold ``ph`` (no worker yet) until the worker of the abandoned load it follows has
+        ended, within ``limit``; an unload or shutdown meanwhile stops it as usual."""
+        old = ph.waits_for
+        assert old is not None and old.worker_ended is not None and ph.aborted is not None
+        log.info(
+            "load of %r (generation %d) waits for generation %d: given up, but still running in its worker "
+            "(%.3f s since it started)",
+            ph.model_id,
+            ph.generation,
+            old.generation,
+            time.monotonic() - old.started,
+        )
+        done, _ = await asyncio.wait({old.worker_ended, ph.aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        if ph.aborted in done:
+            raise LoadCancelled(
+                f"load of {ph.model_id!r} (generation {ph.generation}) stopped before it started: {ph.aborted.result()}"
+            )
+        if not done:
+            raise LoadTimeoutError(
+                f"load of {ph.model_id!r} did not finish within {limit:g} s: it did not even start, as the earlier "
+                f"load of that id (generation {old.generation}), given up, was still running in its worker "
+                f"({time.monotonic() - old.started:.1f} s after it started); its placeholder was removed"
+            )
+        ph.waits_for = None
+        log.info("load of %r (generation %d) starts: generation %d has ended", ph.model_id, ph.generation, old.generation)
+
+    def _track_abandoned(self, ph: LoadingPlaceholder) -> None:
+        """On the loop thread, for a load whose placeholder is being removed: if its worker is
+        still running, count it as abandoned-but-running until the worker returns."""
+        fut = ph.future
+        if fut is None or fut.done() or ph.generation in self._abandoned:
+            return
+        loop = asyncio.get_running_loop()
+        ph.worker_ended = loop.create_future()
+        self._abandoned[ph.generation] = ph
+
+        def ended(_: concurrent.futures.Future) -> None:  # in the worker thread (or here, if already done)
+            try:
+                loop.call_soon_threadsafe(self._abandoned_ended, ph)
+            except RuntimeError:  # the loop is closed: nobody is left to wait or to count
+                pass
+
+        fut.add_done_callback(ended)
+        log.info(
+            "load of %r (generation %d) abandoned while its worker runs; its %.1f MiB still count until it ends",
+            ph.model_id,
+            ph.generation,
+            ph.estimated_bytes / 2**20,
+        )
+
+    def _abandoned_ended(self, ph: LoadingPlaceholder) -> None:
+        if self._abandoned.pop(ph.generation, None) is None:
+            return
+        if ph.worker_ended is not None and not ph.worker_ended.done():
+            ph.worker_ended.set_result(None)
+        log.info("worker of the abandoned load of %r (generation %d) has ended", ph.model_id, ph.generation)
 
     def _run_load(self, ph: LoadingPlaceholder) -> Any:
         """In a worker thread. A result produced after the caller gave up is dropped here."""
@@ -362,10 +472,13 @@ class AsyncModelManager:
 
     def _cancel_placeholder(self, ph: LoadingPlaceholder, why: str) -> None:
         """Tell a load to stop: withdraw it if it has not started, set its cancel event (checked
-        by the loader between stages) and wake its ``load_model`` caller."""
+        by the loader between stages), count it as abandoned-but-running if its worker is
+        already running, and wake its ``load_model`` caller. Called wherever a placeholder
+        leaves the table before its load has finished."""
         ph.cancel_event.set()
         if ph.future is not None and ph.future.cancel():
             log.info("load of %r (generation %d) withdrawn before it started: %s", ph.model_id, ph.generation, why)
+        self._track_abandoned(ph)
         if ph.aborted is not None and not ph.aborted.done():
             ph.aborted.set_result(why)
 
@@ -440,8 +553,11 @@ class AsyncModelManager:
         return [rows[k] for k in sorted(rows)]
 
     def stats(self) -> dict[str, int]:
+        """Counters; ``abandoned_running``: loads given up whose workers have not returned yet."""
         with self._stats_lock:
-            return dict(self._stats)
+            out = dict(self._stats)
+        out["abandoned_running"] = len(self._abandoned)
+        return out
 
     def _bump(self, key: str) -> None:
         with self._stats_lock:

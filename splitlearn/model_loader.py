@@ -68,10 +68,28 @@ HF_AUTO_CLASSES = ("causal_lm", "model")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
-# A load's peak is about twice the weights: the model's freshly initialised parameters and the
-# state dict read from disk live side by side until load_state_dict has copied one into the other
-# (and the split path builds the full model before cutting it).
-PEAK_FACTOR = 2.0
+# estimate_memory: the host memory a load may need at its peak, as a multiple of the bytes of the
+# weights that load reads (counted in the dtype they end up in).
+#
+# Whole-model loads -- the pytorch path, the huggingface path and the traditional split path --
+# may hold the weights twice at once: the pytorch path builds the module with freshly initialised
+# parameters and reads the state dict beside them until load_state_dict has copied it in; a .bin
+# checkpoint is unpickled whole beside the model; from_pretrained with a dtype conversion holds the
+# checkpoint as read beside the converted model (measured, repro scenario loading_memory: 1.5x
+# the fp32 checkpoint when a GPT-2-small is loaded as bfloat16). Without a conversion, transformers
+# 5 maps a safetensors checkpoint and may need much less: 2x is the bound, not the typical figure.
+FULL_LOAD_PEAK_FACTOR = 2.0
+# The incremental (low-memory) split path never builds the full model: the part is built on the
+# meta device and adopts each tensor it needs as it is read (no second copy); a dtype conversion
+# holds one source tensor beside the converted ones (counted separately). Measured (repro scenario
+# loading_memory, trunk (2, 10) of a 12x768 GPT-2, RSS above the import baseline after a forward
+# pass): 1.10x the trunk's fp32 bytes; 1.18x its bfloat16 bytes when converted from fp32. 1.25
+# leaves room for the allocator and the part's small non-persistent buffers.
+INCREMENTAL_PEAK_FACTOR = 1.25
+PEAK_FACTOR = FULL_LOAD_PEAK_FACTOR  # the name of the single factor this module used to apply to every load
+
+_DTYPE_CODES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2), "float64": ("F64", 8)}
+_FLOAT_CODE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class ConfigError(SplitLearnError, ValueError):
@@ -282,13 +300,81 @@ def configure_threads(num_threads: int | None = None, interop_threads: int | Non
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
-    """The weight files of a state-dict file or checkpoint directory."""
+    """Every file that looks like weights in a checkpoint directory (or the state-dict file
+    itself). Not what a load reads: see :func:`huggingface_weight_files`."""
     p = Path(path)
     if p.is_file():
         return [p]
     if p.is_dir():
         return sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
     return []
+
+
+def _index_shards(index_path: Path) -> list[Path] | None:
+    import json
+
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the load will report it
+    return [index_path.parent / n for n in names if isinstance(n, str) and "/" not in n]
+
+
+def huggingface_weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The weight files ``from_pretrained`` reads from a local directory, in its order of
+    preference: ``model.safetensors``, the shards of ``model.safetensors.index.json``,
+    ``pytorch_model.bin``, the shards of ``pytorch_model.bin.index.json``. A directory with none
+    of these gives every weight-like file (the load will fail; the estimate stays on the safe
+    side)."""
+    d = Path(model_dir)
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (d / single).is_file():
+            return [d / single]
+        if (d / index).is_file():
+            shards = _index_shards(d / index)
+            if shards is not None:
+                return [f for f in shards if f.is_file()]
+    return weight_files(d)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _loaded_bytes(code: str, nbytes: int, dtype: str | None) -> int:
+    """Bytes of a tensor of safetensors dtype ``code`` (``nbytes`` on disk) once loaded as
+    ``dtype``: floating tensors are converted, the others kept."""
+    if dtype is None or code not in _FLOAT_CODE_BYTES:
+        return nbytes
+    return nbytes // _FLOAT_CODE_BYTES[code] * _DTYPE_CODES[dtype][1]
+
+
+def _full_load_bytes(files: Sequence[Path], dtype: str | None) -> int:
+    """The weights a whole-model load holds: the files' sizes, or, when ``dtype`` converts them,
+    the larger of that and their size once converted (from the safetensors headers)."""
+    from splitlearn.loading import read_safetensors_header
+
+    on_disk = sum(_file_size(f) for f in files)
+    if dtype is None:
+        return on_disk
+    converted = 0
+    for f in files:
+        try:
+            header = read_safetensors_header(f) if f.suffix == ".safetensors" else None
+        except (OSError, SplitLearnError):
+            header = None
+        if header is None:  # a pickle (dtypes unknown without unpickling) or an unreadable file
+            converted += _file_size(f)
+        else:
+            converted += sum(_loaded_bytes(code, n, dtype) for code, n in header.values())
+    return max(on_disk, converted)
 
 
 def _dtype(name: str | None) -> Any:
@@ -308,14 +394,62 @@ class ModelLoader:
 
     # -- public ---------------------------------------------------------------------
     def estimate_memory(self, config: ModelConfig) -> int:
-        """Bytes a load of ``config`` may need at its peak (``PEAK_FACTOR`` x weight files),
-        or ``config.memory_estimate_bytes`` when given. Reads file sizes only."""
+        """Bytes of host memory a load of ``config`` may need at its peak, or
+        ``config.memory_estimate_bytes`` when given. Counts only what the chosen path reads:
+
+        * ``pytorch``: ``FULL_LOAD_PEAK_FACTOR`` x the state-dict file;
+        * ``huggingface``: ``FULL_LOAD_PEAK_FACTOR`` x the files ``from_pretrained`` will read
+          (safetensors when present, else the .bin; see :func:`huggingface_weight_files`);
+        * split families, traditional path: ``FULL_LOAD_PEAK_FACTOR`` x the safetensors
+          checkpoint (single file or the shards of its index), as the whole model is loaded;
+        * split families, incremental path (``low_memory``, or ``None`` on a sharded
+          checkpoint, as :class:`~splitlearn.ModelFactory` decides): ``INCREMENTAL_PEAK_FACTOR`` x
+          the bytes of the tensors ``component`` needs, from the safetensors headers (no tensor
+          data is read), plus the largest source tensor when ``dtype`` converts them.
+
+        With ``dtype``, weights are counted in the dtype they are converted to (whole-model
+        loads: the larger of the checkpoint and its converted size). If the part's tensors
+        cannot be worked out (a config or checkpoint the load itself will reject), the
+        traditional figure is returned. May import transformers and the family's module (split
+        families): call it off an event loop's thread.
+        """
         if config.memory_estimate_bytes is not None:
             return int(config.memory_estimate_bytes)
         if config.model_path in (None, ""):
             return 0
-        size = sum(f.stat().st_size for f in weight_files(config.model_path))
-        return int(size * PEAK_FACTOR)
+        path = Path(config.model_path)
+        if config.model_type in SPLIT_TYPES and path.is_dir():
+            return self._estimate_split(config, path)
+        if config.model_type == "huggingface" and path.is_dir():
+            return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(huggingface_weight_files(path), config.dtype))
+        return int(FULL_LOAD_PEAK_FACTOR * sum(_file_size(f) for f in weight_files(path)))
+
+    @staticmethod
+    def _estimate_split(config: ModelConfig, path: Path) -> int:
+        from splitlearn.loading import ShardLoader
+
+        try:
+            loader = ShardLoader(path)
+        except (SplitLearnError, OSError) as exc:  # no safetensors checkpoint: the load will say so
+            log.debug("memory estimate of %r from the files' sizes: %s", config.model_id, exc)
+            return int(FULL_LOAD_PEAK_FACTOR * sum(_file_size(f) for f in weight_files(path)))
+        with loader:
+            files = [loader.model_dir / f for f in loader.files]
+            incremental = loader.is_sharded if config.low_memory is None else bool(config.low_memory)
+            if not incremental:
+                return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(files, config.dtype))
+            try:
+                held, transient = _part_bytes(config, loader)
+            except Exception as exc:  # noqa: BLE001 - an estimate: the load reports the real error
+                log.warning(
+                    "memory estimate of %r: cannot work out the tensors of its %s (%s: %s); counting the whole model",
+                    config.model_id,
+                    config.component,
+                    type(exc).__name__,
+                    exc,
+                )
+                return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(files, config.dtype))
+        return int(INCREMENTAL_PEAK_FACTOR * (held + transient))
 
     def load_from_config(self, config: ModelConfig, cancel_event: threading.Event | None = None) -> Any:
         """Validate, configure threads, load, move to ``config.device``, ``eval()``, warm up.
@@ -422,8 +556,14 @@ class ModelLoader:
         with stage(log, f"{auto.__name__}.from_pretrained", path=config.model_path):
             try:
                 model = auto.from_pretrained(str(config.model_path), **kwargs)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"cannot load Hugging Face model from {str(config.model_path)!r}: {exc}") from exc
+            except Exception as exc:  # every failure is a ModelLoadError, the cause chained
+                # OSError (no weights), ValueError/KeyError (config), SafetensorError (truncated or
+                # corrupt file), RuntimeError (shapes that do not fit the config), UnpicklingError
+                # (a .bin that is not a plain state dict), MemoryError...
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ModelLoadError(
+                    f"cannot load Hugging Face model from {str(config.model_path)!r}: {type(exc).__name__}: {first}"
+                ) from exc
         return model.to(config.device).eval()
 
     def _load_split(self, config: ModelConfig) -> Any:
@@ -482,6 +622,44 @@ class ModelLoader:
                             f"warmup forward of {config.model_id!r} failed on input {tuple(x.shape)}: {exc}"
                         ) from exc
         return time.perf_counter() - t0
+
+
+def split_part_keys(config: ModelConfig, loader: Any) -> set[str]:
+    """The checkpoint keys the ``config.component`` part of a split model reads, worked out the
+    way the incremental path plans its load (the part is built on the meta device; the
+    checkpoint's headers give names and shapes; no tensor data is read). ``loader``: a
+    :class:`~splitlearn.loading.ShardLoader` of ``config.model_path``."""
+    from splitlearn.factory import ModelFactory, validate_split_points
+    from splitlearn.models.registry import ModelRegistry
+
+    hf_config = ModelFactory.load_config(config.model_type, loader.model_dir)
+    n_layers = int(hf_config.num_hidden_layers)
+    s1, s2 = validate_split_points(*config.split_points, n_layers)  # type: ignore[misc]
+    start, end = {"bottom": (0, s1), "trunk": (s1, s2), "top": (s2, n_layers)}[str(config.component)]
+    part_cls = ModelRegistry.get_model_class(config.model_type, str(config.component))
+    _, plan = part_cls.plan_from(loader.state_dict_view(), hf_config, start, end)
+    return set(plan.values())
+
+
+def _part_bytes(config: ModelConfig, loader: Any) -> tuple[int, int]:
+    """(bytes the part's tensors take once loaded, bytes of the largest source tensor a
+    conversion holds beside them) -- from the safetensors headers."""
+    from splitlearn.loading import read_safetensors_header
+
+    keys = split_part_keys(config, loader)
+    by_file: dict[str, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(loader.file_for(key), []).append(key)
+    held = transient = 0
+    target = _DTYPE_CODES[config.dtype][0] if config.dtype is not None else None
+    for fname, names in by_file.items():
+        header = read_safetensors_header(loader.model_dir / fname)
+        for name in names:
+            code, nbytes = header[name]
+            held += _loaded_bytes(code, nbytes, config.dtype)
+            if target is not None and code in _FLOAT_CODE_BYTES and code != target:
+                transient = max(transient, nbytes)
+    return held, transient
 
 
 def param_bytes(model: Any) -> int:

@@ -141,6 +141,13 @@ class Pipeline:
     ``model_fn(batch)`` gets the collated batch (a stacked tensor when items are tensors) and
     returns one output per item (indexable, ``len == batch size``). ``consumer(seq, output)``
     is called in the consumer thread for every item.
+
+    A pipeline may be run again: every :meth:`run` starts from fresh stage states (counts,
+    states, progress times), so its result, its :class:`StageStalled` diagnosis and
+    :meth:`counts` describe that run alone; ``stages`` / ``counts()`` show the latest run. Runs
+    may not overlap: a :meth:`run` while another is in progress raises :class:`PipelineError`.
+    A thread left stuck by an earlier run (see ``stuck_threads``) keeps updating only that run's
+    stage states.
     """
 
     def __init__(
@@ -167,28 +174,33 @@ class Pipeline:
         self.mp_context = multiprocessing_context
         self.stage_name = stage_name
         self.keep_outputs = keep_outputs
-        self.stages = {
-            "producer": StageState("producer"),
-            stage_name: StageState(stage_name),
-            "consumer": StageState("consumer"),
-        }
+        self.stages = self._fresh_stages()
         self.threads: list[threading.Thread] = []
         self.worker_pids: list[int] = []
+        self.stuck_threads: list[str] = []
+        self._running = threading.Lock()
+
+    def _fresh_stages(self) -> dict[str, StageState]:
+        return {
+            "producer": StageState("producer"),
+            self.stage_name: StageState(self.stage_name),
+            "consumer": StageState("consumer"),
+        }
 
     # -- counts ------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        out = {}
-        for name, st in self.stages.items():
-            out[f"{name}_in"] = st.items_in
-            out[f"{name}_out"] = st.items_out
-        return out
+        """Items in and out of every stage in the latest (or current) run."""
+        return _counts(self.stages)
 
     # -- stages ------------------------------------------------------------------------------
-    def _put(self, q: Any, item: Any, queue_name: str, upstream: str, downstream: str, stop: Any) -> None:
+    def _put(
+        self, q: Any, item: Any, queue_name: str, upstream: str, downstream: str, stop: Any, stages: dict[str, StageState]
+    ) -> None:
         """put with the pipeline's timeout. A timeout names the stalled stage: the stage
         downstream of ``q``, or further down if that stage is itself blocked putting into the
-        next queue (the root of the back-pressure is the most downstream blocked stage)."""
-        st = self.stages[upstream]
+        next queue (the root of the back-pressure is the most downstream blocked stage).
+        ``stages``: the states of the run this put belongs to."""
+        st = stages[upstream]
         previous = st.state
         st.state = f"put:{queue_name}"  # no progress while blocked: last_progress is kept
         deadline = time.monotonic() + self.put_timeout
@@ -203,24 +215,24 @@ class Pipeline:
             except queue.Full:
                 if time.monotonic() >= deadline:
                     break
-        order = list(self.stages)
+        order = list(stages)
         stalled = downstream
         via = []
-        while self.stages[stalled].state.startswith("put:") and order.index(stalled) + 1 < len(order):
-            via.append(f"{stalled!r} blocked on {self.stages[stalled].state[4:]!r}")
+        while stages[stalled].state.startswith("put:") and order.index(stalled) + 1 < len(order):
+            via.append(f"{stalled!r} blocked on {stages[stalled].state[4:]!r}")
             stalled = order[order.index(stalled) + 1]
-        detail = self.stages[stalled].describe() + (f" (back-pressure through {', '.join(via)})" if via else "")
-        raise StageStalled(stalled, queue_name, time.monotonic() - t0, self.counts(), detail)
+        detail = stages[stalled].describe() + (f" (back-pressure through {', '.join(via)})" if via else "")
+        raise StageStalled(stalled, queue_name, time.monotonic() - t0, _counts(stages), detail)
 
-    def _producer(self, items: Iterable, q: Any, stop: Any, ends: int) -> None:
-        st = self.stages["producer"]
+    def _producer(self, items: Iterable, q: Any, stop: Any, ends: int, stages: dict[str, StageState]) -> None:
+        st = stages["producer"]
         for seq, item in enumerate(items):
             st.items_in += 1
             st.progress("put")
-            self._put(q, (seq, item), f"{self.stage_name}_in", "producer", self.stage_name, stop)
+            self._put(q, (seq, item), f"{self.stage_name}_in", "producer", self.stage_name, stop, stages)
             st.items_out += 1
         for _ in range(ends):
-            self._put(q, _END, f"{self.stage_name}_in", "producer", self.stage_name, stop)
+            self._put(q, _END, f"{self.stage_name}_in", "producer", self.stage_name, stop, stages)
         st.progress("done")
 
     def _loader_iter(self, q_in: Any, stop: Any) -> Any:
@@ -237,8 +249,8 @@ class Pipeline:
         self.worker_pids = [w.pid for w in getattr(it, "_workers", [])]
         return it
 
-    def _stage(self, it: Any, q_out: Any, stop: Any) -> None:
-        st = self.stages[self.stage_name]
+    def _stage(self, it: Any, q_out: Any, stop: Any, stages: dict[str, StageState]) -> None:
+        st = stages[self.stage_name]
         try:
             st.progress("read")
             for ids, batch in it:
@@ -248,18 +260,18 @@ class Pipeline:
                 if len(outputs) != len(ids):
                     raise PipelineError(f"stage {self.stage_name!r} returned {len(outputs)} outputs for {len(ids)} items")
                 for seq, out in zip(ids, outputs, strict=True):
-                    self._put(q_out, (seq, out), f"{self.stage_name}_out", self.stage_name, "consumer", stop)
+                    self._put(q_out, (seq, out), f"{self.stage_name}_out", self.stage_name, "consumer", stop, stages)
                     st.items_out += 1
                 st.progress("read")
-            self._put(q_out, _END, f"{self.stage_name}_out", self.stage_name, "consumer", stop)
+            self._put(q_out, _END, f"{self.stage_name}_out", self.stage_name, "consumer", stop, stages)
             st.progress("done")
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
 
-    def _consumer(self, q: Any, stop: Any, seen: list[int], outputs: list) -> None:
-        st = self.stages["consumer"]
+    def _consumer(self, q: Any, stop: Any, seen: list[int], outputs: list, stages: dict[str, StageState]) -> None:
+        st = stages["consumer"]
         while not stop.is_set():
             try:
                 got = q.get(timeout=_POLL)
@@ -282,8 +294,20 @@ class Pipeline:
     def run(self, items: Iterable, *, timeout: float = 300.0, join_timeout: float = 10.0) -> PipelineResult:
         """Push every item through; raise :class:`StageStalled` / :class:`PipelineError` if any
         stage stops, after stopping the others. Threads that cannot be joined (a stage stuck
-        inside ``model_fn``) are daemon threads and are listed in ``self.stuck_threads``."""
-        items = list(items)
+        inside ``model_fn``) are daemon threads and are listed in ``self.stuck_threads``.
+        Every run starts with fresh stage states; a second run while one is in progress raises
+        :class:`PipelineError`."""
+        if not self._running.acquire(blocking=False):
+            raise PipelineError("this Pipeline is already running: runs of one Pipeline may not overlap")
+        try:
+            return self._run(list(items), timeout, join_timeout)
+        finally:
+            self._running.release()
+
+    def _run(self, items: list, timeout: float, join_timeout: float) -> PipelineResult:
+        stages = self.stages = self._fresh_stages()  # this run's states; an earlier run's stuck thread keeps its own
+        self.stuck_threads = []
+        self.worker_pids = []
         if self.num_workers:
             import multiprocessing as mp
 
@@ -323,12 +347,16 @@ class Pipeline:
         it = self._loader_iter(q_in, stop)  # workers first, while this process has no pipeline thread
         self.threads = [
             threading.Thread(
-                target=guarded(self._producer, items, q_in, stop, max(1, self.num_workers)),
+                target=guarded(self._producer, items, q_in, stop, max(1, self.num_workers), stages),
                 name="pipeline-producer",
                 daemon=True,
             ),
-            threading.Thread(target=guarded(self._stage, it, q_out, stop), name=f"pipeline-{self.stage_name}", daemon=True),
-            threading.Thread(target=guarded(self._consumer, q_out, stop, seen, outputs), name="pipeline-consumer", daemon=True),
+            threading.Thread(
+                target=guarded(self._stage, it, q_out, stop, stages), name=f"pipeline-{self.stage_name}", daemon=True
+            ),
+            threading.Thread(
+                target=guarded(self._consumer, q_out, stop, seen, outputs, stages), name="pipeline-consumer", daemon=True
+            ),
         ]
         for t in self.threads:
             t.start()
@@ -344,10 +372,10 @@ class Pipeline:
             stalls = [e for e in errors if isinstance(e, StageStalled)]
             raise (stalls[0] if stalls else errors[0])
         if not finished:
-            oldest = min(self.stages.values(), key=lambda s: s.last_progress if s.state != "done" else float("inf"))
-            raise PipelineError(f"pipeline did not finish within {timeout:.1f}s: {oldest.describe()}; counts {self.counts()}")
+            oldest = min(stages.values(), key=lambda s: s.last_progress if s.state != "done" else float("inf"))
+            raise PipelineError(f"pipeline did not finish within {timeout:.1f}s: {oldest.describe()}; counts {_counts(stages)}")
         ids = sorted(seen)
-        counts = self.counts()
+        counts = _counts(stages)
         dup = sorted(i for i, n in Counter(seen).items() if n > 1)
         missing = sorted(set(range(len(items))) - set(ids))
         return PipelineResult(
@@ -360,6 +388,14 @@ class Pipeline:
             counts=counts,
             outputs=sorted(outputs, key=lambda p: p[0]),
         )
+
+
+def _counts(stages: dict[str, StageState]) -> dict[str, int]:
+    out = {}
+    for name, st in stages.items():
+        out[f"{name}_in"] = st.items_in
+        out[f"{name}_out"] = st.items_out
+    return out
 
 
 class _Stopped(Exception):

@@ -5,7 +5,9 @@ safetensors through ModelLoader); slow loads block on events the test controls."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import threading
 
 import pytest
@@ -98,6 +100,37 @@ def watched_loader(gates, names=("g",)):
     """A StagedLoader whose load starts poke a Watch of the running loop."""
     watch = Watch()
     return StagedLoader(gates={n: gates[n] for n in names}, on_start=watch.poke, gate_timeout=20.0), watch
+
+
+class _PokeOnLog(logging.Handler):
+    def __init__(self, watch):
+        super().__init__(logging.DEBUG)
+        self.watch = watch
+
+    def emit(self, record):
+        self.watch.poke()
+
+
+@contextlib.contextmanager
+def manager_logs_poke(watch):
+    """Every record the manager logs (a load parked, a worker ended...) pokes ``watch``: a wait
+    on manager state is woken by the manager's own events."""
+    logger = logging.getLogger("splitlearn.manager")
+    handler, level = _PokeOnLog(watch), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def waiting_for(mgr, model_id):
+    try:
+        return mgr.status(model_id).get("waiting_for_generation")
+    except ModelNotFoundError:
+        return None
 
 
 # -- happy path --------------------------------------------------------------------------
@@ -225,6 +258,27 @@ def test_resource_check_refuses_and_counts_loads_in_flight(ckpt, gates):
     run(main())
 
 
+def test_memory_check_of_a_split_part_counts_the_part_not_the_checkpoint():
+    """The trunk of a sharded checkpoint loaded incrementally fits in less than the whole
+    checkpoint: a budget below 2x the checkpoint (the former estimate) admits it."""
+    from fixtures.models import tiny_model_dir
+    from splitlearn.model_loader import ModelLoader
+
+    tiny = tiny_model_dir("gpt2", sharded=True)
+    whole = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    trunk = ModelConfig("trunk", "gpt2", str(tiny), component="trunk", split_points=[2, 4], low_memory=True)
+    part = ModelLoader().estimate_memory(trunk)
+    assert part < whole
+
+    async def main():
+        async with AsyncModelManager(available_memory=lambda: whole, memory_reserve_bytes=0) as mgr:
+            managed = await mgr.load_model(trunk)
+            assert managed.estimated_bytes == part == mgr.status("trunk")["estimated_bytes"]
+            assert managed.param_bytes <= part
+
+    run(main())
+
+
 def test_real_psutil_check_refuses_an_absurd_estimate(ckpt):
     path, _ = ckpt
 
@@ -321,14 +375,20 @@ def test_late_result_after_caller_gave_up_is_dropped_not_registered(ckpt, gates)
     path, _ = ckpt
 
     async def main():
-        loader, _ = watched_loader(gates)
+        loader, watch = watched_loader(gates)
         mgr = AsyncModelManager(loader, max_workers=2)
         held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
         with pytest.raises(LoadTimeoutError):
             await mgr.load_model(held, timeout=0.1)
-        retry = await mgr.load_model(cfg(path))
+        with manager_logs_poke(watch):
+            retry_task = asyncio.create_task(mgr.load_model(cfg(path)))
+            retry_task.add_done_callback(watch.poke)
+            # the retry is accepted but waits for the orphan's worker (never two copies at once)
+            await watch.until(lambda: waiting_for(mgr, "m") == 1 or loader.started == 2, "the retry to wait")
+            assert loader.started == 1
+            gates["g"].set()
+            retry = await asyncio.wait_for(retry_task, 10)
         assert retry.generation == 2
-        gates["g"].set()
         await mgr.shutdown()  # joins the pool: the orphan has finished
         gc.collect()
         orphan = loader.calls("m")[0]
@@ -352,10 +412,120 @@ def test_unload_while_loading_wakes_the_caller_and_drops_the_result(ckpt, gates)
             with pytest.raises(LoadCancelled, match="unloaded while loading"):
                 await asyncio.wait_for(task, 5)  # woken at once, while the worker is still blocked
             assert not loader.calls("m")[0].done.is_set()
-            await mgr.load_model(cfg(path))  # the id is free again
-            gates["g"].set()
-            assert await asyncio.get_running_loop().run_in_executor(None, loader.calls("m")[0].done.wait, 10)
+            with manager_logs_poke(watch):
+                # the id is free again: a new load is accepted, and starts once the old worker has ended
+                retry = asyncio.create_task(mgr.load_model(cfg(path)))
+                retry.add_done_callback(watch.poke)
+                await watch.until(lambda: waiting_for(mgr, "m") == 1 or loader.started == 2, "the new load to wait")
+                assert loader.started == 1 and mgr.status("m")["status"] == "loading"
+                gates["g"].set()
+                assert (await asyncio.wait_for(retry, 10)).generation == 2
+            assert loader.calls("m")[0].done.is_set()
         assert mgr.stats()["orphans_dropped"] == 1
+
+    run(main())
+
+
+# -- loads given up while their worker still runs ----------------------------------------------
+def test_retry_waits_for_the_given_up_load_still_in_its_worker(ckpt, gates):
+    """A load Python cannot interrupt is given up (timeout); an immediate retry of the same id is
+    accepted but does not start a second copy while the first worker still runs."""
+    path, _ = ckpt
+
+    async def main():
+        loader, watch = watched_loader(gates)
+        async with AsyncModelManager(loader, max_workers=2) as mgr:
+            held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
+            with pytest.raises(LoadTimeoutError):
+                await mgr.load_model(held, timeout=0.1)
+            with manager_logs_poke(watch):
+                retry = asyncio.create_task(mgr.load_model(cfg(path)))
+                retry.add_done_callback(watch.poke)
+                await watch.until(
+                    lambda: retry.done() or loader.started == 2 or waiting_for(mgr, "m") == 1,
+                    "the retry to wait, or to load beside the first",
+                )
+                assert loader.started == 1, "a second copy started loading while the first was still in its worker"
+                assert mgr.stats()["abandoned_running"] == 1
+                row = mgr.status("m")
+                assert row["status"] == "loading" and row["generation"] == 2 and row["waiting_for_generation"] == 1
+                with pytest.raises(DuplicateModelError, match="already loading"):
+                    await mgr.load_model(cfg(path))
+                gates["g"].set()  # the first worker returns; its late result is dropped
+                managed = await asyncio.wait_for(retry, 10)
+            first, second = loader.calls("m")
+            assert first.ended <= second.started  # one copy at a time
+            assert managed.generation == 2 and mgr.status("m")["waiting_for_generation"] is None
+            assert mgr.stats()["abandoned_running"] == 0 and mgr.stats()["orphans_dropped"] == 1
+
+    run(main())
+
+
+def test_memory_of_a_given_up_load_counts_until_its_worker_ends(ckpt, gates):
+    path, _ = ckpt
+    mib = 1 << 20
+
+    async def main():
+        loader, watch = watched_loader(gates)
+        async with AsyncModelManager(loader, available_memory=lambda: 10 * mib, memory_reserve_bytes=mib) as mgr:
+            held = cfg(path, "a", memory_estimate_bytes=5 * mib, metadata={"gate": "g", "ignore_cancel": True})
+            with pytest.raises(LoadTimeoutError):
+                await mgr.load_model(held, timeout=0.1)
+            assert mgr.status("a")["status"] == "failed"  # its placeholder is gone at once...
+            with pytest.raises(InsufficientResourcesError, match=r"loads given up but still running 5.0 MiB"):
+                await mgr.load_model(cfg(path, "b", memory_estimate_bytes=5 * mib))  # ...its memory is not
+            assert mgr.list_models()[0]["model_id"] == "a" and len(mgr.list_models()) == 1
+            # a retry of "a" never runs beside it, so the two count once: admitted, it waits
+            with manager_logs_poke(watch):
+                retry = asyncio.create_task(mgr.load_model(cfg(path, "a", memory_estimate_bytes=5 * mib)))
+                retry.add_done_callback(watch.poke)
+                await watch.until(lambda: retry.done() or waiting_for(mgr, "a") == 1, "the retry of 'a' to wait")
+                assert not retry.done()
+                gates["g"].set()
+                await asyncio.wait_for(retry, 10)
+            assert mgr.stats()["abandoned_running"] == 0
+            await mgr.load_model(cfg(path, "b", memory_estimate_bytes=5 * mib))  # the worker has ended
+
+    run(main())
+
+
+def test_retry_time_limit_covers_the_wait_for_the_earlier_worker(ckpt, gates):
+    path, _ = ckpt
+
+    async def main():
+        loader, _ = watched_loader(gates)
+        async with AsyncModelManager(loader) as mgr:
+            held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
+            with pytest.raises(LoadTimeoutError):
+                await mgr.load_model(held, timeout=0.1)
+            with pytest.raises(LoadTimeoutError, match=r"did not even start.*generation 1.*still running in its worker"):
+                await mgr.load_model(cfg(path), timeout=0.2)
+            assert loader.started == 1 and mgr.status("m")["status"] == "failed"
+            assert mgr.stats()["abandoned_running"] == 1
+            gates["g"].set()
+            assert (await mgr.load_model(cfg(path))).generation == 3
+
+    run(main())
+
+
+def test_unload_of_a_waiting_retry_stops_it_before_it_starts(ckpt, gates):
+    path, _ = ckpt
+
+    async def main():
+        loader, watch = watched_loader(gates)
+        async with AsyncModelManager(loader) as mgr:
+            held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
+            with pytest.raises(LoadTimeoutError):
+                await mgr.load_model(held, timeout=0.1)
+            with manager_logs_poke(watch):
+                retry = asyncio.create_task(mgr.load_model(cfg(path)))
+                retry.add_done_callback(watch.poke)
+                await watch.until(lambda: retry.done() or waiting_for(mgr, "m") == 1, "the retry to wait")
+            assert await mgr.unload_model("m") is True
+            with pytest.raises(LoadCancelled, match="stopped before it started: unloaded while loading"):
+                await asyncio.wait_for(retry, 5)
+            assert loader.started == 1 and mgr.stats()["abandoned_running"] == 1
+            gates["g"].set()
 
     run(main())
 

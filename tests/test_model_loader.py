@@ -369,6 +369,99 @@ def test_memory_estimate(linear):
     assert param_bytes(lin) == (18 + 3) * 4
 
 
+def _state_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+@pytest.mark.parametrize("component", ["bottom", "trunk", "top"])
+def test_incremental_estimate_counts_only_the_parts_tensors(component):
+    from splitlearn import ModelFactory
+    from splitlearn.model_loader import INCREMENTAL_PEAK_FACTOR
+
+    tiny = tiny_model_dir("gpt2", sharded=True)
+    cfg = ModelConfig("x", "gpt2", tiny, component=component, split_points=[2, 4], low_memory=True)
+    estimate = ModelLoader().estimate_memory(cfg)
+    parts = ModelFactory.create_split_models("gpt2", str(tiny), 2, 4, parts=(component,), low_memory=True)
+    part = dict(zip(("bottom", "trunk", "top"), parts, strict=True))[component]
+    part_bytes = _state_bytes(part)  # what the part holds, measured on the built module
+    assert part_bytes <= estimate <= INCREMENTAL_PEAK_FACTOR * part_bytes
+    whole = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    assert estimate < whole  # a part of a 5-layer model, not the whole checkpoint (let alone 2x)
+    # low_memory=None picks the incremental path for a sharded checkpoint, as the factory does
+    cfg.low_memory = None
+    assert ModelLoader().estimate_memory(cfg) == estimate
+
+
+def test_incremental_estimate_with_a_dtype_conversion():
+    import torch
+
+    from splitlearn import ModelFactory
+    from splitlearn.model_loader import INCREMENTAL_PEAK_FACTOR
+
+    tiny = tiny_model_dir("gpt2", sharded=True)
+    cfg = ModelConfig("x", "gpt2", tiny, component="trunk", split_points=[2, 4], low_memory=True, dtype="bfloat16")
+    _, trunk, _ = ModelFactory.create_split_models("gpt2", str(tiny), 2, 4, parts=("trunk",), dtype=torch.bfloat16)
+    held = _state_bytes(trunk)
+    largest_source = 2 * max(t.numel() * t.element_size() for t in trunk.state_dict().values())  # fp32 on disk
+    assert ModelLoader().estimate_memory(cfg) == int(INCREMENTAL_PEAK_FACTOR * (held + largest_source))
+
+
+def test_traditional_split_estimate_is_the_whole_checkpoint():
+    tiny = tiny_model_dir("gpt2", sharded=True)
+    whole = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    cfg = ModelConfig("x", "gpt2", tiny, component="trunk", split_points=[2, 4], low_memory=False)
+    assert ModelLoader().estimate_memory(cfg) == 2 * whole
+    single = tiny_model_dir("gpt2")  # not sharded: low_memory=None is the traditional path
+    cfg = ModelConfig("x", "gpt2", single, component="trunk", split_points=[2, 4])
+    assert ModelLoader().estimate_memory(cfg) == 2 * (single / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single"])
+def test_estimate_counts_only_the_format_that_is_loaded(tmp_path, sharded):
+    """A pytorch_model.bin beside the safetensors checkpoint is never read (the split paths read
+    safetensors only; from_pretrained prefers safetensors): it must not change any estimate."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("gpt2", sharded=sharded), model_dir)
+    configs = [
+        ModelConfig("hf", "huggingface", model_dir),
+        ModelConfig("inc", "gpt2", model_dir, component="trunk", split_points=[2, 4], low_memory=True),
+        ModelConfig("trad", "gpt2", model_dir, component="trunk", split_points=[2, 4], low_memory=False),
+        ModelConfig("dflt", "gpt2", model_dir, component="top", split_points=[2, 4]),
+    ]
+    loader = ModelLoader()
+    before = [loader.estimate_memory(c) for c in configs]
+    full = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        full.update(load_file(str(f)))
+    torch.save(full, str(model_dir / "pytorch_model.bin"))
+    assert [loader.estimate_memory(c) for c in configs] == before
+    safetensors_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    assert before[0] == 2 * safetensors_bytes
+
+
+def test_huggingface_estimate_of_a_bin_only_checkpoint(tmp_path):
+    model_dir = tmp_path / "bin"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((tiny_model_dir("gpt2") / "config.json").read_text())
+    torch.save({"w": torch.zeros(100)}, str(model_dir / "pytorch_model.bin"))
+    (model_dir / "notes.pt").write_bytes(b"x" * 10_000)  # not a name from_pretrained reads
+    size = (model_dir / "pytorch_model.bin").stat().st_size
+    assert ModelLoader().estimate_memory(ModelConfig("hf", "huggingface", model_dir)) == 2 * size
+
+
+def test_estimate_of_a_checkpoint_the_load_will_reject_stays_conservative(tmp_path):
+    """Split points beyond the model: the part cannot be planned; the whole checkpoint is counted
+    (the load itself reports InvalidSplitPoints)."""
+    tiny = tiny_model_dir("gpt2", sharded=True)
+    whole = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
+    cfg = ModelConfig("x", "gpt2", tiny, component="trunk", split_points=[2, 9], low_memory=True)
+    assert ModelLoader().estimate_memory(cfg) == 2 * whole
+
+
 # -- threads ---------------------------------------------------------------------------------
 def test_configure_threads_sets_and_reports():
     before = torch.get_num_threads()
@@ -418,3 +511,44 @@ def test_thread_setting_reaches_loader_and_later_threads(main_work):
     assert seen["report"]["num_threads"] == 1
     assert seen["main"] in (1, 3), seen
     print(f"main thread after a loader set 1 (main ran {main_work}): {seen['main']}")
+
+
+# -- huggingface path: every failure is a ModelLoadError ---------------------------------------
+def _hf_copy(tmp_path):
+    import shutil
+
+    dst = tmp_path / "hf"
+    shutil.copytree(tiny_model_dir("gpt2"), dst)
+    return dst
+
+
+def test_huggingface_truncated_safetensors_is_a_load_error(tmp_path):
+    from safetensors import SafetensorError
+
+    model_dir = _hf_copy(tmp_path)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=r"cannot load Hugging Face model .*SafetensorError") as ei:
+        ModelLoader().load_from_config(ModelConfig("hf", "huggingface", model_dir))
+    assert isinstance(ei.value.__cause__, SafetensorError)
+
+
+def test_huggingface_unpicklable_bin_is_a_load_error(tmp_path):
+    model_dir = tmp_path / "bin"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((tiny_model_dir("gpt2") / "config.json").read_text())
+    (model_dir / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(ModelLoadError, match=r"cannot load Hugging Face model .*UnpicklingError") as ei:
+        ModelLoader().load_from_config(ModelConfig("hf", "huggingface", model_dir))
+    assert isinstance(ei.value.__cause__, pickle.UnpicklingError)
+
+
+def test_huggingface_weights_that_do_not_fit_the_config_are_a_load_error(tmp_path):
+    model_dir = _hf_copy(tmp_path)
+    cfg_path = model_dir / "config.json"
+    hf_cfg = json.loads(cfg_path.read_text())
+    hf_cfg["n_positions"] = 2 * hf_cfg["n_positions"]  # wpe no longer fits the checkpoint's
+    cfg_path.write_text(json.dumps(hf_cfg))
+    with pytest.raises(ModelLoadError, match="cannot load Hugging Face model") as ei:
+        ModelLoader().load_from_config(ModelConfig("hf", "huggingface", model_dir))
+    assert ei.value.__cause__ is not None

@@ -141,6 +141,69 @@ def test_overall_timeout_names_a_stage():
     _threads_end(pipe)
 
 
+def test_second_run_counts_only_its_own_items():
+    pipe = Pipeline(_double, batch_size=2, queue_size=2, put_timeout=10, keep_outputs=True)
+    first = pipe.run(_items(3), timeout=60)
+    second = pipe.run(_items(3), timeout=60)
+    every_3 = {f"{s}_{d}": 3 for s in ("producer", "model", "consumer") for d in ("in", "out")}
+    assert first.counts == every_3
+    assert second.counts == every_3 and pipe.counts() == every_3
+    assert second.ok and second.ids == [0, 1, 2]
+    assert all(st.state == "done" for st in pipe.stages.values())
+    _threads_end(pipe)
+
+
+def test_stall_on_a_reused_pipeline_is_diagnosed_from_that_run_alone():
+    """The same stall as test_stalled_model_stage_is_named_and_put_times_out, after a clean run
+    of 3 items on the same Pipeline: same stage named, same counts as on a fresh pipeline."""
+    gate = threading.Event()
+    calls = []
+    stall = threading.Event()
+
+    def maybe_stalls(batch):
+        if stall.is_set():
+            calls.append(len(batch))
+            if len(calls) > 1:
+                gate.wait()
+        return _double(batch)
+
+    pipe = Pipeline(maybe_stalls, batch_size=2, queue_size=2, put_timeout=1.0)
+    assert pipe.run(_items(3), timeout=30).ok
+    stall.set()
+    with pytest.raises(StageStalled) as info:
+        pipe.run(_items(20), timeout=30, join_timeout=0.5)
+    err = info.value
+    assert err.stage == "model" and err.queue_name == "model_in"
+    assert err.counts["model_out"] == 2 and err.counts["consumer_out"] == 2, err.counts
+    assert pipe.stuck_threads == ["pipeline-model"]
+    gate.set()
+    _threads_end(pipe)
+
+
+def test_overlapping_runs_are_refused():
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def blocks(batch):
+        entered.set()
+        gate.wait()
+        return _double(batch)
+
+    pipe = Pipeline(blocks, batch_size=1, queue_size=4, put_timeout=30)
+    results = []
+    first = threading.Thread(target=lambda: results.append(pipe.run(_items(2), timeout=60)))
+    first.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(PipelineError, match="already running"):
+            pipe.run(_items(2), timeout=5)
+    finally:
+        gate.set()
+        first.join(60)
+    assert results and results[0].ok and results[0].counts["consumer_out"] == 2
+    _threads_end(pipe)
+
+
 _WORKERS_PROGRAM = r"""
 import json, os, sys, threading
 import psutil, torch

@@ -9,9 +9,10 @@ result must be dropped, not registered. Which of the two happened is recorded.
 * fix ``timeout``: the load's fetch (simulated storage I/O, 30 s) checks the cancel event;
   ``wait_for(..., 0.3)`` gives up -> the worker stops within milliseconds, the retry loads.
 * fix ``orphan``: the fetch blocks on a gate this scenario holds (like a C call Python cannot
-  interrupt) and the loader ignores cancellation; the caller gives up, a retry of the same id
-  loads at once beside it, then the gate opens: the orphan's model is dropped in its worker,
-  never registered, and freed (weak reference dead).
+  interrupt) and the loader ignores cancellation; the caller gives up and retries the same id at
+  once: the retry is accepted (status ``loading``) but waits for the orphan's worker instead of
+  loading a second copy beside it; the gate opens: the orphan's model is dropped in its worker,
+  never registered, and freed (weak reference dead), and only then does the retry load.
 * hazard ``seed_raises`` / ``seed_timeout``: seed 004's manager as written, which has no cleanup
   on either path -> its placeholder stays and the retry is refused (FAIL everywhere).
 """
@@ -147,13 +148,23 @@ def manager_cancel(ctx) -> None:
         except asyncio.TimeoutError:
             pass
         after = state("m")
-        ok, how = await retry(ModelConfig("m", **base))  # loads beside the orphan, which still waits on the gate
-        gen_after_retry = mgr.status("m")["generation"]
-        status_before_gate = mgr.status("m")
-        ready_before_gate = [m["model_id"] for m in mgr.list_models() if m["status"] == "ready"]
+        # The retry is accepted but must not load beside the orphan, which still waits on the gate:
+        # it waits for the orphan's worker. Its state is polled (bounded): it shows the wait.
+        retry_task = asyncio.create_task(retry(ModelConfig("m", **base)))
+        deadline = time.monotonic() + 10.0
+        while not retry_task.done() and time.monotonic() < deadline and loader.started < 2:
+            if mgr.status("m").get("waiting_for_generation") is not None:
+                break
+            await asyncio.sleep(0.01)
+        retry_waiting = mgr.status("m") if not retry_task.done() else None
+        started_before_gate = loader.started
         gate.set()
         rec = loader.calls("m")[0]
         stopped = await asyncio.get_running_loop().run_in_executor(None, rec.done.wait, 30.0)
+        ok, how = await retry_task
+        status_after_retry = mgr.status("m")
+        ready_after_retry = [m["model_id"] for m in mgr.list_models() if m["status"] == "ready"]
+        second = loader.calls("m")[1] if len(loader.calls("m")) > 1 else None
         # shutdown(wait=True) joins the pool's threads: after it, the orphan's worker has ended
         await mgr.shutdown()
         gc.collect()
@@ -161,15 +172,21 @@ def manager_cancel(ctx) -> None:
             "state_after_give_up": after,
             "retry_ok": ok,
             "retry": how,
-            "state_after_retry": status_before_gate["status"],
-            "generation_after_retry": gen_after_retry,
-            "generation_at_end": status_before_gate["generation"],
+            "state_after_retry": status_after_retry["status"],
+            "generation_after_retry": status_after_retry["generation"],
             "orphan_loader_outcome": rec.outcome,
             "orphan_worker_stopped": stopped,
             "workers_running_after_shutdown": mgr.stats()["workers_running"],
             "orphan_model_freed": rec.model_ref is not None and rec.model_ref() is None,
             "orphans_dropped": mgr.stats()["orphans_dropped"],
-            "ready_models": ready_before_gate,
+            "ready_models": ready_after_retry,
+            "retry_waited_for_orphan": retry_waiting is not None
+            and retry_waiting["status"] == "loading"
+            and retry_waiting.get("waiting_for_generation") == 1,
+            "loads_started_before_gate": started_before_gate,
+            "retry_started_after_orphan_ended": second is not None
+            and rec.ended is not None
+            and second.started >= rec.ended,
         }
 
     async def main() -> dict:
@@ -216,9 +233,19 @@ def manager_cancel(ctx) -> None:
             "the orphaned worker did not finish after the gate opened",
         )
         ctx.check(
-            out["generation_at_end"] == out["generation_after_retry"],
-            f"the orphan's late result replaced the retry's model (generation {out['generation_after_retry']} -> {out['generation_at_end']})",
+            out["generation_after_retry"] == 2,
+            f"the registered model is generation {out['generation_after_retry']}, not the retry's (2): "
+            "the orphan's late result was registered",
         )
         ctx.check(out["orphans_dropped"] == 1, f"orphans_dropped = {out['orphans_dropped']} (expected 1)")
+        ctx.check(
+            out["retry_waited_for_orphan"] and out["loads_started_before_gate"] == 1,
+            f"the retry did not wait for the orphan's worker ({out['loads_started_before_gate']} loads started "
+            "while the orphan was held)",
+        )
+        ctx.check(
+            out["retry_started_after_orphan_ended"],
+            "the retry's load started before the orphan's worker ended: two copies loaded at once",
+        )
         ctx.check(out["orphan_model_freed"], "the orphan's model is still alive after it was dropped")
         ctx.check(out["ready_models"] == ["m"], f"ready models {out['ready_models']}")

@@ -1,0 +1,162 @@
+"""ShardLoader error classes: a file safetensors rejects is CorruptWeights; a file that cannot be
+opened (permissions, no file descriptors left) or a tensor that cannot be allocated is a
+ModelLoadError carrying the real cause, never reported as a corrupt file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fixtures.models import tiny_model_dir  # noqa: E402
+from splitlearn.errors import CorruptWeights, MissingShard  # noqa: E402
+from splitlearn.loading import ShardLoader  # noqa: E402
+from splitlearn.model_loader import ModelLoadError  # noqa: E402
+
+
+def copy_model(tmp_path, sharded=True):
+    dst = tmp_path / ("sharded" if sharded else "single")
+    shutil.copytree(tiny_model_dir("gpt2", sharded), dst)
+    return dst
+
+
+def a_shard_and_key(loader):
+    fname = loader.files[0]
+    key = next(k for k, f in loader.weight_map.items() if f == fname)
+    return fname, key
+
+
+def test_truncated_shard_is_still_corrupt_weights(tmp_path):
+    model = copy_model(tmp_path)
+    loader = ShardLoader(model)
+    fname, key = a_shard_and_key(loader)
+    path = model / fname
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CorruptWeights, match="not a valid safetensors file"):
+        loader.get_tensor(key)
+
+
+def test_unreadable_shard_is_a_load_error_not_corrupt_weights(tmp_path):
+    model = copy_model(tmp_path)
+    loader = ShardLoader(model)
+    fname, key = a_shard_and_key(loader)
+    path = model / fname
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("chmod 000 does not stop this user from reading (root)")
+        with pytest.raises(ModelLoadError, match=r"PermissionError.*Permission denied") as info:
+            loader.get_tensor(key)
+        assert not isinstance(info.value, CorruptWeights)
+        assert isinstance(info.value.__cause__, PermissionError)
+    finally:
+        path.chmod(0o644)
+
+
+_EMFILE_PROGRAM = r"""
+import json, os, resource, sys
+import safetensors  # noqa: F401 - imported before the descriptors run out
+from splitlearn.loading import ShardLoader
+loader = ShardLoader(sys.argv[1])
+fname = loader.files[0]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+fds = []
+try:
+    while True:
+        fds.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    loader._handle(fname)
+    out = {"raised": None}
+except Exception as exc:
+    out = {"raised": type(exc).__name__, "message": str(exc), "cause": type(exc.__cause__).__name__,
+           "errno": getattr(exc.__cause__, "errno", None)}
+for fd in fds:
+    os.close(fd)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_no_file_descriptors_left_is_a_load_error_not_corrupt_weights(tmp_path):
+    """EMFILE, for real: safetensors itself reports it as "No such file or directory". In a
+    child process, so that no other thread of the test run meets the exhausted descriptor table."""
+    model = copy_model(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", _EMFILE_PROGRAM, str(model)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :])
+    assert result["raised"] == "ModelLoadError", result
+    assert result["cause"] == "OSError" and result["errno"] == 24, result
+    assert "Too many open files" in result["message"], result
+
+
+def test_shard_deleted_after_the_index_was_read_is_missing_shard(tmp_path):
+    model = copy_model(tmp_path)
+    loader = ShardLoader(model)
+    fname, key = a_shard_and_key(loader)
+    (model / fname).unlink()
+    with pytest.raises(MissingShard, match=fname):
+        loader.get_tensor(key)
+
+
+def test_allocation_failure_while_converting_is_a_load_error(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    loader = ShardLoader(copy_model(tmp_path, sharded=False))
+    key = next(iter(loader.weight_map))
+
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(torch.Tensor, "to", no_memory)
+    with pytest.raises(ModelLoadError, match=r"as torch.float16: RuntimeError: .*can't allocate memory") as info:
+        loader.get_tensor(key, dtype=torch.float16)
+    assert not isinstance(info.value, CorruptWeights)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    monkeypatch.undo()
+    assert loader.get_tensor(key, dtype=torch.float16).dtype == torch.float16  # the file itself is fine
+
+
+def test_index_naming_a_tensor_its_shard_lacks_is_corrupt_weights(tmp_path):
+    model = copy_model(tmp_path)
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    fname = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["transformer.no_such_tensor"] = fname
+    index_path.write_text(json.dumps(index))
+    loader = ShardLoader(model)
+    with pytest.raises(CorruptWeights, match="no_such_tensor"):
+        loader.shape("transformer.no_such_tensor")
+    with pytest.raises(CorruptWeights, match="no_such_tensor"):
+        loader.get_tensor("transformer.no_such_tensor")
+
+
+def test_unreadable_shard_reported_by_the_factory_as_such(tmp_path):
+    """Through the public entry point, as a non-root user would see it (skipped as root)."""
+    pytest.importorskip("torch")
+    from splitlearn import ModelFactory
+
+    model = copy_model(tmp_path)
+    paths = sorted(model.glob("*.safetensors"))
+    for p in paths:
+        p.chmod(0)
+    try:
+        if os.access(paths[0], os.R_OK):
+            pytest.skip("chmod 000 does not stop this user from reading (root)")
+        with pytest.raises(ModelLoadError, match="Permission denied"):
+            ModelFactory.create_split_models("gpt2", str(model), 1, 3, low_memory=True, parts=("trunk",))
+    finally:
+        for p in paths:
+            p.chmod(0o644)
+
