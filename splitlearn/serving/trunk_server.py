@@ -113,6 +113,7 @@ class _Session:
 
 class TrunkWorker(ConnServer):
     name = "TrunkServer"
+    request_types = frozenset({wire.MsgType.TRUNK})
 
     def __init__(self, cfg: dict[str, Any], ctl: Any) -> None:
         super().__init__(cfg, ctl)
@@ -165,7 +166,8 @@ class TrunkWorker(ConnServer):
         s = self.stats.snapshot(self.open_conns(), 0, self.gate)
         with self.sessions_lock:
             s["sessions_open"] = sum(len(v) for v in self.sessions.values())
-        s["forwards"] = self.forwards
+        with self.stats.lock:
+            s["forwards"] = self.forwards
         s["models"] = sorted(self.models)
         return s
 
@@ -182,11 +184,11 @@ class TrunkWorker(ConnServer):
         elif f.type == T.OPEN_SESSION:
             name = f.meta.get("model")
             if name not in self.models:
-                return self.reply_error(c, rid, "unknown_model", f"no model {name!r} here (models: {', '.join(sorted(self.models))})")
+                return self.reply_error(c, rid, "unknown_model", f"no model {wire.clip(name)} here (models: {', '.join(sorted(self.models))})", request=False)
             with self.sessions_lock:
                 mine = self.sessions.setdefault(c.cid, {})
                 if len(mine) >= self.max_sessions:
-                    return self.reply_error(c, rid, "too_many_sessions", f"at most {self.max_sessions} open sessions per connection")
+                    return self.reply_error(c, rid, "too_many_sessions", f"at most {self.max_sessions} open sessions per connection", request=False)
                 sid = secrets.token_hex(8)
                 mine[sid] = _Session(name)
             self.send(c, wire.Frame(T.SESSION, rid, {"session": sid, "model": name}))
@@ -194,7 +196,7 @@ class TrunkWorker(ConnServer):
             with self.sessions_lock:
                 gone = self.sessions.get(c.cid, {}).pop(str(f.meta.get("session")), None)
             if gone is None:
-                return self.reply_error(c, rid, "unknown_session", f"no open session {f.meta.get('session')!r} on this connection")
+                return self.reply_error(c, rid, "unknown_session", f"no open session {wire.clip(f.meta.get('session'))} on this connection", request=False)
             self.send(c, wire.Frame(T.SESSION, rid, {"session": f.meta.get("session"), "closed": True}))
         elif f.type == T.TRUNK:
             self.on_trunk(c, f)
@@ -211,12 +213,12 @@ class TrunkWorker(ConnServer):
             with self.sessions_lock:
                 session = self.sessions.get(c.cid, {}).get(str(f.meta["session"]))
             if session is None:
-                return self.reply_error(c, rid, "unknown_session", f"no open session {f.meta['session']!r} on this connection")
+                return self.reply_error(c, rid, "unknown_session", f"no open session {wire.clip(f.meta['session'])} on this connection")
             name = session.model
         else:
             name = f.meta.get("model")
             if name not in self.models:
-                return self.reply_error(c, rid, "unknown_model", f"no model {name!r} here (models: {', '.join(sorted(self.models))})")
+                return self.reply_error(c, rid, "unknown_model", f"no model {wire.clip(name)} here (models: {', '.join(sorted(self.models))})")
         info = self.info[name]
         if not 1 <= len(f.tensors) <= 3:
             return self.reply_error(c, rid, "bad_input", f"TRUNK carries hidden_states[, attention_mask[, position_ids]], got {len(f.tensors)} tensors")
@@ -271,8 +273,7 @@ class TrunkWorker(ConnServer):
             session.step = step
             session.batch = b
             meta["cache_len"] = session.cache_len
-        self.forwards += 1
+        with self.stats.lock:  # connections run in threads of their own
+            self.forwards += 1
         hs = out.hidden_states if hasattr(out, "hidden_states") else out
-        if self.send(c, wire.Frame(wire.MsgType.RESPONSE, rid, meta, [hs])):
-            with self.stats.lock:
-                self.stats.responses += 1
+        self.answer(c, wire.Frame(wire.MsgType.RESPONSE, rid, meta, [hs]))  # counts how it ended
