@@ -1004,3 +1004,43 @@ def test_an_answer_that_finds_no_writer_thread_drops_that_client_without_raising
         c.sock.detach()
         c.conn.close()
         peer.close()
+
+
+def test_an_answer_read_whole_but_undecodable_leaves_the_connection_usable():
+    """An as_numpy client that gets a bfloat16 answer: the frame was read whole, so the stream is
+    in step, yet the client marked the connection broken on any WireError and every later call
+    raised ServerUnavailable. Now that call raises WireError and the next ones work."""
+    srv = InferenceServer(ECHO, {"scale": 2.0}, start_timeout=120)
+    srv.start()
+    try:
+        with srv.client(timeout=30, as_numpy=True) as c:
+            with pytest.raises(wire.WireError, match="bfloat16"):
+                c.infer(torch.ones(1, 3, dtype=torch.bfloat16))
+            assert c.ping(timeout=10) < 10
+            np.testing.assert_array_equal(c.infer(np.ones((1, 3), np.float32)), np.full((1, 3), 2.0, np.float32))
+    finally:
+        srv.close()
+
+
+def test_an_earlier_calls_late_answer_that_cannot_be_decoded_is_dropped(silent_server):
+    """A call times out; its answer comes late and cannot be decoded (bfloat16 for an as_numpy
+    client). The next call drops it, as it drops a late answer it can read, and gets its own."""
+    from splitlearn.serving import transport
+
+    path, key, accepted = silent_server
+    with InferenceClient(path, authkey=key, timeout=0.3, as_numpy=True) as c:
+        with pytest.raises(TimeoutError):
+            c.infer(np.zeros((1, 8), np.float32))  # request 1: the server does not answer in time
+        _wait_until(lambda: accepted, 10, "the connection accepted")
+        ch = accepted[0]
+        late = wire.Frame(wire.MsgType.RESPONSE, 1, tensors=[torch.zeros(1, 8, dtype=torch.bfloat16)])
+        ch.send_bytes(wire.encode(late))
+        ch.send_bytes(wire.encode(wire.Frame(wire.MsgType.PONG, 2)))  # the answer to the next call
+        assert c.ping(timeout=10) < 10
+        # an answer over max_frame is never read: that one does break the connection
+        c.max_frame = 1000
+        ch.send_bytes(wire.encode(wire.Frame(wire.MsgType.PONG, 3, {"pad": "x" * 2000})))
+        with pytest.raises(transport.UnreadFrame):
+            c.ping(timeout=10)
+        with pytest.raises(ServerUnavailable, match="unusable"):
+            c.ping(timeout=10)

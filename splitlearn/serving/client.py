@@ -10,6 +10,12 @@ taking a large request) leaves the connection out of step, and later calls on it
 caller gave up is dropped, never handed to the next call. :meth:`close` from another thread
 ends a call waiting on the connection. Works without torch (``as_numpy=True``).
 
+An answer that arrives whole but cannot be decoded (a bfloat16 tensor for an ``as_numpy``
+client, a malformed frame) raises :class:`~splitlearn.serving.wire.WireError` from its call and
+leaves the connection usable (an earlier call's late answer of that kind is dropped); only an
+answer over ``max_frame``, whose body is never read, leaves the stream out of step and the
+connection unusable.
+
 How a call waits for its answer (``wait``):
 
 * ``"block"`` (the default): in ``poll(2)`` until the answer arrives. Costs no CPU, but the
@@ -154,7 +160,14 @@ class InferenceClient:
                     left = t_end - time.monotonic()
                     if left <= 0:
                         raise TimeoutError(f"no answer to request {frame.request_id} within {timeout:.3g}s")
-                    reply = transport.recv_frame(self._conn, timeout=left, max_frame=self.max_frame, as_numpy=self.as_numpy)
+                    try:
+                        reply = transport.recv_frame(self._conn, timeout=left, max_frame=self.max_frame, as_numpy=self.as_numpy)
+                    except transport.UnreadFrame:
+                        raise
+                    except wire.WireError as exc:  # read whole, so the stream is in step
+                        if exc.request_id not in (None, 0, frame.request_id):
+                            continue  # an earlier call's late answer, and unreadable: dropped as below
+                        raise
                     if reply.request_id == frame.request_id:
                         break
                     if reply.type == wire.MsgType.ERROR and reply.request_id == 0:
@@ -168,7 +181,7 @@ class InferenceClient:
             except transport.FrameTimeout as exc:  # cut off mid-frame: the stream is out of step
                 self._broken = f"timed out in the middle of a frame ({exc})"
                 raise TimeoutError(f"request {frame.request_id}: {exc}; the connection is no longer usable") from None
-            except wire.WireError as exc:
+            except transport.UnreadFrame as exc:  # its body was not read: the stream is out of step
                 self._broken = str(exc)
                 raise
         if reply.type == wire.MsgType.ERROR:

@@ -60,6 +60,12 @@ class HandshakeError(ServingError, AuthenticationError):
     """Authentication failed or did not finish within its deadline."""
 
 
+class UnreadFrame(wire.OversizedFrame):
+    """An incoming frame larger than the receiver takes, whose body was therefore not read: the
+    stream is out of step and the connection must be closed. (Any other :class:`wire.WireError`
+    from :func:`recv_frame` comes from a frame read whole: the stream is still in step.)"""
+
+
 class FrameTimeout(TimeoutError):
     """The deadline passed in the middle of a frame (part of it sent, or received): the stream
     is out of step and the connection must be closed. A plain ``TimeoutError`` from a send or
@@ -519,8 +525,10 @@ def recv_frame(
 ) -> wire.Frame:
     """The next frame, whole, within ``timeout``: ``TimeoutError`` when none started,
     :class:`FrameTimeout` when one started and did not finish (the connection is then out of
-    step and must be closed); ``ServerUnavailable`` on EOF; ``WireError`` when it is malformed or
-    larger than ``max_frame`` (close the connection then too)."""
+    step and must be closed); ``ServerUnavailable`` on EOF; :class:`UnreadFrame` (a ``WireError``)
+    when it is larger than ``max_frame`` (close the connection then too); another ``WireError``
+    when it was read whole but is malformed or cannot be decoded (``as_numpy`` and bfloat16, say):
+    the connection is still in step."""
     deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
     try:
         data = conn.recv_buffer(max_frame, deadline)
@@ -531,7 +539,7 @@ def recv_frame(
     except EOFError:
         raise ServerUnavailable("connection closed by peer") from None
     except FrameTooLarge as exc:
-        raise wire.WireError(str(exc)) from None
+        raise UnreadFrame(str(exc)) from None
     except OSError as exc:
         raise ServerUnavailable(f"receive failed: {type(exc).__name__}: {exc}") from None
     return wire.decode(data, as_numpy=as_numpy, max_frame=max_frame)
