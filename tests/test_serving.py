@@ -1044,3 +1044,26 @@ def test_an_earlier_calls_late_answer_that_cannot_be_decoded_is_dropped(silent_s
             c.ping(timeout=10)
         with pytest.raises(ServerUnavailable, match="unusable"):
             c.ping(timeout=10)
+
+
+def test_answers_that_cannot_be_encoded_say_why():
+    """Every encoding failure of an answer was reported as response_too_large (a model that
+    returned something not a tensor too); the error frame now names the real cause."""
+    from splitlearn.serving.server import ConnServer
+
+    srv = ConnServer({"authkey": "00", "max_frame": 4096}, None)
+    cases = [
+        (wire.Frame(wire.MsgType.RESPONSE, 7, tensors=[torch.zeros(2000)]), "response_too_large", "maximum frame size of 4096"),
+        (wire.Frame(wire.MsgType.RESPONSE, 8, tensors=[{"a": 1}]), "bad_output", "cannot encode dict: not a tensor"),
+        (wire.Frame(wire.MsgType.RESPONSE, 9, tensors=[torch.eye(2).to_sparse()]), "bad_output", "sparse_coo"),
+        (wire.Frame(wire.MsgType.STATS_REPLY, 10, {"pad": "x" * 5000}), "response_too_large", "maximum frame size"),
+    ]
+    for frame, code, match in cases:
+        data, got = srv.encode_answer(frame)
+        f = wire.decode(data)
+        assert got == code and f.type == wire.MsgType.ERROR and f.request_id == frame.request_id, f
+        assert f.meta["error"] == code and match in f.meta["message"], f.meta
+    data, got = srv.encode_answer(wire.Frame(wire.MsgType.RESPONSE, 11, tensors=[torch.ones(2)]))
+    assert got is None and torch.equal(wire.decode(data).tensor, torch.ones(2))
+    tiny = ConnServer({"authkey": "00", "max_frame": 40}, None)  # not even an error answer fits
+    assert tiny.encode_answer(cases[0][0]) == (None, "response_too_large")

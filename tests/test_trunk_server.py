@@ -291,3 +291,28 @@ def test_a_remote_peer_cannot_take_every_place_to_authenticate():
         for s in silent:
             s.close()
         srv.close()
+
+
+def test_error_answers_quote_a_peers_strings_clipped():
+    """A model name or session id of a megabyte came back whole in the error answer."""
+    import threading
+
+    from splitlearn.serving.server import _Conn
+    from splitlearn.serving.trunk_server import TrunkWorker
+
+    w = TrunkWorker({"authkey": "00", "max_frame": 1 << 22, "max_sessions": 4}, None)
+    w.torch, w.device = torch, torch.device("cpu")
+    w.models, w.locks, w.info = {"m": None}, {"m": threading.Lock()}, {"m": {"hidden_size": 4, "dtype": "float32"}}
+    sent = []
+    w.send = lambda c, frame: sent.append(frame) or True
+    c = _Conn(None, 1)
+    huge = "x" * 1_000_000
+    w.on_frame(c, wire.Frame(wire.MsgType.OPEN_SESSION, 1, {"model": huge}))
+    w.on_frame(c, wire.Frame(wire.MsgType.CLOSE_SESSION, 2, {"session": huge}))
+    w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 3, {"session": huge, "step": 0}, [torch.zeros(1, 1, 4)]))
+    w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 4, {"model": huge}, [torch.zeros(1, 1, 4)]))
+    assert [f.meta["error"] for f in sent] == ["unknown_model", "unknown_session", "unknown_session", "unknown_model"]
+    for f in sent:
+        assert len(f.meta["message"]) < 400 and "(1000002 characters)" in f.meta["message"], f.meta["message"][:100]
+    st = w.snapshot()  # two TRUNK requests, answered with errors; the session errors are frame errors
+    assert (st["requests"], st["errors"], st["frame_errors"]) == (2, 2, 2)
