@@ -1067,3 +1067,64 @@ def test_answers_that_cannot_be_encoded_say_why():
     assert got is None and torch.equal(wire.decode(data).tensor, torch.ones(2))
     tiny = ConnServer({"authkey": "00", "max_frame": 40}, None)  # not even an error answer fits
     assert tiny.encode_answer(cases[0][0]) == (None, "response_too_large")
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -1.0, 0.0], ids=["nan", "inf", "negative", "zero"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: InferenceServer(ECHO, {}, handshake_timeout=v),
+        lambda v: InferenceServer(ECHO, {}, send_timeout=v),
+        lambda v: InferenceServer(ECHO, {}, start_timeout=v),
+        lambda v: InferenceClient("/nonexistent/sock", authkey=None, timeout=v),
+        lambda v: InferenceClient("/nonexistent/sock", authkey=None, connect_timeout=v),
+    ],
+    ids=["handshake_timeout", "send_timeout", "start_timeout", "client_timeout", "connect_timeout"],
+)
+def test_timeouts_must_be_finite_and_positive(make, value):
+    """NaN and inf were taken and crashed threads later: OverflowError from a poll or a lock
+    given inf (a connection's reader, its writer, the handshake's watchdog), ValueError for NaN.
+    They are refused when the server or client is built; None is the way to say no limit, where
+    there may be none."""
+    with pytest.raises(ValueError, match="must be finite"):
+        make(value)
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -1.0], ids=["nan", "inf", "negative"])
+def test_waits_that_may_be_zero_refuse_nan_and_inf(value):
+    """max_wait_ms=inf made the batch loop's queue.get(timeout=inf) raise OverflowError, which
+    ended the batch loop and with it the server; handshake_grace=inf did the same to the accept
+    loop's wait. 0 is a valid value for both."""
+    with pytest.raises(ValueError, match="max_wait_ms must be finite and >= 0"):
+        InferenceServer(ECHO, {}, max_wait_ms=value)
+    with pytest.raises(ValueError, match="handshake_grace must be finite and >= 0"):
+        InferenceServer(ECHO, {}, handshake_grace=value)
+    from splitlearn.serving.server import HandshakeGate
+
+    with pytest.raises(ValueError, match="handshake_grace must be finite"):
+        HandshakeGate(4, grace=value)
+    srv = InferenceServer(ECHO, {}, max_wait_ms=0, handshake_grace=0, start_timeout=None)  # and None: no limit
+    assert (srv.max_wait_ms, srv.handshake_grace, srv.start_timeout) == (0.0, 0.0, None)
+    assert InferenceServer(ECHO, {}, handshake_grace=None).handshake_grace is None
+
+
+def test_a_call_with_a_nan_or_inf_timeout_is_refused_before_it_sends(silent_server):
+    """A per-call timeout of inf raised OverflowError out of the wait for the answer, after the
+    request was sent; NaN timed out at once. Both are refused before anything is sent, and the
+    connection stays usable."""
+    from splitlearn.serving import transport
+
+    path, key, accepted = silent_server
+    with InferenceClient(path, authkey=key, timeout=0.3, as_numpy=True) as c:
+        for bad in (NAN, INF):
+            with pytest.raises(ValueError, match="timeout must be finite"):
+                c.infer(np.zeros((1, 8), np.float32), timeout=bad)
+        _wait_until(lambda: accepted, 10, "the connection accepted")
+        assert not accepted[0].poll(0)  # nothing was sent
+        assert c._broken is None
+        with pytest.raises(TimeoutError):
+            c.ping(timeout=0)  # 0: no wait at all (the request goes, the answer is not waited for)
+    assert transport._ms(INF) == transport._ms(1e12) == 2**31 - 1  # a wait past poll's range polls again

@@ -79,7 +79,9 @@ class InferenceClient:
         self._oversleeps: collections.deque[float] = collections.deque(maxlen=_HISTORY)  # timer lateness, s
         self.wait_counts = {"no_history": 0, "answered_at_once": 0, "answered_while_asleep": 0, "answered_while_spinning": 0, "spin_gave_up": 0}
         self.address = address
-        self.timeout = timeout
+        # finite seconds > 0: inf and NaN are refused (transport.check_timeout)
+        self.timeout = transport.check_timeout("timeout", timeout)
+        connect_timeout = transport.check_timeout("connect_timeout", connect_timeout)
         self.max_frame = max_frame
         self.as_numpy = as_numpy
         self._ids = itertools.count(1)
@@ -130,7 +132,7 @@ class InferenceClient:
         self.wait_counts["answered_while_spinning"] += 1
 
     def _call(self, frame: wire.Frame, timeout: float | None, *, timed: bool = False) -> wire.Frame:
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self.timeout if timeout is None else transport.check_timeout("timeout", timeout, zero_ok=True)
         if self.wait not in WAIT_MODES:
             raise ValueError(f"wait must be one of {', '.join(WAIT_MODES)}, got {self.wait!r}")
         with self._lock:

@@ -53,6 +53,7 @@ import collections
 import errno
 import ipaddress
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -152,8 +153,8 @@ class HandshakeGate:
             raise ValueError("max_handshakes must be >= 1")
         if per_peer is not None and per_peer < 1:
             raise ValueError("max_handshakes_per_peer must be >= 1 (or None)")
-        if grace is not None and grace < 0:
-            raise ValueError("handshake_grace must be >= 0 (or None)")
+        if grace is not None and not 0 <= grace < math.inf:  # NaN fails too
+            raise ValueError(f"handshake_grace must be finite and >= 0 (or None), got {grace!r}")
 
     def _places(self) -> int:  # under self.cond
         return self.total if self.room is None else min(self.total, self.room())
@@ -391,20 +392,22 @@ class ManagedServer:
         num_threads: int | None = None,
     ) -> None:
         self.start_method = start_method
-        self.start_timeout = start_timeout
+        # timeouts are finite seconds > 0 (inf and NaN refused: see transport.check_timeout);
+        # start_timeout and handshake_grace may be None, for no limit
+        self.start_timeout = transport.check_timeout("start_timeout", start_timeout, none_ok=True)
         self.authkey = authkey if authkey is not None else os.urandom(32)
         if not isinstance(self.authkey, bytes) or not self.authkey:
             raise ValueError("authkey must be non-empty bytes")
         self.max_frame = int(max_frame)
-        self.handshake_timeout = float(handshake_timeout)
-        self.send_timeout = float(send_timeout)
+        self.handshake_timeout = transport.check_timeout("handshake_timeout", handshake_timeout)
+        self.send_timeout = transport.check_timeout("send_timeout", send_timeout)
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.max_connections = int(max_connections)
         # at most 64 authenticating at once by default, never more than max_connections
         self.max_handshakes = min(int(max_handshakes), self.max_connections) if max_handshakes is not None else min(64, self.max_connections)
         self.max_handshakes_per_peer = None if max_handshakes_per_peer is None else int(max_handshakes_per_peer)
-        self.handshake_grace = None if handshake_grace is None else float(handshake_grace)
+        self.handshake_grace = transport.check_timeout("handshake_grace", handshake_grace, none_ok=True, zero_ok=True)
         HandshakeGate.validate(self.max_handshakes, self.max_handshakes_per_peer, self.handshake_grace)
         self.max_outbox = int(max_outbox) if max_outbox is not None else self.max_frame
         self.num_threads = num_threads
@@ -607,7 +610,7 @@ class InferenceServer(ManagedServer):
         self.weights = os.fspath(weights) if weights is not None else None
         self.device = device
         self.max_batch_size = int(max_batch_size)
-        self.max_wait_ms = float(max_wait_ms)
+        self.max_wait_ms = transport.check_timeout("max_wait_ms", max_wait_ms, zero_ok=True)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.input_dtype = input_dtype
         self.warmup = warmup

@@ -72,10 +72,33 @@ class FrameTimeout(TimeoutError):
     receive with a deadline means no byte of the frame moved: the connection is still usable."""
 
 
+_MAX_POLL_MS = 2**31 - 1
+
+
 def _ms(seconds: float) -> int:
     """poll(2)'s timeout for ``seconds`` (> 0): whole milliseconds, rounded up, so that a poll
-    that finds nothing has reached the deadline."""
-    return min(math.ceil(seconds * 1e3), 2**31 - 1)
+    that finds nothing has reached the deadline; at most poll's limit (about 24 days: a longer
+    wait, an infinite one included, polls again)."""
+    ms = seconds * 1e3
+    return math.ceil(ms) if ms < _MAX_POLL_MS else _MAX_POLL_MS
+
+
+def check_timeout(name: str, value: Any, *, none_ok: bool = False, zero_ok: bool = False) -> float | None:
+    """``value`` as a float of seconds, or a ValueError that names ``name``. Timeouts are finite
+    and positive (``zero_ok``: or 0); infinity and NaN are refused: every wait here turns its
+    timeout into a deadline, and neither makes one. ``none_ok``: ``None`` is the way to say
+    "no limit" (and is returned as is)."""
+    if value is None and none_ok:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        hint = " (None for no limit)" if none_ok else ""
+        raise ValueError(f"{name} must be finite and {bound}{hint}, got {value!r}")
+    return v
 
 
 def send_until(sock: socket.socket, parts: list[Any], deadline: float) -> None:
@@ -487,7 +510,9 @@ def wrap(sock: socket.socket) -> Channel:
 
 
 def connect(address: str | tuple[str, int], *, authkey: bytes | None, timeout: float | None = 10.0) -> Channel:
-    """Connect to a Unix socket path or a (host, port), then authenticate, all within ``timeout``."""
+    """Connect to a Unix socket path or a (host, port), then authenticate, all within ``timeout``
+    (finite seconds > 0, or None for no limit)."""
+    timeout = check_timeout("timeout", timeout, none_ok=True)
     t0 = time.monotonic()
     if isinstance(address, str):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
