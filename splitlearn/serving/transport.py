@@ -433,6 +433,10 @@ def _handshake(conn: Any, authkey: bytes | None, timeout: float | None, server: 
                 # a wrong key is reported by the peer (#FAILURE#, above); a bare close is the peer going away
                 err = ServerUnavailable if not server else HandshakeError
                 raise err(f"the {who} closed the connection during authentication ({type(exc).__name__}: {exc})") from None
+        if st["expired"]:
+            # the deadline fired after the last read but before the block ended: the handshake
+            # went through, and the socket was shut down under it. The connection is dead.
+            raise TimeoutError()
     except TimeoutError:
         hint = "" if server else " (the server may have no authkey: a listener without one never sends a challenge)"
         raise HandshakeError(f"authentication with the {who} did not finish within {timeout:.3g}s{hint}") from None
