@@ -13,7 +13,12 @@ the bottom's hidden states; the server runs its trunk and sends the trunk's hidd
   read) or an import string + JSON kwargs + a safetensors weights file;
 * per-session KV cache for incremental decoding: ``OPEN_SESSION`` (model) gives a session id;
   ``TRUNK`` frames with ``step`` 0 (the prompt) start the session's cache and steps 1, 2, ...
-  extend it; sessions belong to their connection and are freed when it closes;
+  extend it; sessions belong to their connection and are freed when it closes. A cache is
+  bounded: a step that would take a sequence past the model's positions
+  (``max_position_embeddings`` / ``n_positions`` of its config, or ``max_positions`` in an
+  import spec), or a session's cache past ``max_cache_tokens`` (batch x cached positions), gets
+  a ``bad_input`` error and leaves the cache as it was; so does a stateless forward longer
+  than the model's positions;
 * tensors travel in :mod:`splitlearn.serving.wire` frames (dtype + shape header, raw bytes, a
   maximum frame size): no pickle anywhere;
 * a bad frame, wrong dtype or shape, unknown model or session gets an error frame on its own
@@ -70,9 +75,15 @@ class TrunkServer(ManagedServer):
         port: int = 0,
         device: str = "cpu",
         max_sessions: int = 64,
+        max_cache_tokens: int | None = None,
         **kw: Any,
     ) -> None:
+        """``max_cache_tokens``: the most tokens (batch x positions) one session's KV cache may
+        hold; ``None``: no bound but the model's positions."""
         super().__init__(**kw)
+        if max_cache_tokens is not None and int(max_cache_tokens) < 1:
+            raise ValueError("max_cache_tokens must be >= 1 (or None)")
+        self.max_cache_tokens = None if max_cache_tokens is None else int(max_cache_tokens)
         if not models:
             raise ValueError("a trunk server needs at least one model")
         self.models = {str(n): _validate_spec(str(n), s) for n, s in models.items()}
@@ -82,7 +93,14 @@ class TrunkServer(ManagedServer):
 
     def _config(self) -> dict[str, Any]:
         cfg = super()._config()
-        cfg.update(models=self.models, host=self.host, port=self.port, device=self.device, max_sessions=self.max_sessions)
+        cfg.update(
+            models=self.models,
+            host=self.host,
+            port=self.port,
+            device=self.device,
+            max_sessions=self.max_sessions,
+            max_cache_tokens=self.max_cache_tokens,
+        )
         return cfg
 
     def _on_ready(self, msg: dict[str, Any]) -> None:
@@ -123,6 +141,7 @@ class TrunkWorker(ConnServer):
         self.sessions: dict[int, dict[str, _Session]] = {}  # connection id -> sessions
         self.sessions_lock = threading.Lock()
         self.max_sessions = int(cfg["max_sessions"])
+        self.max_cache_tokens = cfg.get("max_cache_tokens")
         self.forwards = 0
 
     def load(self) -> None:
@@ -140,11 +159,13 @@ class TrunkWorker(ConnServer):
                 trunk = build_model(spec["import"], spec.get("kwargs"), spec.get("weights"), self.cfg["device"])
             config = getattr(trunk, "config", None)
             hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or spec.get("hidden_size")
+            positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or spec.get("max_positions")
             p = next(iter(trunk.parameters()), None)
             self.models[name] = trunk
             self.locks[name] = threading.Lock()
             self.info[name] = {
                 "hidden_size": int(hidden) if hidden else None,
+                "max_positions": int(positions) if positions else None,
                 "dtype": str(p.dtype).replace("torch.", "") if p is not None else None,
                 "layers": [getattr(trunk, "start_layer", None), getattr(trunk, "end_layer", None)],
                 "family": getattr(trunk, "family", None) or spec.get("model_type"),
@@ -240,6 +261,19 @@ class TrunkWorker(ConnServer):
                     c, rid, "bad_step", f"step {step} (batch {b}) does not follow step {session.step} (batch {session.batch}) of this session"
                 )
             past = session.cache_len
+        # the cache grows with every step: bounded by the model's positions and max_cache_tokens
+        positions = info.get("max_positions")
+        if positions and past + q > positions:
+            return self.reply_error(
+                c, rid, "bad_input", f"{past + q} positions ({past} cached + {q} new) exceed the {positions} of model {name!r}"
+            )
+        if session is not None and self.max_cache_tokens is not None and b * (past + q) > self.max_cache_tokens:
+            return self.reply_error(
+                c,
+                rid,
+                "bad_input",
+                f"the session's cache would hold {b} x {past + q} = {b * (past + q)} tokens, more than max_cache_tokens={self.max_cache_tokens}",
+            )
         if mask is not None:
             if mask.dtype.is_floating_point or mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != past + q:
                 return self.reply_error(c, rid, "bad_input", f"attention_mask {wire.describe(mask)}: need an integer [batch={b}, {past + q}] mask")
