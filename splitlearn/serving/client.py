@@ -2,7 +2,9 @@
 path) or, as :class:`~splitlearn.serving.split_client.TrunkClient`, to a trunk server (host, port).
 
 Every call has a timeout, which covers the whole call: sending the request and receiving all
-of the answer. A broken connection, a dead server or an error frame raises at once
+of the answer. Timeouts are seconds, finite and > 0 (a call's own may be 0: no wait for the
+answer); infinity and NaN are refused with ValueError, by the constructor or before the call
+sends anything. A broken connection, a dead server or an error frame raises at once
 (:class:`ServerUnavailable`, :class:`ServerError`), a slow one raises ``TimeoutError``; a call
 cut off in the middle of a frame (a server paused half-way through an answer, or one that stopped
 taking a large request) leaves the connection out of step, and later calls on it raise

@@ -371,7 +371,13 @@ def _remove_private_dir(path: str, owner_pid: int) -> None:
 class ManagedServer:
     """Parent side of a server process: private directory, start (spawn by default) with a
     ready message and a start timeout, stop, kill, restart. Subclasses give ``kind`` and
-    ``_config()``; the child runs :func:`server_main`."""
+    ``_config()``; the child runs :func:`server_main`.
+
+    Timeouts are seconds, finite and > 0 (``handshake_timeout``, ``send_timeout``,
+    ``start_timeout``); ``handshake_grace`` may be 0. ``None`` means no limit where it is allowed
+    (``start_timeout``, ``handshake_grace``); infinity and NaN are refused with ValueError when
+    the server is built, as are the same in ``max_wait_ms`` of :class:`InferenceServer` (which
+    may be 0)."""
 
     kind = ""
 
