@@ -141,10 +141,8 @@ def _raw(obj: Any) -> tuple[str, tuple[int, ...], memoryview]:
     if mod.startswith("torch"):
         try:
             return name, shape, _torch_bytes(obj, name)
-        except WireError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a tensor torch cannot hand over as bytes
-            raise WireError(f"cannot encode {describe(obj)}: {type(exc).__name__}: {exc}") from None
+            raise WireError(_why_not(obj, exc)) from None
     import numpy as np
 
     a = np.ascontiguousarray(obj)
@@ -155,12 +153,8 @@ def _raw(obj: Any) -> tuple[str, tuple[int, ...], memoryview]:
 
 def _torch_bytes(obj: Any, name: str) -> memoryview:
     """The raw bytes of a dense tensor: detached, on the CPU, C order, with any lazy negation
-    (``torch._neg_view``) or conjugation applied. Sparse and meta tensors have no such bytes."""
-    torch = sys.modules["torch"]
-    if obj.layout is not torch.strided:
-        raise WireError(f"cannot encode a {str(obj.layout).replace('torch.', '')} tensor: only dense (strided) tensors go on the wire")
-    if obj.is_meta:
-        raise WireError("cannot encode a tensor on the meta device: it has no data")
+    (``torch._neg_view``) or conjugation applied. Raises for what has no such bytes (a sparse
+    tensor, one on the meta device): checked only then, off the common path."""
     t = obj.detach() if obj.requires_grad else obj
     if not t.is_cpu:
         t = t.cpu()
@@ -176,7 +170,18 @@ def _torch_bytes(obj: Any, name: str) -> memoryview:
     # bfloat16, or a lazy view: its values made real first (a view of them as bytes would be
     # refused too, or carry the values before the negation)
     t = t.resolve_conj().resolve_neg()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(sys.modules["torch"].uint8).numpy()).cast("B")
+
+
+def _why_not(obj: Any, exc: BaseException) -> str:
+    """Why the tensor ``obj`` could not be encoded (``exc``: what torch raised)."""
+    layout = str(getattr(obj, "layout", "torch.strided")).replace("torch.", "")
+    if layout != "strided":
+        return f"cannot encode a {layout} tensor: only dense (strided) tensors go on the wire"
+    if getattr(obj, "is_meta", False):
+        return "cannot encode a tensor on the meta device: it has no data"
+    first = str(exc).split("\n", 1)[0]  # torch may append its C++ stack
+    return f"cannot encode {describe(obj)}: {type(exc).__name__}: {first}"
 
 
 def encode(frame: Frame, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
