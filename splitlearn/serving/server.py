@@ -797,8 +797,6 @@ class ConnServer:
         }
 
     def on_frame(self, c: _Conn, f: wire.Frame) -> None:
-        with self.stats.lock:
-            self.stats.bad_frames += 1
         self.reply_error(c, f.request_id, "bad_type", f"{f.type.name} is not a request this server takes", request=False)
 
     def on_disconnect(self, c: _Conn) -> None:
