@@ -248,5 +248,5 @@ def test_fuzz_structured_frames_only_wire_error(mtype, meta, records, claimed_ex
         f = wire.decode(data, as_numpy=as_numpy)
     except WireError:
         return
-    for t in f.tensors:
-        assert t.size * t.itemsize if as_numpy else t.numel() * t.element_size() <= len(data)
+    for t in f.tensors:  # what parsed describes no more bytes than the frame has
+        assert (t.nbytes if as_numpy else t.numel() * t.element_size()) <= len(data)
