@@ -399,6 +399,7 @@ def test_client_disconnecting_mid_request_does_not_hurt_others(slow):
         assert c.infer(torch.randn(1, 8)).shape == (1, 4)
         st = c.stats()
     assert srv.alive and st["requests"] >= 2 and st["connections_open"] == 1
+    assert st["requests"] == st["responses"] + st["errors"] + st["undeliverable"], st  # the lost answer counted too
 
 
 def test_stop_is_clean_and_idempotent(demo):
@@ -872,3 +873,258 @@ def test_a_request_that_stops_half_way_is_dropped_at_send_timeout():
             assert c.stats()["slow_clients_dropped"] == 1 and c.stats()["connections_open"] == 1
     finally:
         srv.close()
+
+
+KINDS = "splitlearn.serving.demo_models:OutputKindNet"
+
+
+def test_an_answer_the_wire_cannot_carry_is_an_error_to_that_caller_only():
+    """A model whose output cannot be encoded (sparse, on the meta device, not a tensor): the
+    encoding failure escaped the batch loop and the server process exited, so every client got
+    ServerUnavailable. Now that caller gets an error answer (bad_output), everyone else, that
+    caller included, is served as before; a lazy negation is sent as its values."""
+    srv = InferenceServer(KINDS, {}, max_wait_ms=1, start_timeout=120)
+    srv.start()
+    try:
+        with srv.client(timeout=30) as a, srv.client(timeout=30) as b:
+            for kind, match in [(1, "sparse_coo"), (3, "returned dict, not a tensor"), (4, "meta device")]:
+                with pytest.raises(ServerError, match=match) as e:
+                    a.infer(torch.full((2, 3), float(kind)))
+                assert e.value.code == "bad_output"
+                assert b.ping(timeout=10) < 10  # the server is still there
+            assert torch.equal(a.infer(torch.full((2, 3), 2.0)), torch.full((2, 3), -2.0))
+            assert torch.equal(b.infer(torch.zeros(1, 3)), torch.zeros(1, 3))
+            st = b.stats()
+        assert srv.alive
+        assert (st["requests"], st["responses"], st["errors"], st["undeliverable"]) == (5, 2, 3, 0), st
+    finally:
+        srv.close()
+
+
+def _worker(model, **cfg):
+    """An inference server's worker in this process, without sockets: what it sends is decoded
+    into ``sent`` as (connection id, frame)."""
+    from splitlearn.serving.server import _InferenceWorker
+
+    w = _InferenceWorker({"authkey": "00", "max_frame": 1 << 20, "max_batch_size": 8, "max_wait_ms": 0, **cfg}, None)
+    w.torch, w.device, w.model = torch, torch.device("cpu"), model
+    w.input_shape = w.input_dtype = w._input_tdtype = None
+    sent: list = []
+
+    def send_encoded(c, data):
+        if not c.alive:
+            return False
+        sent.append((c.cid, wire.decode(data)))
+        return True
+
+    w._send_encoded = send_encoded
+    return w, sent
+
+
+def _request(w, c, rid, x):
+    w.on_frame(c, wire.Frame(wire.MsgType.REQUEST, rid, tensors=[x]))
+
+
+def test_outputs_that_cannot_be_split_among_batched_requests_are_bad_output():
+    """Requests batched together, and a model whose output has no row per sample (or is no
+    tensor): each caller gets bad_output saying why, not a model_error from inside split."""
+    from splitlearn.serving.demo_models import OutputKindNet
+    from splitlearn.serving.server import _Conn
+
+    for kind, match in [(5, "cannot be split among the 2 requests"), (3, "returned dict, not a tensor")]:
+        w, sent = _worker(OutputKindNet())
+        a, b = _Conn(None, 1), _Conn(None, 2)
+        _request(w, a, 1, torch.full((1, 3), float(kind)))
+        _request(w, b, 2, torch.full((2, 3), float(kind)))
+        w.begin_stop()
+        w.batch_loop()  # both requests waited in the queue: one batch of two
+        assert sorted(cid for cid, _ in sent) == [1, 2]
+        for _, f in sent:
+            assert f.type == wire.MsgType.ERROR and f.meta["error"] == "bad_output" and match in f.meta["message"], f.meta
+        assert w.snapshot()["max_batch"] == 2
+
+
+def test_every_request_is_counted_once_however_it_ends():
+    """requests == responses + errors + undeliverable. A request whose client went away while it
+    waited in the queue was dropped from its batch uncounted; and one that came in as the server
+    stopped (after the stop check, after the batch loop's last drain) was put in a queue nobody
+    read again, never answered."""
+    import threading as th
+
+    from splitlearn.serving.server import _Conn
+
+    w, sent = _worker(EchoNet(2.0))
+    a, gone = _Conn(None, 1), _Conn(None, 2)
+    _request(w, a, 1, torch.ones(1, 2))
+    _request(w, gone, 2, torch.ones(1, 2))
+    _request(w, a, 3, torch.ones(1, 2))
+    gone.alive = False  # went away while its request waited
+    w.begin_stop()
+    w.batch_loop()
+    assert [(cid, f.request_id, f.type) for cid, f in sent] == [(1, 1, wire.MsgType.RESPONSE), (1, 3, wire.MsgType.RESPONSE)]
+    # a request that passed the stop check before the stop, and reaches the queue after the drain
+    w.stopping = th.Event()
+    _request(w, a, 4, torch.ones(1, 2))
+    assert sent[-1][1].request_id == 4 and sent[-1][1].meta.get("error") == "shutting_down"
+    assert w.queue.empty() and a.pending == 0 and gone.pending == 0
+    st = w.snapshot()
+    assert (st["requests"], st["responses"], st["errors"], st["undeliverable"]) == (4, 2, 1, 1), st
+    assert st["requests"] == st["responses"] + st["errors"] + st["undeliverable"]
+
+
+def test_an_answer_that_finds_no_writer_thread_drops_that_client_without_raising(monkeypatch):
+    """An answer the socket does not take at once needs the connection's writer thread; when no
+    thread can be started, Thread.start's RuntimeError escaped send (and the batch loop). Now
+    that client is dropped and send returns False."""
+    import socket
+
+    from splitlearn.serving import transport
+    from splitlearn.serving.server import ConnServer, _Conn
+
+    srv = ConnServer({"authkey": "00", "max_frame": 1 << 22}, None)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        while True:  # the peer reads nothing: fill the socket
+            ours.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    c = _Conn(transport.Channel(ours.detach()), 1)
+    c.sock = socket.socket(fileno=c.conn.fileno())
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    try:
+        assert srv.send(c, wire.Frame(wire.MsgType.PONG, 1, {"pad": "x" * 10_000})) is False
+        assert not c.alive and not c.outbox and c.outbox_bytes == 0 and c.writer is None
+    finally:
+        monkeypatch.undo()
+        c.sock.detach()
+        c.conn.close()
+        peer.close()
+
+
+def test_an_answer_read_whole_but_undecodable_leaves_the_connection_usable():
+    """An as_numpy client that gets a bfloat16 answer: the frame was read whole, so the stream is
+    in step, yet the client marked the connection broken on any WireError and every later call
+    raised ServerUnavailable. Now that call raises WireError and the next ones work."""
+    srv = InferenceServer(ECHO, {"scale": 2.0}, start_timeout=120)
+    srv.start()
+    try:
+        with srv.client(timeout=30, as_numpy=True) as c:
+            with pytest.raises(wire.WireError, match="bfloat16"):
+                c.infer(torch.ones(1, 3, dtype=torch.bfloat16))
+            assert c.ping(timeout=10) < 10
+            np.testing.assert_array_equal(c.infer(np.ones((1, 3), np.float32)), np.full((1, 3), 2.0, np.float32))
+    finally:
+        srv.close()
+
+
+def test_an_earlier_calls_late_answer_that_cannot_be_decoded_is_dropped(silent_server):
+    """A call times out; its answer comes late and cannot be decoded (bfloat16 for an as_numpy
+    client). The next call drops it, as it drops a late answer it can read, and gets its own."""
+    from splitlearn.serving import transport
+
+    path, key, accepted = silent_server
+    with InferenceClient(path, authkey=key, timeout=0.3, as_numpy=True) as c:
+        with pytest.raises(TimeoutError):
+            c.infer(np.zeros((1, 8), np.float32))  # request 1: the server does not answer in time
+        _wait_until(lambda: accepted, 10, "the connection accepted")
+        ch = accepted[0]
+        late = wire.Frame(wire.MsgType.RESPONSE, 1, tensors=[torch.zeros(1, 8, dtype=torch.bfloat16)])
+        ch.send_bytes(wire.encode(late))
+        ch.send_bytes(wire.encode(wire.Frame(wire.MsgType.PONG, 2)))  # the answer to the next call
+        assert c.ping(timeout=10) < 10
+        # an answer over max_frame is never read: that one does break the connection
+        c.max_frame = 1000
+        ch.send_bytes(wire.encode(wire.Frame(wire.MsgType.PONG, 3, {"pad": "x" * 2000})))
+        with pytest.raises(transport.UnreadFrame):
+            c.ping(timeout=10)
+        with pytest.raises(ServerUnavailable, match="unusable"):
+            c.ping(timeout=10)
+
+
+def test_answers_that_cannot_be_encoded_say_why():
+    """Every encoding failure of an answer was reported as response_too_large (a model that
+    returned something not a tensor too); the error frame now names the real cause."""
+    from splitlearn.serving.server import ConnServer
+
+    srv = ConnServer({"authkey": "00", "max_frame": 4096}, None)
+    cases = [
+        (wire.Frame(wire.MsgType.RESPONSE, 7, tensors=[torch.zeros(2000)]), "response_too_large", "maximum frame size of 4096"),
+        (wire.Frame(wire.MsgType.RESPONSE, 8, tensors=[{"a": 1}]), "bad_output", "cannot encode dict: not a tensor"),
+        (wire.Frame(wire.MsgType.RESPONSE, 9, tensors=[torch.eye(2).to_sparse()]), "bad_output", "sparse_coo"),
+        (wire.Frame(wire.MsgType.STATS_REPLY, 10, {"pad": "x" * 5000}), "response_too_large", "maximum frame size"),
+    ]
+    for frame, code, match in cases:
+        data, got = srv.encode_answer(frame)
+        f = wire.decode(data)
+        assert got == code and f.type == wire.MsgType.ERROR and f.request_id == frame.request_id, f
+        assert f.meta["error"] == code and match in f.meta["message"], f.meta
+    data, got = srv.encode_answer(wire.Frame(wire.MsgType.RESPONSE, 11, tensors=[torch.ones(2)]))
+    assert got is None and torch.equal(wire.decode(data).tensor, torch.ones(2))
+    tiny = ConnServer({"authkey": "00", "max_frame": 40}, None)  # not even an error answer fits
+    assert tiny.encode_answer(cases[0][0]) == (None, "response_too_large")
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -1.0, 0.0], ids=["nan", "inf", "negative", "zero"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: InferenceServer(ECHO, {}, handshake_timeout=v),
+        lambda v: InferenceServer(ECHO, {}, send_timeout=v),
+        lambda v: InferenceServer(ECHO, {}, start_timeout=v),
+        lambda v: InferenceClient("/nonexistent/sock", authkey=None, timeout=v),
+        lambda v: InferenceClient("/nonexistent/sock", authkey=None, connect_timeout=v),
+    ],
+    ids=["handshake_timeout", "send_timeout", "start_timeout", "client_timeout", "connect_timeout"],
+)
+def test_timeouts_must_be_finite_and_positive(make, value):
+    """NaN and inf were taken and crashed threads later: OverflowError from a poll or a lock
+    given inf (a connection's reader, its writer, the handshake's watchdog), ValueError for NaN.
+    They are refused when the server or client is built; None is the way to say no limit, where
+    there may be none."""
+    with pytest.raises(ValueError, match="must be finite"):
+        make(value)
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -1.0], ids=["nan", "inf", "negative"])
+def test_waits_that_may_be_zero_refuse_nan_and_inf(value):
+    """max_wait_ms=inf made the batch loop's queue.get(timeout=inf) raise OverflowError, which
+    ended the batch loop and with it the server; handshake_grace=inf did the same to the accept
+    loop's wait. 0 is a valid value for both."""
+    with pytest.raises(ValueError, match="max_wait_ms must be finite and >= 0"):
+        InferenceServer(ECHO, {}, max_wait_ms=value)
+    with pytest.raises(ValueError, match="handshake_grace must be finite and >= 0"):
+        InferenceServer(ECHO, {}, handshake_grace=value)
+    from splitlearn.serving.server import HandshakeGate
+
+    with pytest.raises(ValueError, match="handshake_grace must be finite"):
+        HandshakeGate(4, grace=value)
+    srv = InferenceServer(ECHO, {}, max_wait_ms=0, handshake_grace=0, start_timeout=None)  # and None: no limit
+    assert (srv.max_wait_ms, srv.handshake_grace, srv.start_timeout) == (0.0, 0.0, None)
+    assert InferenceServer(ECHO, {}, handshake_grace=None).handshake_grace is None
+
+
+def test_a_call_with_a_nan_or_inf_timeout_is_refused_before_it_sends(silent_server):
+    """A per-call timeout of inf raised OverflowError out of the wait for the answer, after the
+    request was sent; NaN timed out at once. Both are refused before anything is sent, and the
+    connection stays usable."""
+    from splitlearn.serving import transport
+
+    path, key, accepted = silent_server
+    with InferenceClient(path, authkey=key, timeout=0.3, as_numpy=True) as c:
+        for bad in (NAN, INF):
+            with pytest.raises(ValueError, match="timeout must be finite"):
+                c.infer(np.zeros((1, 8), np.float32), timeout=bad)
+        _wait_until(lambda: accepted, 10, "the connection accepted")
+        assert not accepted[0].poll(0)  # nothing was sent
+        assert c._broken is None
+        with pytest.raises(TimeoutError):
+            c.ping(timeout=0)  # 0: no wait at all (the request goes, the answer is not waited for)
+    assert transport._ms(INF) == transport._ms(1e12) == 2**31 - 1  # a wait past poll's range polls again

@@ -360,3 +360,57 @@ def test_deadline_never_fires_after_its_block():
     finally:
         peer.close()
         ch.close()
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_deadline_that_fires_after_the_last_read_fails_the_handshake(side):
+    """The handshake's watchdog fires after the last message of the handshake but before its
+    block ends: the socket is shut down under a handshake that went through. Nothing looked at
+    the expiry afterwards, so connect() handed back a dead connection. Now it is a HandshakeError."""
+    key = b"k" * 16
+    a, b = socket.socketpair()
+    ours, theirs = Channel(a.detach()), Channel(b.detach())
+    fired = []
+
+    class HeldTimer:  # fires when the test says: just after our handshake's last step
+        def __init__(self, interval, fn):
+            fired.append(fn)
+            self.daemon = True
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    last_step = "deliver_challenge" if side == "client" else "answer_challenge"
+    real = getattr(transport, last_step)
+
+    def then_fire(conn, authkey):
+        real(conn, authkey)
+        if conn is ours:
+            fired[0]()  # the deadline, at the worst moment
+
+    ours_hs = transport.client_handshake if side == "client" else transport.server_handshake
+    theirs_hs = transport.server_handshake if side == "client" else transport.client_handshake
+    errors: list = []
+
+    def peer() -> None:
+        try:
+            theirs_hs(theirs, key, None)  # no deadline (and so no timer) on the peer's side
+        except BaseException as exc:  # noqa: BLE001 - examined below
+            errors.append(exc)
+
+    t = threading.Thread(target=peer, daemon=True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transport.threading, "Timer", HeldTimer)
+            mp.setattr(transport, last_step, then_fire)
+            t.start()
+            with pytest.raises(transport.HandshakeError, match="did not finish within"):
+                ours_hs(ours, key, 5.0)
+            t.join(10)
+        assert not t.is_alive() and len(fired) == 1
+    finally:
+        ours.close()
+        theirs.close()

@@ -291,3 +291,94 @@ def test_a_remote_peer_cannot_take_every_place_to_authenticate():
         for s in silent:
             s.close()
         srv.close()
+
+
+def test_error_answers_quote_a_peers_strings_clipped():
+    """A model name or session id of a megabyte came back whole in the error answer."""
+    import threading
+
+    from splitlearn.serving.server import _Conn
+    from splitlearn.serving.trunk_server import TrunkWorker
+
+    w = TrunkWorker({"authkey": "00", "max_frame": 1 << 22, "max_sessions": 4}, None)
+    w.torch, w.device = torch, torch.device("cpu")
+    w.models, w.locks, w.info = {"m": None}, {"m": threading.Lock()}, {"m": {"hidden_size": 4, "dtype": "float32"}}
+    sent = []
+    w.send = lambda c, frame: sent.append(frame) or True
+    c = _Conn(None, 1)
+    huge = "x" * 1_000_000
+    w.on_frame(c, wire.Frame(wire.MsgType.OPEN_SESSION, 1, {"model": huge}))
+    w.on_frame(c, wire.Frame(wire.MsgType.CLOSE_SESSION, 2, {"session": huge}))
+    w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 3, {"session": huge, "step": 0}, [torch.zeros(1, 1, 4)]))
+    w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 4, {"model": huge}, [torch.zeros(1, 1, 4)]))
+    assert [f.meta["error"] for f in sent] == ["unknown_model", "unknown_session", "unknown_session", "unknown_model"]
+    for f in sent:
+        assert len(f.meta["message"]) < 400 and "(1000002 characters)" in f.meta["message"], f.meta["message"][:100]
+    st = w.snapshot()  # two TRUNK requests, answered with errors; the session errors are frame errors
+    assert (st["requests"], st["errors"], st["frame_errors"]) == (2, 2, 2)
+
+
+def test_a_sessions_cache_is_bounded_by_the_models_positions_and_max_cache_tokens():
+    """Steps extended a session's KV cache without bound (only the number of sessions was): past
+    the model's positions, or past max_cache_tokens (batch x positions), a step now gets
+    bad_input, and the cache stays as it was. In process, with a stand-in trunk."""
+    import threading
+    from types import SimpleNamespace
+
+    from splitlearn.serving.server import _Conn
+    from splitlearn.serving.trunk_server import TrunkWorker
+
+    class Trunk(torch.nn.Module):
+        def forward(self, hidden, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+            return SimpleNamespace(hidden_states=hidden, past_key_values=object())
+
+    w = TrunkWorker({"authkey": "00", "max_frame": 1 << 20, "max_sessions": 4, "max_cache_tokens": 12}, None)
+    w.torch, w.device = torch, torch.device("cpu")
+    w.models, w.locks = {"m": Trunk()}, {"m": threading.Lock()}
+    w.info = {"m": {"hidden_size": 4, "dtype": "float32", "max_positions": 10}}
+    sent = []
+    w.send = lambda c, frame: sent.append(frame) or True
+    w._send_encoded = lambda c, data: sent.append(wire.decode(data)) or True
+    c = _Conn(None, 1)
+    for rid in (1, 2):
+        w.on_frame(c, wire.Frame(wire.MsgType.OPEN_SESSION, rid, {"model": "m"}))
+    s, t = (f.meta["session"] for f in sent)
+    sent.clear()
+
+    def step(session, n, b, q):
+        w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 100 + n, {"session": session, "step": n}, [torch.zeros(b, q, 4)]))
+        f = sent.pop()
+        return f.meta.get("error"), f.meta.get("message", f.meta.get("cache_len"))
+
+    # batch 2: 8, 10, 12 tokens, then 14 > max_cache_tokens
+    assert [step(s, n, 2, 4 if n == 0 else 1)[0] for n in range(3)] == [None, None, None]
+    code, message = step(s, 3, 2, 1)
+    assert code == "bad_input" and "2 x 7 = 14 tokens, more than max_cache_tokens=12" in message, message
+    session = w.sessions[1][s]
+    assert (session.cache_len, session.step) == (6, 2)  # as it was: the refused step changed nothing
+    # batch 1: 9, 10 positions, then 11 > the model's 10
+    assert [step(t, n, 1, 9 if n == 0 else 1)[0] for n in range(2)] == [None, None]
+    code, message = step(t, 2, 1, 1)
+    assert code == "bad_input" and "11 positions (10 cached + 1 new) exceed the 10 of model 'm'" in message, message
+    # a stateless forward longer than the model's positions
+    w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 200, {"model": "m"}, [torch.zeros(1, 11, 4)]))
+    assert sent.pop().meta["error"] == "bad_input"
+    w.on_frame(c, wire.Frame(wire.MsgType.TRUNK, 201, {"model": "m"}, [torch.zeros(3, 10, 4)]))
+    assert sent.pop().type == wire.MsgType.RESPONSE  # no cache kept: max_cache_tokens does not apply
+
+
+def test_steps_past_the_models_positions_are_refused(server):
+    with server.client() as c:
+        assert c.list_models()["gpt2"]["max_positions"] == 128  # the tiny gpt2's n_positions
+        with pytest.raises(ServerError, match="129 positions") as e:
+            c.forward(torch.randn(1, 129, 64), model="gpt2")
+        assert e.value.code == "bad_input"
+        sid = c.open_session("gpt2")
+        c.forward(torch.randn(1, 127, 64), torch.ones(1, 127, dtype=torch.long), session=sid, step=0)
+        c.forward(torch.randn(1, 1, 64), torch.ones(1, 128, dtype=torch.long), session=sid, step=1)
+        with pytest.raises(ServerError, match=r"129 positions \(128 cached \+ 1 new\) exceed the 128") as e:
+            c.forward(torch.randn(1, 1, 64), torch.ones(1, 129, dtype=torch.long), session=sid, step=2)
+        assert e.value.code == "bad_input"
+        c.close_session(sid)
+    with pytest.raises(ValueError, match="max_cache_tokens"):
+        TrunkServer({"gpt2": {"import": "x:Y"}}, max_cache_tokens=0)

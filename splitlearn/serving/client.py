@@ -2,13 +2,21 @@
 path) or, as :class:`~splitlearn.serving.split_client.TrunkClient`, to a trunk server (host, port).
 
 Every call has a timeout, which covers the whole call: sending the request and receiving all
-of the answer. A broken connection, a dead server or an error frame raises at once
+of the answer. Timeouts are seconds, finite and > 0 (a call's own may be 0: no wait for the
+answer); infinity and NaN are refused with ValueError, by the constructor or before the call
+sends anything. A broken connection, a dead server or an error frame raises at once
 (:class:`ServerUnavailable`, :class:`ServerError`), a slow one raises ``TimeoutError``; a call
 cut off in the middle of a frame (a server paused half-way through an answer, or one that stopped
 taking a large request) leaves the connection out of step, and later calls on it raise
 ``ServerUnavailable``. Answers are matched by request id: an answer that arrives after its
 caller gave up is dropped, never handed to the next call. :meth:`close` from another thread
 ends a call waiting on the connection. Works without torch (``as_numpy=True``).
+
+An answer that arrives whole but cannot be decoded (a bfloat16 tensor for an ``as_numpy``
+client, a malformed frame) raises :class:`~splitlearn.serving.wire.WireError` from its call and
+leaves the connection usable (an earlier call's late answer of that kind is dropped); only an
+answer over ``max_frame``, whose body is never read, leaves the stream out of step and the
+connection unusable.
 
 How a call waits for its answer (``wait``):
 
@@ -73,7 +81,9 @@ class InferenceClient:
         self._oversleeps: collections.deque[float] = collections.deque(maxlen=_HISTORY)  # timer lateness, s
         self.wait_counts = {"no_history": 0, "answered_at_once": 0, "answered_while_asleep": 0, "answered_while_spinning": 0, "spin_gave_up": 0}
         self.address = address
-        self.timeout = timeout
+        # finite seconds > 0: inf and NaN are refused (transport.check_timeout)
+        self.timeout = transport.check_timeout("timeout", timeout)
+        connect_timeout = transport.check_timeout("connect_timeout", connect_timeout)
         self.max_frame = max_frame
         self.as_numpy = as_numpy
         self._ids = itertools.count(1)
@@ -124,7 +134,7 @@ class InferenceClient:
         self.wait_counts["answered_while_spinning"] += 1
 
     def _call(self, frame: wire.Frame, timeout: float | None, *, timed: bool = False) -> wire.Frame:
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self.timeout if timeout is None else transport.check_timeout("timeout", timeout, zero_ok=True)
         if self.wait not in WAIT_MODES:
             raise ValueError(f"wait must be one of {', '.join(WAIT_MODES)}, got {self.wait!r}")
         with self._lock:
@@ -154,7 +164,14 @@ class InferenceClient:
                     left = t_end - time.monotonic()
                     if left <= 0:
                         raise TimeoutError(f"no answer to request {frame.request_id} within {timeout:.3g}s")
-                    reply = transport.recv_frame(self._conn, timeout=left, max_frame=self.max_frame, as_numpy=self.as_numpy)
+                    try:
+                        reply = transport.recv_frame(self._conn, timeout=left, max_frame=self.max_frame, as_numpy=self.as_numpy)
+                    except transport.UnreadFrame:
+                        raise
+                    except wire.WireError as exc:  # read whole, so the stream is in step
+                        if exc.request_id not in (None, 0, frame.request_id):
+                            continue  # an earlier call's late answer, and unreadable: dropped as below
+                        raise
                     if reply.request_id == frame.request_id:
                         break
                     if reply.type == wire.MsgType.ERROR and reply.request_id == 0:
@@ -168,7 +185,7 @@ class InferenceClient:
             except transport.FrameTimeout as exc:  # cut off mid-frame: the stream is out of step
                 self._broken = f"timed out in the middle of a frame ({exc})"
                 raise TimeoutError(f"request {frame.request_id}: {exc}; the connection is no longer usable") from None
-            except wire.WireError as exc:
+            except transport.UnreadFrame as exc:  # its body was not read: the stream is out of step
                 self._broken = str(exc)
                 raise
         if reply.type == wire.MsgType.ERROR:

@@ -70,3 +70,24 @@ class CrashNet(nn.Module):
         import os
 
         os._exit(int(exit_code))
+
+
+class OutputKindNet(nn.Module):
+    """Answers with the kind of output its first input value names: 0 ``x * 2``; 1 ``x * 2`` as
+    a sparse tensor; 2 ``-x`` as a lazy negation (``torch._neg_view``, the negative bit set);
+    3 a dict, not a tensor; 4 a tensor on the meta device; 5 ``x`` with a row less. For tests of
+    answers the wire cannot carry, or carries only once their values are made real."""
+
+    def forward(self, x: torch.Tensor):
+        kind = int(x.reshape(-1)[0].item()) if x.numel() else 0
+        if kind == 1:
+            return (x * 2).to_sparse()
+        if kind == 2:
+            return torch._neg_view(x.clone())
+        if kind == 3:
+            return {"not": "a tensor"}
+        if kind == 4:
+            return torch.empty(x.shape, device="meta")
+        if kind == 5:
+            return x[1:]
+        return x * 2

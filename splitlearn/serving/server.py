@@ -18,7 +18,12 @@ The seed-002 fix done for real:
   client therefore never waits, and N busy clients are served in batches of N;
 * each answer goes back to the connection that asked, under the request's id;
 * a bad request (wrong dtype or shape, malformed or oversized frame) gets an error frame on
-  its own connection; the server keeps serving everyone else;
+  its own connection; the server keeps serving everyone else. So does an answer that cannot be
+  sent: ``bad_output`` for a model output the wire cannot carry (not a tensor, sparse, on the
+  meta device, or without the batch's rows when several requests share a forward),
+  ``response_too_large`` past ``max_frame``;
+* every request is counted once in the stats: ``requests == responses + errors +
+  undeliverable`` (error answers to anything else count in ``frame_errors``);
 * answers never block the batch loop: what a client's socket does not take at once waits in
   that connection's outbox, drained by a writer thread of its own; a client that stops
   reading is dropped once ``max_outbox`` bytes wait for it, or when it takes longer than
@@ -48,6 +53,7 @@ import collections
 import errno
 import ipaddress
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -147,8 +153,8 @@ class HandshakeGate:
             raise ValueError("max_handshakes must be >= 1")
         if per_peer is not None and per_peer < 1:
             raise ValueError("max_handshakes_per_peer must be >= 1 (or None)")
-        if grace is not None and grace < 0:
-            raise ValueError("handshake_grace must be >= 0 (or None)")
+        if grace is not None and not 0 <= grace < math.inf:  # NaN fails too
+            raise ValueError(f"handshake_grace must be finite and >= 0 (or None), got {grace!r}")
 
     def _places(self) -> int:  # under self.cond
         return self.total if self.room is None else min(self.total, self.room())
@@ -365,7 +371,13 @@ def _remove_private_dir(path: str, owner_pid: int) -> None:
 class ManagedServer:
     """Parent side of a server process: private directory, start (spawn by default) with a
     ready message and a start timeout, stop, kill, restart. Subclasses give ``kind`` and
-    ``_config()``; the child runs :func:`server_main`."""
+    ``_config()``; the child runs :func:`server_main`.
+
+    Timeouts are seconds, finite and > 0 (``handshake_timeout``, ``send_timeout``,
+    ``start_timeout``); ``handshake_grace`` may be 0. ``None`` means no limit where it is allowed
+    (``start_timeout``, ``handshake_grace``); infinity and NaN are refused with ValueError when
+    the server is built, as are the same in ``max_wait_ms`` of :class:`InferenceServer` (which
+    may be 0)."""
 
     kind = ""
 
@@ -386,20 +398,22 @@ class ManagedServer:
         num_threads: int | None = None,
     ) -> None:
         self.start_method = start_method
-        self.start_timeout = start_timeout
+        # timeouts are finite seconds > 0 (inf and NaN refused: see transport.check_timeout);
+        # start_timeout and handshake_grace may be None, for no limit
+        self.start_timeout = transport.check_timeout("start_timeout", start_timeout, none_ok=True)
         self.authkey = authkey if authkey is not None else os.urandom(32)
         if not isinstance(self.authkey, bytes) or not self.authkey:
             raise ValueError("authkey must be non-empty bytes")
         self.max_frame = int(max_frame)
-        self.handshake_timeout = float(handshake_timeout)
-        self.send_timeout = float(send_timeout)
+        self.handshake_timeout = transport.check_timeout("handshake_timeout", handshake_timeout)
+        self.send_timeout = transport.check_timeout("send_timeout", send_timeout)
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.max_connections = int(max_connections)
         # at most 64 authenticating at once by default, never more than max_connections
         self.max_handshakes = min(int(max_handshakes), self.max_connections) if max_handshakes is not None else min(64, self.max_connections)
         self.max_handshakes_per_peer = None if max_handshakes_per_peer is None else int(max_handshakes_per_peer)
-        self.handshake_grace = None if handshake_grace is None else float(handshake_grace)
+        self.handshake_grace = transport.check_timeout("handshake_grace", handshake_grace, none_ok=True, zero_ok=True)
         HandshakeGate.validate(self.max_handshakes, self.max_handshakes_per_peer, self.handshake_grace)
         self.max_outbox = int(max_outbox) if max_outbox is not None else self.max_frame
         self.num_threads = num_threads
@@ -602,7 +616,7 @@ class InferenceServer(ManagedServer):
         self.weights = os.fspath(weights) if weights is not None else None
         self.device = device
         self.max_batch_size = int(max_batch_size)
-        self.max_wait_ms = float(max_wait_ms)
+        self.max_wait_ms = transport.check_timeout("max_wait_ms", max_wait_ms, zero_ok=True)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.input_dtype = input_dtype
         self.warmup = warmup
@@ -676,7 +690,8 @@ class _Stats:
         self.lock = threading.Lock()
         self.requests = 0
         self.responses = 0
-        self.errors = 0
+        self.errors = 0  # error answers to requests: requests == responses + errors + undeliverable
+        self.frame_errors = 0  # error answers to anything else (a bad frame, a refused session...)
         self.batches = 0
         self.batched_requests = 0
         self.batched_samples = 0
@@ -702,6 +717,7 @@ class _Stats:
                 "requests": self.requests,
                 "responses": self.responses,
                 "errors": self.errors,
+                "frame_errors": self.frame_errors,
                 "batches": self.batches,
                 "batched_requests": self.batched_requests,
                 "mean_batch": self.batched_requests / b if self.batches else 0.0,
@@ -734,6 +750,7 @@ class ConnServer:
     :meth:`load`, :meth:`listen`, :meth:`main_loop` and :meth:`ready_info`."""
 
     name = "server"
+    request_types: frozenset[wire.MsgType] = frozenset()  # the frames the ``requests`` stat counts
 
     def __init__(self, cfg: dict[str, Any], ctl: Connection) -> None:
         self.cfg = cfg
@@ -780,7 +797,7 @@ class ConnServer:
         }
 
     def on_frame(self, c: _Conn, f: wire.Frame) -> None:
-        self.reply_error(c, f.request_id, "bad_type", f"{f.type.name} is not a request this server takes")
+        self.reply_error(c, f.request_id, "bad_type", f"{f.type.name} is not a request this server takes", request=False)
 
     def on_disconnect(self, c: _Conn) -> None:
         pass
@@ -936,18 +953,59 @@ class ConnServer:
                     except OSError:
                         pass
 
+    def encode_answer(self, frame: wire.Frame) -> tuple[bytes | None, str | None]:
+        """The bytes of ``frame``, and ``None``; or, when it cannot be encoded, the bytes of an
+        error answer under its request id, and that error's code: ``response_too_large`` (over
+        ``max_frame``), ``bad_output`` (what the wire cannot carry: not a tensor, a dtype, a
+        sparse or meta tensor), ``internal_error`` (anything else). Never raises; the bytes are
+        ``None`` only when not even the error answer fits in ``max_frame``."""
+        try:
+            return wire.encode(frame, max_frame=self.max_frame), None
+        except wire.OversizedFrame as exc:
+            code, message = "response_too_large", str(exc)
+        except wire.WireError as exc:
+            code, message = "bad_output", f"the answer cannot be sent: {exc}"
+        except Exception as exc:  # noqa: BLE001 - one answer must not end the thread that sends it
+            code, message = "internal_error", f"encoding the answer failed: {type(exc).__name__}: {exc}"
+        try:
+            return wire.encode(wire.error_frame(frame.request_id, code, message), max_frame=self.max_frame), code
+        except wire.WireError:
+            return None, code
+
     def send(self, c: _Conn, frame: wire.Frame) -> bool:
         """Send a frame to ``c`` without ever blocking the caller (the batch loop serves every
         client; one that stops reading must not stall it). What the socket does not take at
         once waits in the connection's outbox, drained by a writer thread of its own under
         ``send_timeout``; a client whose outbox would pass ``max_outbox`` bytes is dropped.
-        True when the frame was sent or queued."""
+        A frame that cannot be encoded goes as an error answer instead (see
+        :meth:`encode_answer`). True when the frame (or that error) was sent or queued. Never
+        raises."""
+        return self._send_encoded(c, self.encode_answer(frame)[0])
+
+    def answer(self, c: _Conn, frame: wire.Frame) -> bool:
+        """:meth:`send` the answer to a request, and count how it ended: ``responses`` (sent or
+        queued), ``errors`` (it could not be encoded: the caller got an error answer instead) or
+        ``undeliverable`` (the connection is gone)."""
+        data, failed = self.encode_answer(frame)
+        # counted before it goes: a caller that has its answer and asks for the stats sees it
+        with self.stats.lock:
+            if failed is not None:
+                self.stats.errors += 1
+            else:
+                self.stats.responses += 1
+        ok = self._send_encoded(c, data)
+        if not ok and failed is None:
+            with self.stats.lock:
+                self.stats.responses -= 1
+                self.stats.undeliverable += 1
+        return ok and failed is None
+
+    def _send_encoded(self, c: _Conn, data: bytes | None) -> bool:
         if not c.alive:
             return False
-        try:
-            data = wire.encode(frame, max_frame=self.max_frame)
-        except wire.WireError as exc:
-            data = wire.encode(wire.error_frame(frame.request_id, "response_too_large", str(exc)))
+        if data is None:  # not even an error answer fits in max_frame: the caller cannot be told
+            self._lost(c)
+            return False
         msg = transport.frame_header(len(data)) + data  # the Channel framing, in one buffer
         with c.send_lock:
             if not c.alive or c.sock is None:
@@ -977,8 +1035,16 @@ class ConnServer:
             c.outbox.append(rest)
             c.outbox_bytes += len(rest)
             if c.writer is None:
-                c.writer = threading.Thread(target=self._drain, args=(c,), daemon=True, name=f"writer-{c.cid}")
-                c.writer.start()
+                writer = threading.Thread(target=self._drain, args=(c,), daemon=True, name=f"writer-{c.cid}")
+                try:
+                    writer.start()
+                except RuntimeError as exc:  # no thread to be had: this client's answers cannot go
+                    c.outbox.clear()
+                    c.outbox_bytes = 0
+                    print(f"[{self.name}] dropped connection {c.cid}: no writer thread for its answers ({exc})", file=sys.stderr, flush=True)
+                    self._lost(c)
+                    return False
+                c.writer = writer
         return True
 
     def _drain(self, c: _Conn) -> None:
@@ -1007,9 +1073,14 @@ class ConnServer:
         if not c.conn.closed:
             transport.shutdown_fd(c.conn.fileno())
 
-    def reply_error(self, c: _Conn, rid: int, code: str, message: str) -> None:
+    def reply_error(self, c: _Conn, rid: int, code: str, message: str, *, request: bool = True) -> None:
+        """Send an error answer; counted in ``errors`` when it answers a request (one the
+        ``requests`` count has), else in ``frame_errors``."""
         with self.stats.lock:
-            self.stats.errors += 1
+            if request:
+                self.stats.errors += 1
+            else:
+                self.stats.frame_errors += 1
         self.send(c, wire.error_frame(rid, code, message))
 
     def serve_conn(self, c: _Conn) -> None:
@@ -1023,12 +1094,12 @@ class ConnServer:
                 with self.stats.lock:
                     self.stats.slow_clients_dropped += 1
                 print(f"[{self.name}] dropped connection {c.cid}: a request stopped half-way", file=sys.stderr, flush=True)
-                self.reply_error(c, 0, "frame_timeout", f"a request took more than {self.cfg['send_timeout']:g}s to arrive; closing")
+                self.reply_error(c, 0, "frame_timeout", f"a request took more than {self.cfg['send_timeout']:g}s to arrive; closing", request=False)
                 return
             except transport.FrameTooLarge as exc:
                 with self.stats.lock:
                     self.stats.bad_frames += 1
-                self.reply_error(c, 0, "frame_too_large", f"{exc}; closing")
+                self.reply_error(c, 0, "frame_too_large", f"{exc}; closing", request=False)
                 return
             except OSError:
                 return
@@ -1037,7 +1108,7 @@ class ConnServer:
             except wire.WireError as exc:
                 with self.stats.lock:
                     self.stats.bad_frames += 1
-                self.reply_error(c, 0, "bad_frame", str(exc))
+                self.reply_error(c, 0, "bad_frame", str(exc), request=False)
                 continue
             if f.type == wire.MsgType.STATS:
                 self.send(c, wire.Frame(wire.MsgType.STATS_REPLY, f.request_id, self.snapshot()))
@@ -1047,7 +1118,7 @@ class ConnServer:
                 try:
                     self.on_frame(c, f)
                 except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
-                    self.reply_error(c, f.request_id, "internal_error", f"{type(exc).__name__}: {exc}")
+                    self.reply_error(c, f.request_id, "internal_error", f"{type(exc).__name__}: {exc}", request=f.type in self.request_types)
 
     def open_conns(self) -> int:
         with self.conns_lock:
@@ -1089,6 +1160,7 @@ class ConnServer:
 
 class _InferenceWorker(ConnServer):
     name = "InferenceServer"
+    request_types = frozenset({wire.MsgType.REQUEST})
 
     def __init__(self, cfg: dict[str, Any], ctl: Connection) -> None:
         super().__init__(cfg, ctl)
@@ -1097,6 +1169,9 @@ class _InferenceWorker(ConnServer):
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.in_batch = False
         self.max_pending = int(cfg.get("max_pending", 64))
+        # set (under queue_lock) once the batch loop has drained the queue for the last time
+        self.queue_lock = threading.Lock()
+        self.queue_closed = False
 
     # -- setup -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -1163,7 +1238,16 @@ class _InferenceWorker(ConnServer):
                 c.pending += 1
         if full:
             return self.reply_error(c, f.request_id, "too_many_pending", f"at most {self.max_pending} requests in flight per connection")
-        self.queue.put(_Req(c, f.request_id, x, time.monotonic()))
+        r = _Req(c, f.request_id, x, time.monotonic())
+        with self.queue_lock:
+            # the stop may have come since the check above: once the batch loop has drained the
+            # queue for the last time, a request put there would never be answered
+            closed = self.queue_closed
+            if not closed:
+                self.queue.put(r)
+        if closed:
+            self._done(r)
+            self.reply_error(c, f.request_id, "shutting_down", "server is shutting down")
 
     def snapshot(self) -> dict[str, Any]:
         s = self.stats.snapshot(self.open_conns(), self.queue.qsize(), self.gate)
@@ -1180,6 +1264,21 @@ class _InferenceWorker(ConnServer):
     def _done(self, r: _Req) -> None:
         with self.stats.lock:
             r.client.pending -= 1
+
+    def _bad_output(self, outs: list[Any], x: Any, n_requests: int) -> str | None:
+        """Why the model's outputs for the batch ``x`` cannot be answered, or None: each must be
+        a tensor and, to be split among several requests, have the batch's rows (one request's
+        answer is sent as the model returned it)."""
+        torch = self.torch
+        for o in outs:
+            if not isinstance(o, torch.Tensor):
+                return f"the model returned {type(o).__name__}, not a tensor (nor a tuple or list of tensors)"
+            if n_requests > 1 and (o.dim() < 1 or o.shape[0] != x.shape[0]):
+                return (
+                    f"the model's output {wire.describe(o)} has no leading batch dimension of {int(x.shape[0])} "
+                    f"(its input's): it cannot be split among the {n_requests} requests batched together"
+                )
+        return None
 
     # -- batching --------------------------------------------------------------------------------
     def collect(self) -> list[_Req] | None:
@@ -1215,7 +1314,14 @@ class _InferenceWorker(ConnServer):
             batch = self.collect()
             if batch is None:
                 break
-            batch = [r for r in batch if r.client.alive]
+            alive = [r for r in batch if r.client.alive]
+            if len(alive) < len(batch):  # their clients went away while they waited
+                for r in batch:
+                    if not r.client.alive:
+                        self._done(r)
+                with self.stats.lock:
+                    self.stats.undeliverable += len(batch) - len(alive)
+                batch = alive
             if not batch:
                 continue
             self.in_batch = True
@@ -1235,25 +1341,30 @@ class _InferenceWorker(ConnServer):
                     with torch.inference_mode():
                         y = self.model(x.to(self.device, non_blocking=False))
                     outs = list(y) if isinstance(y, (tuple, list)) else [y]
-                    if len(reqs) == 1:
-                        parts = [[o] for o in outs]
-                    else:
-                        parts = [o.split([int(r.x.shape[0]) for r in reqs]) for o in outs]
+                    bad = self._bad_output(outs, x, len(reqs))
+                    if bad is None:
+                        if len(reqs) == 1:
+                            parts = [[o] for o in outs]
+                        else:
+                            parts = [o.split([int(r.x.shape[0]) for r in reqs]) for o in outs]
                     model_s += time.monotonic() - tm
                 except Exception as exc:  # noqa: BLE001 - report to the callers, keep serving
-                    msg = f"{type(exc).__name__}: {exc}"
+                    bad, code = f"{type(exc).__name__}: {exc}", "model_error"
+                else:
+                    code = "bad_output"
+                if bad is not None:
                     for r in reqs:
-                        self.reply_error(r.client, r.rid, "model_error", msg)
                         self._done(r)
+                        self.reply_error(r.client, r.rid, code, bad)
                     continue
                 for i, r in enumerate(reqs):
-                    ok = self.send(r.client, wire.Frame(wire.MsgType.RESPONSE, r.rid, tensors=[p[i] for p in parts]))
-                    self._done(r)
-                    with self.stats.lock:
-                        if ok:
-                            self.stats.responses += 1
-                        else:
-                            self.stats.undeliverable += 1
+                    self._done(r)  # before its answer goes: the caller may send the next one at once
+                    try:
+                        # an answer that cannot be encoded goes as an error answer to its caller
+                        self.answer(r.client, wire.Frame(wire.MsgType.RESPONSE, r.rid, tensors=[p[i] for p in parts]))
+                    except Exception as exc:  # noqa: BLE001 - the batch loop serves everyone: it must outlive one answer
+                        traceback.print_exc(file=sys.stderr)
+                        self.reply_error(r.client, r.rid, "internal_error", f"{type(exc).__name__}: {exc}")
             t1 = time.monotonic()
             with self.stats.lock:
                 st = self.stats
@@ -1269,15 +1380,17 @@ class _InferenceWorker(ConnServer):
                     st.queue_wait_total += w
                     st.queue_wait_max = max(st.queue_wait_max, w)
             self.in_batch = False
-        # drain: whoever still waits gets an answer
+        # drain: whoever still waits gets an answer (and nothing is queued after this)
+        with self.queue_lock:
+            self.queue_closed = True
         while True:
             try:
                 r = self.queue.get_nowait()
             except queue.Empty:
                 break
             if r is not None:
-                self.reply_error(r.client, r.rid, "shutting_down", "server is shutting down")
                 self._done(r)
+                self.reply_error(r.client, r.rid, "shutting_down", "server is shutting down")
 
 
 def server_main(kind: str, config_json: str, ctl: Connection) -> None:

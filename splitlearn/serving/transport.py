@@ -60,16 +60,45 @@ class HandshakeError(ServingError, AuthenticationError):
     """Authentication failed or did not finish within its deadline."""
 
 
+class UnreadFrame(wire.OversizedFrame):
+    """An incoming frame larger than the receiver takes, whose body was therefore not read: the
+    stream is out of step and the connection must be closed. (Any other :class:`wire.WireError`
+    from :func:`recv_frame` comes from a frame read whole: the stream is still in step.)"""
+
+
 class FrameTimeout(TimeoutError):
     """The deadline passed in the middle of a frame (part of it sent, or received): the stream
     is out of step and the connection must be closed. A plain ``TimeoutError`` from a send or
     receive with a deadline means no byte of the frame moved: the connection is still usable."""
 
 
+_MAX_POLL_MS = 2**31 - 1
+
+
 def _ms(seconds: float) -> int:
     """poll(2)'s timeout for ``seconds`` (> 0): whole milliseconds, rounded up, so that a poll
-    that finds nothing has reached the deadline."""
-    return min(math.ceil(seconds * 1e3), 2**31 - 1)
+    that finds nothing has reached the deadline; at most poll's limit (about 24 days: a longer
+    wait, an infinite one included, polls again)."""
+    ms = seconds * 1e3
+    return math.ceil(ms) if ms < _MAX_POLL_MS else _MAX_POLL_MS
+
+
+def check_timeout(name: str, value: Any, *, none_ok: bool = False, zero_ok: bool = False) -> float | None:
+    """``value`` as a float of seconds, or a ValueError that names ``name``. Timeouts are finite
+    and positive (``zero_ok``: or 0); infinity and NaN are refused: every wait here turns its
+    timeout into a deadline, and neither makes one. ``none_ok``: ``None`` is the way to say
+    "no limit" (and is returned as is)."""
+    if value is None and none_ok:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        hint = " (None for no limit)" if none_ok else ""
+        raise ValueError(f"{name} must be finite and {bound}{hint}, got {value!r}")
+    return v
 
 
 def send_until(sock: socket.socket, parts: list[Any], deadline: float) -> None:
@@ -404,6 +433,10 @@ def _handshake(conn: Any, authkey: bytes | None, timeout: float | None, server: 
                 # a wrong key is reported by the peer (#FAILURE#, above); a bare close is the peer going away
                 err = ServerUnavailable if not server else HandshakeError
                 raise err(f"the {who} closed the connection during authentication ({type(exc).__name__}: {exc})") from None
+        if st["expired"]:
+            # the deadline fired after the last read but before the block ended: the handshake
+            # went through, and the socket was shut down under it. The connection is dead.
+            raise TimeoutError()
     except TimeoutError:
         hint = "" if server else " (the server may have no authkey: a listener without one never sends a challenge)"
         raise HandshakeError(f"authentication with the {who} did not finish within {timeout:.3g}s{hint}") from None
@@ -481,7 +514,9 @@ def wrap(sock: socket.socket) -> Channel:
 
 
 def connect(address: str | tuple[str, int], *, authkey: bytes | None, timeout: float | None = 10.0) -> Channel:
-    """Connect to a Unix socket path or a (host, port), then authenticate, all within ``timeout``."""
+    """Connect to a Unix socket path or a (host, port), then authenticate, all within ``timeout``
+    (finite seconds > 0, or None for no limit)."""
+    timeout = check_timeout("timeout", timeout, none_ok=True)
     t0 = time.monotonic()
     if isinstance(address, str):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -519,8 +554,10 @@ def recv_frame(
 ) -> wire.Frame:
     """The next frame, whole, within ``timeout``: ``TimeoutError`` when none started,
     :class:`FrameTimeout` when one started and did not finish (the connection is then out of
-    step and must be closed); ``ServerUnavailable`` on EOF; ``WireError`` when it is malformed or
-    larger than ``max_frame`` (close the connection then too)."""
+    step and must be closed); ``ServerUnavailable`` on EOF; :class:`UnreadFrame` (a ``WireError``)
+    when it is larger than ``max_frame`` (close the connection then too); another ``WireError``
+    when it was read whole but is malformed or cannot be decoded (``as_numpy`` and bfloat16, say):
+    the connection is still in step."""
     deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
     try:
         data = conn.recv_buffer(max_frame, deadline)
@@ -531,7 +568,7 @@ def recv_frame(
     except EOFError:
         raise ServerUnavailable("connection closed by peer") from None
     except FrameTooLarge as exc:
-        raise wire.WireError(str(exc)) from None
+        raise UnreadFrame(str(exc)) from None
     except OSError as exc:
         raise ServerUnavailable(f"receive failed: {type(exc).__name__}: {exc}") from None
     return wire.decode(data, as_numpy=as_numpy, max_frame=max_frame)

@@ -13,7 +13,12 @@ the bottom's hidden states; the server runs its trunk and sends the trunk's hidd
   read) or an import string + JSON kwargs + a safetensors weights file;
 * per-session KV cache for incremental decoding: ``OPEN_SESSION`` (model) gives a session id;
   ``TRUNK`` frames with ``step`` 0 (the prompt) start the session's cache and steps 1, 2, ...
-  extend it; sessions belong to their connection and are freed when it closes;
+  extend it; sessions belong to their connection and are freed when it closes. A cache is
+  bounded: a step that would take a sequence past the model's positions
+  (``max_position_embeddings`` / ``n_positions`` of its config, or ``max_positions`` in an
+  import spec), or a session's cache past ``max_cache_tokens`` (batch x cached positions), gets
+  a ``bad_input`` error and leaves the cache as it was; so does a stateless forward longer
+  than the model's positions;
 * tensors travel in :mod:`splitlearn.serving.wire` frames (dtype + shape header, raw bytes, a
   maximum frame size): no pickle anywhere;
 * a bad frame, wrong dtype or shape, unknown model or session gets an error frame on its own
@@ -70,9 +75,15 @@ class TrunkServer(ManagedServer):
         port: int = 0,
         device: str = "cpu",
         max_sessions: int = 64,
+        max_cache_tokens: int | None = None,
         **kw: Any,
     ) -> None:
+        """``max_cache_tokens``: the most tokens (batch x positions) one session's KV cache may
+        hold; ``None``: no bound but the model's positions."""
         super().__init__(**kw)
+        if max_cache_tokens is not None and int(max_cache_tokens) < 1:
+            raise ValueError("max_cache_tokens must be >= 1 (or None)")
+        self.max_cache_tokens = None if max_cache_tokens is None else int(max_cache_tokens)
         if not models:
             raise ValueError("a trunk server needs at least one model")
         self.models = {str(n): _validate_spec(str(n), s) for n, s in models.items()}
@@ -82,7 +93,14 @@ class TrunkServer(ManagedServer):
 
     def _config(self) -> dict[str, Any]:
         cfg = super()._config()
-        cfg.update(models=self.models, host=self.host, port=self.port, device=self.device, max_sessions=self.max_sessions)
+        cfg.update(
+            models=self.models,
+            host=self.host,
+            port=self.port,
+            device=self.device,
+            max_sessions=self.max_sessions,
+            max_cache_tokens=self.max_cache_tokens,
+        )
         return cfg
 
     def _on_ready(self, msg: dict[str, Any]) -> None:
@@ -113,6 +131,7 @@ class _Session:
 
 class TrunkWorker(ConnServer):
     name = "TrunkServer"
+    request_types = frozenset({wire.MsgType.TRUNK})
 
     def __init__(self, cfg: dict[str, Any], ctl: Any) -> None:
         super().__init__(cfg, ctl)
@@ -122,6 +141,7 @@ class TrunkWorker(ConnServer):
         self.sessions: dict[int, dict[str, _Session]] = {}  # connection id -> sessions
         self.sessions_lock = threading.Lock()
         self.max_sessions = int(cfg["max_sessions"])
+        self.max_cache_tokens = cfg.get("max_cache_tokens")
         self.forwards = 0
 
     def load(self) -> None:
@@ -139,11 +159,13 @@ class TrunkWorker(ConnServer):
                 trunk = build_model(spec["import"], spec.get("kwargs"), spec.get("weights"), self.cfg["device"])
             config = getattr(trunk, "config", None)
             hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or spec.get("hidden_size")
+            positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or spec.get("max_positions")
             p = next(iter(trunk.parameters()), None)
             self.models[name] = trunk
             self.locks[name] = threading.Lock()
             self.info[name] = {
                 "hidden_size": int(hidden) if hidden else None,
+                "max_positions": int(positions) if positions else None,
                 "dtype": str(p.dtype).replace("torch.", "") if p is not None else None,
                 "layers": [getattr(trunk, "start_layer", None), getattr(trunk, "end_layer", None)],
                 "family": getattr(trunk, "family", None) or spec.get("model_type"),
@@ -165,7 +187,8 @@ class TrunkWorker(ConnServer):
         s = self.stats.snapshot(self.open_conns(), 0, self.gate)
         with self.sessions_lock:
             s["sessions_open"] = sum(len(v) for v in self.sessions.values())
-        s["forwards"] = self.forwards
+        with self.stats.lock:
+            s["forwards"] = self.forwards
         s["models"] = sorted(self.models)
         return s
 
@@ -182,11 +205,11 @@ class TrunkWorker(ConnServer):
         elif f.type == T.OPEN_SESSION:
             name = f.meta.get("model")
             if name not in self.models:
-                return self.reply_error(c, rid, "unknown_model", f"no model {name!r} here (models: {', '.join(sorted(self.models))})")
+                return self.reply_error(c, rid, "unknown_model", f"no model {wire.clip(name)} here (models: {', '.join(sorted(self.models))})", request=False)
             with self.sessions_lock:
                 mine = self.sessions.setdefault(c.cid, {})
                 if len(mine) >= self.max_sessions:
-                    return self.reply_error(c, rid, "too_many_sessions", f"at most {self.max_sessions} open sessions per connection")
+                    return self.reply_error(c, rid, "too_many_sessions", f"at most {self.max_sessions} open sessions per connection", request=False)
                 sid = secrets.token_hex(8)
                 mine[sid] = _Session(name)
             self.send(c, wire.Frame(T.SESSION, rid, {"session": sid, "model": name}))
@@ -194,7 +217,7 @@ class TrunkWorker(ConnServer):
             with self.sessions_lock:
                 gone = self.sessions.get(c.cid, {}).pop(str(f.meta.get("session")), None)
             if gone is None:
-                return self.reply_error(c, rid, "unknown_session", f"no open session {f.meta.get('session')!r} on this connection")
+                return self.reply_error(c, rid, "unknown_session", f"no open session {wire.clip(f.meta.get('session'))} on this connection", request=False)
             self.send(c, wire.Frame(T.SESSION, rid, {"session": f.meta.get("session"), "closed": True}))
         elif f.type == T.TRUNK:
             self.on_trunk(c, f)
@@ -211,12 +234,12 @@ class TrunkWorker(ConnServer):
             with self.sessions_lock:
                 session = self.sessions.get(c.cid, {}).get(str(f.meta["session"]))
             if session is None:
-                return self.reply_error(c, rid, "unknown_session", f"no open session {f.meta['session']!r} on this connection")
+                return self.reply_error(c, rid, "unknown_session", f"no open session {wire.clip(f.meta['session'])} on this connection")
             name = session.model
         else:
             name = f.meta.get("model")
             if name not in self.models:
-                return self.reply_error(c, rid, "unknown_model", f"no model {name!r} here (models: {', '.join(sorted(self.models))})")
+                return self.reply_error(c, rid, "unknown_model", f"no model {wire.clip(name)} here (models: {', '.join(sorted(self.models))})")
         info = self.info[name]
         if not 1 <= len(f.tensors) <= 3:
             return self.reply_error(c, rid, "bad_input", f"TRUNK carries hidden_states[, attention_mask[, position_ids]], got {len(f.tensors)} tensors")
@@ -238,6 +261,19 @@ class TrunkWorker(ConnServer):
                     c, rid, "bad_step", f"step {step} (batch {b}) does not follow step {session.step} (batch {session.batch}) of this session"
                 )
             past = session.cache_len
+        # the cache grows with every step: bounded by the model's positions and max_cache_tokens
+        positions = info.get("max_positions")
+        if positions and past + q > positions:
+            return self.reply_error(
+                c, rid, "bad_input", f"{past + q} positions ({past} cached + {q} new) exceed the {positions} of model {name!r}"
+            )
+        if session is not None and self.max_cache_tokens is not None and b * (past + q) > self.max_cache_tokens:
+            return self.reply_error(
+                c,
+                rid,
+                "bad_input",
+                f"the session's cache would hold {b} x {past + q} = {b * (past + q)} tokens, more than max_cache_tokens={self.max_cache_tokens}",
+            )
         if mask is not None:
             if mask.dtype.is_floating_point or mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != past + q:
                 return self.reply_error(c, rid, "bad_input", f"attention_mask {wire.describe(mask)}: need an integer [batch={b}, {past + q}] mask")
@@ -271,8 +307,7 @@ class TrunkWorker(ConnServer):
             session.step = step
             session.batch = b
             meta["cache_len"] = session.cache_len
-        self.forwards += 1
+        with self.stats.lock:  # connections run in threads of their own
+            self.forwards += 1
         hs = out.hidden_states if hasattr(out, "hidden_states") else out
-        if self.send(c, wire.Frame(wire.MsgType.RESPONSE, rid, meta, [hs])):
-            with self.stats.lock:
-                self.stats.responses += 1
+        self.answer(c, wire.Frame(wire.MsgType.RESPONSE, rid, meta, [hs]))  # counts how it ended

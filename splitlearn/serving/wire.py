@@ -13,7 +13,10 @@ prefix, as ``multiprocessing.connection`` does). Layout, little-endian::
 Decoding checks every field: magic, version, known type and dtype, ndim limit, that the
 shape matches the byte count, that nothing is left over, and the frame size limit. Any
 violation raises :class:`WireError` (a ``ValueError``); nothing else escapes
-:func:`decode` for any input.
+:func:`decode` for any input. Encoding raises :class:`WireError` too, and nothing else, for
+what the format cannot carry (an unsupported dtype, a sparse or meta tensor, meta that is not
+JSON), and :class:`OversizedFrame` for a frame of any type, tensors or not, over the limit.
+A tensor whose negation or conjugation is still lazy is sent as its values.
 
 Tensors go in as ``torch.Tensor`` or ``numpy.ndarray`` and come out as torch tensors
 (default) or numpy arrays (``as_numpy=True``, for clients that do not import torch).
@@ -39,7 +42,16 @@ HEADER_SIZE = _HEADER.size
 
 
 class WireError(ValueError):
-    """A frame that does not follow the wire format (or exceeds the size limit)."""
+    """A frame that does not follow the wire format (or exceeds the size limit).
+
+    ``request_id``: the id in the frame's header when :func:`decode` got that far (a reader can
+    tell whose answer it could not read), else ``None``."""
+
+    request_id: int | None = None
+
+
+class OversizedFrame(WireError):
+    """A frame larger than the maximum frame size (to encode, or received)."""
 
 
 class MsgType(enum.IntEnum):
@@ -127,20 +139,10 @@ def _raw(obj: Any) -> tuple[str, tuple[int, ...], memoryview]:
     shape = tuple(int(s) for s in obj.shape)
     mod = type(obj).__module__
     if mod.startswith("torch"):
-        t = obj.detach() if obj.requires_grad else obj
-        if not t.is_cpu:
-            t = t.cpu()
-        if not t.is_contiguous():
-            t = t.contiguous()
-        if t.numel() == 0:
-            return name, shape, memoryview(b"")
-        if name != "bfloat16":  # numpy has no bfloat16
-            try:
-                return name, shape, memoryview(t.numpy()).cast("B")
-            except RuntimeError:  # a view numpy() refuses (a lazy negation, say): the long way
-                pass
-        data = t.reshape(-1).view(__import__("torch").uint8).numpy()
-        return name, shape, memoryview(data).cast("B")
+        try:
+            return name, shape, _torch_bytes(obj, name)
+        except Exception as exc:  # noqa: BLE001 - a tensor torch cannot hand over as bytes
+            raise WireError(_why_not(obj, exc)) from None
     import numpy as np
 
     a = np.ascontiguousarray(obj)
@@ -149,8 +151,47 @@ def _raw(obj: Any) -> tuple[str, tuple[int, ...], memoryview]:
     return name, shape, memoryview(a.reshape(-1).view(np.uint8)).cast("B")
 
 
+def _torch_bytes(obj: Any, name: str) -> memoryview:
+    """The raw bytes of a dense tensor: detached, on the CPU, C order, with any lazy negation
+    (``torch._neg_view``) or conjugation applied. Raises for what has no such bytes (a sparse
+    tensor, one on the meta device): checked only then, off the common path."""
+    t = obj.detach() if obj.requires_grad else obj
+    if not t.is_cpu:
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    if name != "bfloat16":  # numpy has no bfloat16
+        try:
+            return memoryview(t.numpy()).cast("B")
+        except RuntimeError:  # numpy() refuses a tensor whose negation or conjugation is still lazy
+            pass
+    # bfloat16, or a lazy view: its values made real first (a view of them as bytes would be
+    # refused too, or carry the values before the negation)
+    t = t.resolve_conj().resolve_neg()
+    return memoryview(t.reshape(-1).view(sys.modules["torch"].uint8).numpy()).cast("B")
+
+
+def _why_not(obj: Any, exc: BaseException) -> str:
+    """Why the tensor ``obj`` could not be encoded (``exc``: what torch raised)."""
+    layout = str(getattr(obj, "layout", "torch.strided")).replace("torch.", "")
+    if layout != "strided":
+        return f"cannot encode a {layout} tensor: only dense (strided) tensors go on the wire"
+    if getattr(obj, "is_meta", False):
+        return "cannot encode a tensor on the meta device: it has no data"
+    first = str(exc).split("\n", 1)[0]  # torch may append its C++ stack
+    return f"cannot encode {describe(obj)}: {type(exc).__name__}: {first}"
+
+
 def encode(frame: Frame, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    meta = json.dumps(frame.meta, separators=(",", ":"), allow_nan=False).encode() if frame.meta else b""
+    """The bytes of ``frame``. :class:`WireError` for what the format cannot carry (a dtype,
+    a sparse or meta tensor, meta that is not JSON), :class:`OversizedFrame` for a frame of any
+    type larger than ``max_frame``."""
+    try:
+        meta = json.dumps(frame.meta, separators=(",", ":"), allow_nan=False).encode() if frame.meta else b""
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON, NaN, a cycle
+        raise WireError(f"meta cannot be encoded as JSON: {exc}") from None
     if len(frame.tensors) > 0xFFFF:
         raise WireError("too many tensors in one frame")
     parts: list[Any] = [
@@ -158,6 +199,8 @@ def encode(frame: Frame, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
         meta,
     ]
     total = HEADER_SIZE + len(meta)
+    if total > max_frame:
+        raise OversizedFrame(f"frame of at least {total} bytes exceeds the maximum frame size of {max_frame} bytes")
     for t in frame.tensors:
         name, shape, raw = _raw(t)
         if len(shape) > MAX_NDIM:
@@ -167,10 +210,11 @@ def encode(frame: Frame, *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
         parts.append(raw)
         total += _TENSOR.size + 8 * len(shape) + raw.nbytes
         if total > max_frame:
-            raise WireError(f"frame of at least {total} bytes exceeds the maximum frame size of {max_frame} bytes")
+            raise OversizedFrame(f"frame of at least {total} bytes exceeds the maximum frame size of {max_frame} bytes")
     return b"".join(parts)
 
 
+_MAX_DIM = 2**63
 _NP_DTYPES: dict[int, Any] = {}  # wire code -> little-endian numpy dtype, filled on first use
 
 
@@ -201,7 +245,7 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
     """Parse one frame. Raises :class:`WireError` on anything malformed."""
     n = len(data)
     if n > max_frame:
-        raise WireError(f"frame of {n} bytes exceeds the maximum frame size of {max_frame} bytes")
+        raise OversizedFrame(f"frame of {n} bytes exceeds the maximum frame size of {max_frame} bytes")
     if n < HEADER_SIZE:
         raise WireError(f"frame of {n} bytes is shorter than the {HEADER_SIZE}-byte header")
     buf = data if isinstance(data, bytearray) else bytearray(data)
@@ -215,6 +259,15 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
     msg_type = _MSG_TYPES.get(mtype)
     if msg_type is None:
         raise WireError(f"unknown message type {mtype}")
+    try:
+        meta, tensors = _decode_body(buf, n, ntensors, meta_len, as_numpy)
+    except WireError as exc:
+        exc.request_id = rid  # the header was read: whose frame it was is known
+        raise
+    return Frame(type=msg_type, request_id=rid, meta=meta, tensors=tensors, flags=flags)
+
+
+def _decode_body(buf: bytearray, n: int, ntensors: int, meta_len: int, as_numpy: bool) -> tuple[dict[str, Any], list[Any]]:
     off = HEADER_SIZE
     if off + meta_len > n:
         raise WireError(f"meta length {meta_len} runs past the end of a {n}-byte frame")
@@ -244,21 +297,44 @@ def decode(data: bytes | bytearray | memoryview, *, as_numpy: bool = False, max_
         count = 1
         for s in shape:
             count *= s
+        if count == 0 and ndim and max(shape) >= _MAX_DIM:  # an empty tensor; torch and numpy take signed 64-bit sizes
+            raise WireError(f"tensor {i}: shape {list(shape)} has a dimension of 2**63 or more")
         if count * _DTYPES[code][1] != nbytes:
             raise WireError(f"tensor {i}: shape {list(shape)} of {_DTYPES[code][0]} needs {count * _DTYPES[code][1]} bytes, header says {nbytes}")
         if off + nbytes > n:
             raise WireError(f"tensor {i}: {nbytes} bytes run past the end of the frame")
         try:
             tensors.append(_decode_tensor(buf, off, code, shape, nbytes, as_numpy))
-        except (ValueError, OverflowError, RuntimeError) as exc:  # e.g. an empty tensor of shape [2**62, 4, 0]
-            raise WireError(f"tensor {i}: shape {list(shape)} cannot be built: {exc}") from None
+        except WireError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever numpy or torch refuse (an empty tensor of shape [2**62, 4, 0]...)
+            first = str(exc).split("\n", 1)[0]  # torch appends its C++ stack
+            raise WireError(f"tensor {i}: shape {list(shape)} cannot be built: {type(exc).__name__}: {first}") from None
         off += nbytes
     if off != n:
         raise WireError(f"{n - off} trailing bytes after the last tensor")
-    return Frame(type=msg_type, request_id=rid, meta=meta, tensors=tensors, flags=flags)
+    return meta, tensors
+
+
+MAX_ERROR_MESSAGE = 2000  # characters of an error frame's message
+MAX_ECHO = 200  # characters of a peer's string quoted in an error message
+
+
+def clip(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)``, cut to ``limit`` characters: for quoting what a peer sent (a model name,
+    a session id) in an error message without echoing megabytes back."""
+    r = repr(value)
+    if len(r) <= limit:
+        return r
+    tail = f"... ({len(r)} characters)"
+    return r[: max(0, limit - len(tail))] + tail
 
 
 def error_frame(request_id: int, code: str, message: str) -> Frame:
+    """An ERROR frame; a message longer than ``MAX_ERROR_MESSAGE`` characters is cut there."""
+    code, message = str(code)[:100], str(message)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = f"{message[: MAX_ERROR_MESSAGE - 40]}... (cut from {len(message)} characters)"
     return Frame(MsgType.ERROR, request_id, {"error": code, "message": message})
 
 
