@@ -275,6 +275,12 @@ def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
         )
     except SplitLearnError:
         raise
+    except OSError as exc:
+        # a file that cannot be opened or read (permissions, descriptors, I/O): nothing is known
+        # to be wrong with the weights themselves, so not CorruptWeights
+        from splitlearn.model_loader import ModelLoadError
+
+        raise ModelLoadError(f"transformers could not read {model_dir}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise CorruptWeights(f"transformers could not load {model_dir}: {type(exc).__name__}: {exc}") from exc
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head.")]

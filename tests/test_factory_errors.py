@@ -187,3 +187,30 @@ def test_inconsistent_config_is_reported(tmp_path):
 def test_model_type_mismatch():
     with pytest.raises(ConfigMismatch, match="declares model_type 'gpt2', but 'qwen2' was requested"):
         ModelFactory.create_split_models("qwen2", tiny_model_dir("gpt2"), 1, 2)
+
+
+@pytest.mark.parametrize(
+    "raised,expected",
+    [
+        (PermissionError(13, "Permission denied"), "ModelLoadError"),
+        (OSError(24, "Too many open files"), "ModelLoadError"),
+        (ValueError("header too large"), "CorruptWeights"),
+    ],
+    ids=["EACCES", "EMFILE", "format"],
+)
+def test_traditional_path_tells_unreadable_files_from_corrupt_ones(monkeypatch, raised, expected):
+    """The traditional path hands the directory to transformers: a file it cannot open or read
+    is a ModelLoadError with the OS error chained, not CorruptWeights (nothing is known to be
+    wrong with the weights); anything else transformers raises still is CorruptWeights."""
+    import transformers
+
+    from splitlearn.model_loader import ModelLoadError
+
+    def refuse(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises((ModelLoadError, CorruptWeights)) as info:
+        ModelFactory.create_split_models("gpt2", tiny_model_dir("gpt2"), 1, 3, low_memory=False)
+    assert type(info.value).__name__ == expected
+    assert info.value.__cause__ is raised

@@ -457,6 +457,14 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys, monkey
     assert not list(tmp_path.glob("report*")), "nothing is written on a usage error"
 
 
+def _signals_as_from_a_terminal() -> None:
+    """In the CLI's child before exec: the default actions of SIGINT, SIGTERM and SIGHUP, as a
+    command started from a terminal has them. pytest may run where they are ignored (under
+    ``nohup``, SIGHUP is), and the CLI leaves an ignored signal ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     """Ctrl-C (SIGINT), SIGTERM (``timeout``, a CI cancel) or SIGHUP (a closed terminal) in the
@@ -473,7 +481,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+        preexec_fn=_signals_as_from_a_terminal,
     )
     child = None
     try:

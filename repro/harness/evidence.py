@@ -479,12 +479,23 @@ def faulthandler_dump(pid: int, evidence_dir: str | os.PathLike, timeout: float 
     except OSError:
         return path.read_text("utf-8", "replace")
     end = time.monotonic() + timeout
-    # The handler writes synchronously in the target; poll the file size briefly.
+    # The handler writes the dump synchronously in the target, one write() per line or so, and
+    # says nowhere that it is done: wait until the file has grown and then stopped growing for
+    # ``settle`` seconds (or the target died, or the time is up). Reading as soon as it grew
+    # gave half a dump on a loaded machine: the first thread's header and one frame.
+    settle = 0.1
+    size, changed = before, time.monotonic()
     while time.monotonic() < end:
-        if path.stat().st_size > before:
+        try:
+            now_size = path.stat().st_size
+        except OSError:
+            break
+        if now_size != size:
+            size, changed = now_size, time.monotonic()
+        elif size > before and time.monotonic() - changed >= settle:
             break
         try:
-            psutil.Process(pid).wait(timeout=0.05)  # returns early only if it dies
+            psutil.Process(pid).wait(timeout=0.02)  # returns early only if it dies
             break
         except psutil.TimeoutExpired:
             continue
