@@ -328,13 +328,11 @@ def test_a_send_to_a_peer_that_stops_reading_ends_at_its_deadline(peer_reads):
         ch.close()
 
 
-def test_deadline_never_fires_after_its_block():
-    """threading.Timer.cancel does not stop a timer already firing: a connection that finished its
-    handshake in time must not be shut down by it afterwards (nor, once closed, a connection that
-    took its descriptor number)."""
-    fired = []
+def held_timer(fired: list):
+    """A stand-in for threading.Timer that never fires by itself: its function goes to ``fired``
+    for the test to call when it chooses, like a timer thread that lost a race."""
 
-    class HeldTimer:  # fires only when the test says, like a timer thread that lost the race
+    class HeldTimer:
         def __init__(self, interval, fn):
             fired.append(fn)
             self.daemon = True
@@ -345,10 +343,19 @@ def test_deadline_never_fires_after_its_block():
         def cancel(self):
             pass
 
+    return HeldTimer
+
+
+def test_deadline_never_fires_after_its_block():
+    """threading.Timer.cancel does not stop a timer already firing: a connection that finished its
+    handshake in time must not be shut down by it afterwards (nor, once closed, a connection that
+    took its descriptor number)."""
+    fired = []
+
     ch, peer = _pair()
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(transport.threading, "Timer", HeldTimer)
+            mp.setattr(transport.threading, "Timer", held_timer(fired))
             with transport.deadline(ch, 5.0) as state:
                 pass
         fired[0]()  # the late fire
@@ -372,17 +379,6 @@ def test_a_deadline_that_fires_after_the_last_read_fails_the_handshake(side):
     ours, theirs = Channel(a.detach()), Channel(b.detach())
     fired = []
 
-    class HeldTimer:  # fires when the test says: just after our handshake's last step
-        def __init__(self, interval, fn):
-            fired.append(fn)
-            self.daemon = True
-
-        def start(self):
-            pass
-
-        def cancel(self):
-            pass
-
     last_step = "deliver_challenge" if side == "client" else "answer_challenge"
     real = getattr(transport, last_step)
 
@@ -404,7 +400,7 @@ def test_a_deadline_that_fires_after_the_last_read_fails_the_handshake(side):
     t = threading.Thread(target=peer, daemon=True)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(transport.threading, "Timer", HeldTimer)
+            mp.setattr(transport.threading, "Timer", held_timer(fired))
             mp.setattr(transport, last_step, then_fire)
             t.start()
             with pytest.raises(transport.HandshakeError, match="did not finish within"):
