@@ -295,3 +295,43 @@ assert os.waitstatus_to_exitcode(status) == 0, status
     assert data["status"] == "running" and data["metrics"] == {"owner": 1}
     assert data["stages"] == [] and data["observations"] == []
     assert not list(tmp_path.glob(".result.json.*.tmp"))
+
+
+def _zombie_child(code: int):
+    """A child of this process that has exited with ``code`` and is not yet reaped."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({code})"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # until it has exited; leaves the zombie
+    return child
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (start times)")
+def test_reap_leaves_a_reused_pid_to_its_owner():
+    """A pid seen in a run, now a zombie child of ours started after (a reused pid): reap()
+    must not take its exit status from the Popen that owns it."""
+    child = _zombie_child(7)
+    try:
+        start = ev._start_time(child.pid)
+        tree = ev.Tree(-1, "no-such-token", root_start=start - 1 if start else 0)
+        tree.session = -1  # not a member of the run's session
+        tree.seen[child.pid] = "python"
+        tree._tracked[child.pid] = start - 1  # an earlier process that had this pid
+        assert tree.reap() == []
+        assert child.wait(10) == 7
+    finally:
+        child.poll()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (start times)")
+def test_reap_takes_a_zombie_of_the_run():
+    child = _zombie_child(3)
+    try:
+        start = ev._start_time(child.pid)
+        tree = ev.Tree(-1, "no-such-token", root_start=start)
+        tree.session = -1
+        tree.seen[child.pid] = "python"
+        tree._tracked[child.pid] = start
+        assert tree.reap() == [child.pid]
+    finally:
+        child.returncode = 0  # reaped above: keep Popen from waiting on a pid no longer ours

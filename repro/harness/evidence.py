@@ -325,28 +325,22 @@ class Tree:
         return {"killed": killed, "survivors": self.describe(survivors)}
 
     def reap(self) -> list[int]:
-        """waitpid() every zombie of the run that reparented to this (subreaper) process."""
+        """waitpid() every zombie of the run that reparented to this (subreaper) process.
+
+        A zombie is the run's only by the same rules as :meth:`_ours` (a member of the run's
+        session, or pid *and* start time of a process seen in the tree): a pid seen once may
+        since have been reused by a child of this process that is not the run's (another run's
+        root, a ``subprocess.Popen``), whose exit status must stay with its owner.
+        """
         reaped = []
         me = os.getpid()
         candidates = set(self.seen)
-        try:
-            for child in psutil.Process(me).children():
-                try:
-                    if child.status() == psutil.STATUS_ZOMBIE and (
-                        child.pid in self.seen or _session(child.pid) == self.session
-                    ):
-                        candidates.add(child.pid)
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error):
+            candidates.update(child.pid for child in psutil.Process(me).children())
         for pid in candidates:
             if pid == self.root_pid:
                 continue  # the Popen object owns the root
-            try:
-                if psutil.Process(pid).ppid() != me:
-                    continue
-            except psutil.Error:
+            if not self._reapable(pid, me):
                 continue
             try:
                 got, _ = os.waitpid(pid, os.WNOHANG)
@@ -355,6 +349,24 @@ class Tree:
             except ChildProcessError:
                 pass
         return reaped
+
+    def _reapable(self, pid: int, me: int) -> bool:
+        """A zombie child of ``me`` that belongs to the run (see :meth:`reap`)."""
+        if self.has_proc:
+            stat = _stat_fields(pid)
+            if stat is None or stat[0] != me:
+                return False
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.Error:
+                return False
+            return self._tracked.get(pid) == stat[2] or self._ours(pid, stat)
+        try:  # no /proc (no start times): the pid, as seen while the run lasted
+            p = psutil.Process(pid)
+            return p.ppid() == me and p.status() == psutil.STATUS_ZOMBIE and pid in self.seen
+        except psutil.Error:
+            return False
 
 
 def _stat_fields(pid: int) -> tuple[int, int, int] | None:
