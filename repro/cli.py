@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("script", help="run any Python script with the same verdicts")
-    p.add_argument("path")
+    p.add_argument("path", nargs="?", help="the script (or the first word after --, for a name that starts with -)")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="hard deadline, seconds (default 60)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument(
@@ -477,6 +477,11 @@ def _dispatch(argv: list[str]) -> int:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if getattr(args, "handler", None) is cmd_script and args.path is None:
+        if not passthrough:  # as argparse says it, with its exit status 2
+            print("python -m repro script: error: the following arguments are required: path", file=sys.stderr)
+            return 2
+        args.path = passthrough.pop(0)  # `script -- -dash.py ARGS`: a name argparse would take for an option
     if passthrough:
         args.script_args = [*args.script_args, *passthrough]
     if getattr(args, "expect", "absent") is None:

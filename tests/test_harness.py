@@ -196,6 +196,20 @@ def test_script_whose_name_starts_with_a_dash(tmp_path):
     assert r.scenario == "-dash.py"
 
 
+def test_cli_script_named_after_the_double_dash(tmp_path, capsys, monkeypatch):
+    """`python -m repro script -- -dash.py a b`: the first word after -- is the script when
+    none came before it (argparse would take '-dash.py' for an option)."""
+    from repro import cli
+
+    (tmp_path / "-dash.py").write_text((PROGRAMS / "ok.py").read_text())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.json"
+    rc = cli.main(["script", "--no-fingerprint", "--json", str(out), "--", "-dash.py", "a", "b"])
+    assert rc == 0, capsys.readouterr()
+    rec = json.loads(out.read_text())
+    assert rec["scenario"] == "-dash.py" and rec["outcome"] == "PASS", rec
+
+
 # -- CRASH and deliberate exits ----------------------------------------------------------------
 def test_abort_is_crash_named_sigabrt():
     r = run("abort")
@@ -411,6 +425,8 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
         (["run", "harness_overhead", "--kind", "hazard"], "run: error: nothing selected"),
         (["bench", "no_such_scenario", "--json", "{out}.json"], "bench: error: unknown scenario"),
         (["script", "{ok}", "--cwd", "{missing}"], "--cwd: not a directory"),
+        (["script", "--timeout", "5"], "required: path"),
+        (["script", "--"], "required: path"),
         # interpreters that give no fingerprint: no torch, something else on stdout, a hang
         (["run", "harness_overhead", "--python", "{notorch}"], "run: error: could not fingerprint"),
         (["script", "{ok}", "--python", "{notorch}", "--", "a", "b"], "No module named 'torch'"),
