@@ -43,6 +43,12 @@ class ConfigMismatch(SplitLearnError, ValueError):
     """The config does not describe the weights (missing/unexpected tensors, wrong shapes, layer count)."""
 
 
+class ModelLoadError(SplitLearnError, RuntimeError):
+    """The load itself failed (a file that cannot be read, a class not importable, allocation...),
+    with nothing known to be wrong with the weights. Also importable from
+    :mod:`splitlearn.model_loader`, where it was first defined."""
+
+
 __all__ = [
     "SplitLearnError",
     "InvalidSplitPoints",
@@ -52,4 +58,5 @@ __all__ = [
     "MissingShard",
     "CorruptWeights",
     "ConfigMismatch",
+    "ModelLoadError",
 ]

@@ -37,7 +37,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from splitlearn._logging import stage
-from splitlearn.errors import ConfigMismatch, CorruptWeights, InvalidPart, InvalidSplitPoints, SplitLearnError
+from splitlearn.errors import (
+    ConfigMismatch,
+    CorruptWeights,
+    InvalidPart,
+    InvalidSplitPoints,
+    ModelLoadError,
+    SplitLearnError,
+)
 from splitlearn.models.registry import PARTS, ModelRegistry
 
 log = logging.getLogger("splitlearn.factory")
@@ -278,8 +285,6 @@ def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
     except OSError as exc:
         # a file that cannot be opened or read (permissions, descriptors, I/O): nothing is known
         # to be wrong with the weights themselves, so not CorruptWeights
-        from splitlearn.model_loader import ModelLoadError
-
         raise ModelLoadError(f"transformers could not read {model_dir}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise CorruptWeights(f"transformers could not load {model_dir}: {type(exc).__name__}: {exc}") from exc

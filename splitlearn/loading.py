@@ -22,8 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from splitlearn.errors import CorruptWeights, MissingShard, ModelNotFound
-from splitlearn.model_loader import ModelLoadError
+from splitlearn.errors import CorruptWeights, MissingShard, ModelLoadError, ModelNotFound
 
 log = logging.getLogger("splitlearn.loading")
 

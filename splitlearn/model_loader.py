@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from splitlearn._logging import stage
-from splitlearn.errors import SplitLearnError
+from splitlearn.errors import ModelLoadError, SplitLearnError
 
 log = logging.getLogger("splitlearn.model_loader")
 
@@ -94,10 +94,6 @@ _FLOAT_CODE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_
 
 class ConfigError(SplitLearnError, ValueError):
     """A :class:`ModelConfig` that cannot describe a load. The message lists every problem."""
-
-
-class ModelLoadError(SplitLearnError, RuntimeError):
-    """The load itself failed (bad weights, class not importable, missing tensors...)."""
 
 
 class LoadCancelled(SplitLearnError):

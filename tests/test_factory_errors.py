@@ -204,7 +204,10 @@ def test_traditional_path_tells_unreadable_files_from_corrupt_ones(monkeypatch, 
     wrong with the weights); anything else transformers raises still is CorruptWeights."""
     import transformers
 
-    from splitlearn.model_loader import ModelLoadError
+    from splitlearn.errors import ModelLoadError
+    from splitlearn.model_loader import ModelLoadError as FromLoader
+
+    assert FromLoader is ModelLoadError  # one class, importable from both modules
 
     def refuse(*_a, **_k):
         raise raised
