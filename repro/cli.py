@@ -219,13 +219,13 @@ def cmd_run(args) -> int:
                         ok=True,
                         fingerprint=fp,
                         env=dict(v.env),
-                        params=dict(v.params),
+                        params=v.params_for(args.quick),
                     )
                 )
                 continue
             if total > 1 and sys.stderr.isatty():
                 print(f"[{i}/{total}] running {sc.name}:{v.name} ...", end="\r", flush=True, file=sys.stderr)
-            r = run_variant(sc, v, timeout=args.timeout, python=args.python, build=build)
+            r = run_variant(sc, v, timeout=args.timeout, python=args.python, build=build, quick=args.quick)
             results.append(r)
             if total > 1 and sys.stderr.isatty():
                 print("\r\033[K", end="", file=sys.stderr, flush=True)
@@ -358,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=positive_float, default=None, help="hard deadline per run, seconds (default: the scenario's)"
     )
     p.add_argument("--repeat", type=positive_int, default=1)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="load variants with their quick parameters, as the test suite runs them: the same checks on fewer "
+        "samples (figures not fit to quote; the record's params say quick)",
+    )
     p.add_argument("--json", metavar="FILE", help="write all results here (rewritten after each run)")
     p.add_argument("--report", metavar="FILE.md", help="write a Markdown report")
     p.add_argument("--python", type=interpreter, default=sys.executable, help="interpreter to run scenarios with")

@@ -10,6 +10,29 @@ import tempfile
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--repro-load",
+        choices=("quick", "full"),
+        default=None,
+        help="load variants with their quick parameters (fewer rounds and repetitions: the same code and "
+        "checks, figures not fit to quote) or in full as the benchmark runs them. Default: quick, "
+        "full when --repro-results writes a matrix cell",
+    )
+
+
+def load_mode(config) -> str:
+    """'quick' or 'full' (see --repro-load)."""
+    mode = config.getoption("--repro-load")
+    if mode is None:
+        mode = "full" if config.getoption("--repro-results", default=None) else "quick"
+    return mode
+
+
+def pytest_report_header(config):
+    return f"splitrepro: load variants run {load_mode(config)} (--repro-load)"
+
+
 def pytest_configure(config):
     """Serial (load) scenarios exclude the other runs of *this* session, xdist workers included
     (they inherit the controller's environment), not those of unrelated sessions on the machine.
@@ -37,6 +60,12 @@ def pytest_pycollect_makeitem(collector, name, obj):
     if getattr(obj, "_splitrepro_scenario", None) is not None and callable(obj):
         return list(collector._genfunctions(name, obj))
     return None
+
+
+@pytest.fixture(scope="session")
+def quick_load(request) -> bool:
+    """Whether load variants run with their quick parameters (see --repro-load)."""
+    return load_mode(request.config) == "quick"
 
 
 @pytest.fixture(scope="session")

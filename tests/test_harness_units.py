@@ -3,6 +3,7 @@ expectations, fingerprint parsing, signatures, the report."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -251,6 +252,50 @@ def test_load_variants_run_alone(monkeypatch):
     assert seen == {"tiny": False, "gpt2_small": True}
     loads = [(s, v) for s in cat.values() for v in s.variants if v.kind == "load"]
     assert loads and all(s.serial_for(v) for s, v in loads)
+
+
+def test_quick_runs_take_the_variants_quick_params(monkeypatch):
+    """run_variant(quick=True) hands the child the variant's quick overrides (and says so in the
+    record); a full run, and a variant without overrides, get ``params`` as they are."""
+    from repro.harness import runner
+    from repro.harness.spec import Scenario, Variant, load
+
+    seen = {}
+
+    def fake_run(argv, **kw):
+        seen[kw["variant"]] = (json.loads(next(a for a in argv if a.startswith("--params="))[9:]), kw["params"])
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    sc = Scenario(
+        "q", "x:y", [load("a", params={"rounds": 5, "size": 4}, quick={"rounds": 1}), load("b", params={"rounds": 5})]
+    )
+    build = Build({})
+    runner.run_variant(sc, "a", build=build, quick=True)
+    runner.run_variant(sc, "b", build=build, quick=True)
+    assert seen["a"][0] == seen["a"][1] == {"rounds": 1, "size": 4, "quick": True}
+    assert seen["b"][0] == seen["b"][1] == {"rounds": 5}
+    runner.run_variant(sc, "a", build=build)
+    assert seen["a"][0] == seen["a"][1] == {"rounds": 5, "size": 4}
+    with pytest.raises(ValueError, match="does not have"):
+        Variant("c", params={"rounds": 5}, quick={"round": 1})  # a misspelt override is an error
+
+
+@pytest.mark.parametrize("flag", [[], ["--quick"]])
+def test_cli_run_quick(monkeypatch, tmp_path, flag):
+    """`repro run --quick` runs load variants with their quick parameters and its JSON says so."""
+    from repro import cli
+    from repro.harness import runner
+
+    monkeypatch.setattr(cli, "_fingerprint", lambda *a, **k: {})
+
+    def fake_run(argv, **kw):
+        return Result(kw["scenario"], kw["variant"], kw["kind"], "PASS", ["PASS"], ok=True, params=kw["params"])
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    out = tmp_path / "r.json"
+    assert cli.main(["run", "ipc_transports:4k", "--json", str(out), *flag]) == 0
+    (rec,) = json.loads(out.read_text())["results"]
+    assert rec["params"]["rounds"] == (500 if flag else 2000) and rec["params"].get("quick", False) is bool(flag)
 
 
 def test_run_selects_each_variant_once():

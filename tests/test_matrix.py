@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -404,6 +405,28 @@ def test_plugin_writes_cell(tmp_path, monkeypatch):
     demo = {r["variant"]: r for r in merged["rows"] if r["scenario"] == "mx_demo"}
     assert demo["figures"]["cells"]["demo"]["key_figure"]["ok"] is True
     assert demo["skipped"]["cells"]["demo"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize(
+    "args,mode",
+    [
+        ([], "quick"),
+        (["--repro-load=full"], "full"),
+        (["-p", "repro.matrix_plugin", "--repro-results={out}/", "--repro-cell=demo"], "full"),
+        (["-p", "repro.matrix_plugin", "--repro-results={out}/", "--repro-cell=demo", "--repro-load=quick"], "quick"),
+    ],
+    ids=["default", "asked-full", "matrix-cell", "cell-asked-quick"],
+)
+def test_load_mode_of_the_suite(tmp_path, args, mode):
+    """The test suite runs load variants quick by default; a matrix cell records the benchmark's
+    figures, so it runs them in full unless told otherwise."""
+    argv = [a.format(out=tmp_path) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--co", "-p", "no:cacheprovider", "-k", "no_such_test", *argv,
+         str(ROOT / "tests" / "test_scenarios.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "SPLITREPRO_CELL_FINGERPRINT": "0"},
+    )  # fmt: skip
+    assert f"splitrepro: load variants run {mode} (--repro-load)" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_interrupted_cell_run_keeps_the_finished_results(tmp_path, monkeypatch):

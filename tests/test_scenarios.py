@@ -4,7 +4,9 @@
 Each item runs its variant in a fresh interpreter through the harness and passes exactly when
 the observed outcome is the one expected on this build. Markers: the variant's kind
 (hazard/fix/load/probe) plus its own and its scenario's markers. pytest-timeout is only a
-backstop: the harness enforces each scenario's deadline itself.
+backstop: the harness enforces each scenario's deadline itself. Load variants run with their
+``quick`` parameters unless ``--repro-load full`` (or a matrix cell's ``--repro-results``) asks
+for the benchmark's: the same checks on fewer samples.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ def _make(sc: Scenario):
     params = [pytest.param(sc, v, id=f"{v.kind}-{v.name}", marks=_marks(sc, v)) for v in sc.variants]
 
     @pytest.mark.parametrize("scenario,variant", params)
-    def test(scenario, variant, base_fingerprint):
+    def test(scenario, variant, base_fingerprint, quick_load):
         build = Build(base_fingerprint, variant.env)
         reason = variant.skip_reason(build)
         if reason:
             pytest.skip(reason)
-        result = run_variant(scenario, variant, build=build)
+        result = run_variant(scenario, variant, build=build, quick=quick_load)
         assert result.ok, "\n" + result.summary()
 
     test.__name__ = test.__qualname__ = sc.name

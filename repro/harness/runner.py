@@ -265,8 +265,12 @@ def run_variant(
     python: str = sys.executable,
     build: Build | None = None,
     out_dir: str | os.PathLike | None = None,
+    quick: bool = False,
 ) -> Result:
-    """Run one variant of ``scenario`` in a fresh interpreter and judge it against ``build``."""
+    """Run one variant of ``scenario`` in a fresh interpreter and judge it against ``build``.
+
+    ``quick``: run with the variant's ``quick`` parameter overrides, if it has any (see
+    :class:`repro.harness.spec.Variant`); its figures are then not benchmark figures."""
     if isinstance(variant, str):
         variant = scenario.variant(variant)
     if build is None:
@@ -277,13 +281,14 @@ def run_variant(
         build = Build(build.fp, variant.env)
     expected, reason = variant.expected(build)
     limit = float(timeout if timeout is not None else scenario.timeout_for(variant))
+    params = variant.params_for(quick)
     # --option=VALUE throughout: a value starting with '-' is never read as an option
     argv = [
         f"--func={scenario.func}",
         f"--scenario={scenario.name}",
         f"--variant={variant.name}",
         f"--kind={variant.kind}",
-        f"--params={json.dumps(dict(variant.params), default=str)}",
+        f"--params={json.dumps(params, default=str)}",
     ]
     return _run(
         argv,
@@ -295,7 +300,7 @@ def run_variant(
         timeout=limit,
         python=python,
         env=dict(variant.env),
-        params=dict(variant.params),
+        params=params,
         fingerprint=build.fp,
         serial=scenario.serial_for(variant),
         out_dir=out_dir,

@@ -130,10 +130,24 @@ class Variant:
     markers: tuple[str, ...] = ()  # extra pytest markers, e.g. "slow", "cuda"
     requires: Callable[[Build], str | None] | None = None  # returns a skip reason, or None
     doc: str = ""
+    # Overrides of ``params`` for a quick run (the test suite's default for load variants): the
+    # same code and the same checks on fewer samples (rounds, repetitions, seconds). Benchmarks,
+    # ``repro run`` and matrix cells always run ``params`` as they are.
+    quick: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"variant {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+        unknown = sorted(set(self.quick) - set(self.params))
+        if unknown:
+            raise ValueError(f"variant {self.name!r}: quick overrides params it does not have: {unknown}")
+
+    def params_for(self, quick: bool = False) -> dict[str, Any]:
+        """The parameters of a run: ``params``, with the ``quick`` overrides (and ``quick: True``
+        so that the record says so) when a quick run is asked for and the variant has any."""
+        if quick and self.quick:
+            return {**self.params, **self.quick, "quick": True}
+        return dict(self.params)
 
     def expected(self, build: Build) -> tuple[frozenset[Outcome], str]:
         """The outcomes this variant may show on ``build``, and why."""

@@ -109,11 +109,13 @@ def _hang_latency(ctx) -> None:
         load(
             "startup",
             params={"what": "startup", "rounds": 5, "max_ratio": 1.15},
+            quick={"rounds": 3},
             doc="harness run vs bare import torch",
         ),
         load(
             "hang-latency",
             params={"what": "hang-latency", "rounds": 5, "max_latency_s": 3.0, "deadline_s": 60.0},
+            quick={"rounds": 2},
             markers=("slow",),
             doc="HANG verdict latency on fork_after_threads:fork",
         ),

@@ -62,7 +62,7 @@ print(json.dumps(res))
     claims=("001-lazy-import-fix",),
     timeout=240,
     serial=True,
-    variants=[load("eager_vs_lazy", params={"repeats": 3})],
+    variants=[load("eager_vs_lazy", params={"repeats": 3}, quick={"repeats": 1})],
 )
 def imports_eager_vs_lazy(ctx):
     """Fresh interpreters: import every family (eager) vs the registry importing one (lazy)."""

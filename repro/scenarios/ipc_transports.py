@@ -344,6 +344,7 @@ def headline(per_layout: dict[str, dict[str, float]]) -> tuple[float, float]:
         load(
             "4k",
             params={"sizes": [64, 4096], "rounds": 2000, "block": 100, "warmup": 200, "window": 8, "budget_s": 4.0},
+            quick={"rounds": 500, "budget_s": 1.0},
             doc="all transports, 64 B and 4 KiB messages, in each CPU layout",
         ),
     ],

@@ -116,12 +116,14 @@ def _run_worker(mode: str, model_dir: str, timeout: float, dtype_name: str = "")
         load(
             "trunk_gpt2_small",
             params={"repeats": 3},
+            quick={"repeats": 1},
             expect=_fp32_expectation,
             doc="trunk (2, 10) of a 12x768 fp32 GPT-2, loaded in its own dtype: incremental vs traditional peak RSS",
         ),
         load(
             "trunk_gpt2_small_bf16",
             params={"repeats": 3, "dtype": "bfloat16"},
+            quick={"repeats": 1},
             doc="the same, loaded as bfloat16: the traditional path converts (materialises) the whole model",
         ),
     ],

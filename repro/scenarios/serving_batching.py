@@ -58,6 +58,8 @@ LOAD = {
     "max_batch_size": 8,
     "max_wait_ms": 5.0,
 }
+# the test suite's run: every phase once, shorter (the 4-over-1 speedup needs 1 and 4 clients)
+QUICK = {"n_pairs": 60, "clients": [1, 4], "hybrid_clients": [4], "rounds": 1, "seconds": 0.75}
 
 
 def client_proc(address: str, authkey_hex: str, in_features: int, seconds: float, start, results, k: int, wait: str = "block") -> None:
@@ -118,6 +120,7 @@ def _pct(xs, q):
         load(
             "demo",
             params={**LOAD, "device": "cpu", "model_kwargs": {"in_features": 64, "hidden": 512, "depth": 32, "out_features": 16}},
+            quick=QUICK,
         ),
         load(
             "demo_cuda",
@@ -129,6 +132,7 @@ def _pct(xs, q):
                 "device": "cuda",
                 "model_kwargs": {"in_features": 64, "hidden": 256, "depth": 32, "out_features": 16, "repeat": 8},
             },
+            quick=QUICK,
             requires=predict.needs_cuda,
             markers=("cuda",),
         ),

@@ -41,6 +41,7 @@ def _server(models, ctx, threads=None):
             "gpt2_small",
             markers=("slow",),
             params={"split": [2, 10], "prompt": 32, "new_tokens": 32, "repeats": 5, "threads": 1},
+            quick={"repeats": 2},
         ),
     ],
 )
