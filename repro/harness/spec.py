@@ -132,7 +132,7 @@ class Variant:
     doc: str = ""
     # Overrides of ``params`` for a quick run (the test suite's default for load variants): the
     # same code and the same checks on fewer samples (rounds, repetitions, seconds). Benchmarks,
-    # ``repro run`` and matrix cells always run ``params`` as they are.
+    # matrix cells and ``repro run`` (unless ``--quick``) run ``params`` as they are.
     quick: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
