@@ -133,6 +133,21 @@ def waiting_for(mgr, model_id):
         return None
 
 
+async def give_up_a_held_load(mgr, path, model_id="m", **kw):
+    """Load ``model_id`` in a worker held at gate "g" that ignores cancellation, and give the
+    load up after 0.1 s: the caller gets LoadTimeoutError, the worker runs on until the gate opens."""
+    held = cfg(path, model_id, metadata={"gate": "g", "ignore_cancel": True}, **kw)
+    with pytest.raises(LoadTimeoutError):
+        await mgr.load_model(held, timeout=0.1)
+
+
+def start_load(mgr, watch, config):
+    """``mgr.load_model(config)`` as a task whose end pokes ``watch``."""
+    task = asyncio.create_task(mgr.load_model(config))
+    task.add_done_callback(watch.poke)
+    return task
+
+
 # -- happy path --------------------------------------------------------------------------
 def test_load_get_status_list_unload(ckpt):
     path, _ = ckpt
@@ -377,12 +392,9 @@ def test_late_result_after_caller_gave_up_is_dropped_not_registered(ckpt, gates)
     async def main():
         loader, watch = watched_loader(gates)
         mgr = AsyncModelManager(loader, max_workers=2)
-        held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
-        with pytest.raises(LoadTimeoutError):
-            await mgr.load_model(held, timeout=0.1)
+        await give_up_a_held_load(mgr, path)
         with manager_logs_poke(watch):
-            retry_task = asyncio.create_task(mgr.load_model(cfg(path)))
-            retry_task.add_done_callback(watch.poke)
+            retry_task = start_load(mgr, watch, cfg(path))
             # the retry is accepted but waits for the orphan's worker (never two copies at once)
             await watch.until(lambda: waiting_for(mgr, "m") == 1 or loader.started == 2, "the retry to wait")
             assert loader.started == 1
@@ -414,8 +426,7 @@ def test_unload_while_loading_wakes_the_caller_and_drops_the_result(ckpt, gates)
             assert not loader.calls("m")[0].done.is_set()
             with manager_logs_poke(watch):
                 # the id is free again: a new load is accepted, and starts once the old worker has ended
-                retry = asyncio.create_task(mgr.load_model(cfg(path)))
-                retry.add_done_callback(watch.poke)
+                retry = start_load(mgr, watch, cfg(path))
                 await watch.until(lambda: waiting_for(mgr, "m") == 1 or loader.started == 2, "the new load to wait")
                 assert loader.started == 1 and mgr.status("m")["status"] == "loading"
                 gates["g"].set()
@@ -435,12 +446,9 @@ def test_retry_waits_for_the_given_up_load_still_in_its_worker(ckpt, gates):
     async def main():
         loader, watch = watched_loader(gates)
         async with AsyncModelManager(loader, max_workers=2) as mgr:
-            held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
-            with pytest.raises(LoadTimeoutError):
-                await mgr.load_model(held, timeout=0.1)
+            await give_up_a_held_load(mgr, path)
             with manager_logs_poke(watch):
-                retry = asyncio.create_task(mgr.load_model(cfg(path)))
-                retry.add_done_callback(watch.poke)
+                retry = start_load(mgr, watch, cfg(path))
                 await watch.until(
                     lambda: retry.done() or loader.started == 2 or waiting_for(mgr, "m") == 1,
                     "the retry to wait, or to load beside the first",
@@ -468,17 +476,14 @@ def test_memory_of_a_given_up_load_counts_until_its_worker_ends(ckpt, gates):
     async def main():
         loader, watch = watched_loader(gates)
         async with AsyncModelManager(loader, available_memory=lambda: 10 * mib, memory_reserve_bytes=mib) as mgr:
-            held = cfg(path, "a", memory_estimate_bytes=5 * mib, metadata={"gate": "g", "ignore_cancel": True})
-            with pytest.raises(LoadTimeoutError):
-                await mgr.load_model(held, timeout=0.1)
+            await give_up_a_held_load(mgr, path, "a", memory_estimate_bytes=5 * mib)
             assert mgr.status("a")["status"] == "failed"  # its placeholder is gone at once...
             with pytest.raises(InsufficientResourcesError, match=r"loads given up but still running 5.0 MiB"):
                 await mgr.load_model(cfg(path, "b", memory_estimate_bytes=5 * mib))  # ...its memory is not
             assert mgr.list_models()[0]["model_id"] == "a" and len(mgr.list_models()) == 1
             # a retry of "a" never runs beside it, so the two count once: admitted, it waits
             with manager_logs_poke(watch):
-                retry = asyncio.create_task(mgr.load_model(cfg(path, "a", memory_estimate_bytes=5 * mib)))
-                retry.add_done_callback(watch.poke)
+                retry = start_load(mgr, watch, cfg(path, "a", memory_estimate_bytes=5 * mib))
                 await watch.until(lambda: retry.done() or waiting_for(mgr, "a") == 1, "the retry of 'a' to wait")
                 assert not retry.done()
                 gates["g"].set()
@@ -495,9 +500,7 @@ def test_retry_time_limit_covers_the_wait_for_the_earlier_worker(ckpt, gates):
     async def main():
         loader, _ = watched_loader(gates)
         async with AsyncModelManager(loader) as mgr:
-            held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
-            with pytest.raises(LoadTimeoutError):
-                await mgr.load_model(held, timeout=0.1)
+            await give_up_a_held_load(mgr, path)
             with pytest.raises(LoadTimeoutError, match=r"did not even start.*generation 1.*still running in its worker"):
                 await mgr.load_model(cfg(path), timeout=0.2)
             assert loader.started == 1 and mgr.status("m")["status"] == "failed"
@@ -514,12 +517,9 @@ def test_unload_of_a_waiting_retry_stops_it_before_it_starts(ckpt, gates):
     async def main():
         loader, watch = watched_loader(gates)
         async with AsyncModelManager(loader) as mgr:
-            held = cfg(path, metadata={"gate": "g", "ignore_cancel": True})
-            with pytest.raises(LoadTimeoutError):
-                await mgr.load_model(held, timeout=0.1)
+            await give_up_a_held_load(mgr, path)
             with manager_logs_poke(watch):
-                retry = asyncio.create_task(mgr.load_model(cfg(path)))
-                retry.add_done_callback(watch.poke)
+                retry = start_load(mgr, watch, cfg(path))
                 await watch.until(lambda: retry.done() or waiting_for(mgr, "m") == 1, "the retry to wait")
             assert await mgr.unload_model("m") is True
             with pytest.raises(LoadCancelled, match="stopped before it started: unloaded while loading"):
