@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.warmup < 0:
         ap.error("--repeat must be >= 1 and --warmup >= 0")
 
-    from repro.harness.fingerprint import get_fingerprint
+    from repro.harness.fingerprint import FingerprintError, get_fingerprint
     from repro.scenarios import load_catalogue
 
     cases = select(load_catalogue(), args.names)
@@ -439,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("no load scenarios in the catalogue", file=sys.stderr)
         return 2
-    fp = get_fingerprint(sys.executable)
+    try:
+        fp = get_fingerprint(sys.executable)
+    except FingerprintError as exc:  # this interpreter has no torch, say: one line, exit 2
+        ap.error(str(exc))
     cases, skipped = applicable(cases, fp)
     for item in skipped:
         print(f"skip {item['scenario']}:{item['variant']}: {item['reason']}")

@@ -401,6 +401,23 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
     assert "sys_exit.py" in text and "**FAIL**" in text
 
 
+def test_bench_on_an_interpreter_without_a_fingerprint_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """bench times scenarios in the interpreter it runs in: one that cannot be fingerprinted (no
+    torch) is named in one line, exit 2, before anything runs."""
+    from repro import cli
+    from repro.harness import fingerprint
+
+    def no_fingerprint(python, **kw):
+        raise fingerprint.FingerprintError(f"could not fingerprint {python}: No module named 'torch'")
+
+    monkeypatch.setattr(fingerprint, "get_fingerprint", no_fingerprint)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "harness_overhead", "--json", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "bench: error: could not fingerprint" in err, err
+    assert "Traceback" not in err and not (tmp_path / "b.json").exists()
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
