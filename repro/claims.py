@@ -1,8 +1,9 @@
 """The claims under test, one id each. Scenarios name the claims they bear on
 (``@scenario(claims=...)``); docs/HAZARDS.md gives each claim a verdict per build.
 
-The claim texts paraphrase the seed documents (shared/seeds/NNN_*.txt); they are the
-seeds' hypotheses, not facts. ``verdict`` and ``finding`` say what this suite measured
+The claim texts paraphrase the seed documents (the incident write-ups, not part of this
+repository); they are the seeds' hypotheses, not facts. ``verdict`` and ``finding`` say what
+this suite measured
 (torch 2.13 CPU wheel, transformers 5.23, Python 3.11, bundled and pip-MKL builds, 2 cores,
 2026-11-23); the per-build outcomes behind them are generated into docs/HAZARDS.md from the
 latest results, so a finding that stops matching them shows there.

@@ -17,7 +17,8 @@ Each variant imports in its order, records the runtimes (threadpoolctl), the thr
 an exact matmul check (integer-valued float64, torch and numpy against int64), and then runs the
 fork hazard: a parallel op in the parent, a forked child's next parallel op. A child that sits
 in untimed futex waits is the hazard reproduced (``ctx.fail``: FAIL); a wrong matmul is an ERROR.
-These variants need the dynamic-MKL build (``.venv-mkl``) and skip elsewhere.
+These variants need the dynamic-MKL build (the ``mkl`` extra, as in the matrix's ``mkl`` cells)
+and skip elsewhere.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ INCOMPATIBLE = "MKL_THREADING_LAYER=INTEL is incompatible with libgomp.so.1"
 def needs_mkl_build(build: Build) -> str | None:
     if build.mkl_build:
         return None
-    return "needs pip's mkl + intel-openmp + mkl-service beside torch (the .venv-mkl build)"
+    return "needs pip's mkl + intel-openmp + mkl-service beside torch (the mkl build)"
 
 
 def expect_for(order: tuple[str, ...], layer: str | None):
