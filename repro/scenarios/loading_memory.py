@@ -182,11 +182,11 @@ def loading_memory(ctx) -> None:
         trunk_params=runs["incremental"][0]["trunk_params"],
         runs=runs,
     )
-    ctx.check(
+    if not (
         runs["incremental"][0]["trunk_params"] == runs["traditional"][0]["trunk_params"]
-        and runs["incremental"][0]["trunk_layers"] == SPLIT[1] - SPLIT[0],
-        "the two paths built different trunks",
-    )
+        and runs["incremental"][0]["trunk_layers"] == SPLIT[1] - SPLIT[0]
+    ):  # figures of two different trunks: an ERROR, never the FAIL the fp32 variant expects of its ratio
+        raise RuntimeError("the two paths built different trunks")
     ctx.check(
         ratio_load <= TARGET_RATIO,
         f"incremental trunk load peaks at {ratio_load:.2f}x the traditional one "

@@ -8,7 +8,8 @@ Hazard: the stage stops taking items (it blocks inside its forward, as a deadloc
 would); the producer's ``put`` times out after ``put_timeout`` and the run ends with
 ``StageStalled`` naming the stage, with the counts of every stage. The scenario verifies that
 exact symptom (stage name, wait ~= put_timeout, counts consistent) and reports it with
-``ctx.fail`` (verdict FAIL); a stall with the wrong details is an ERROR; no stall is a PASS.
+``ctx.fail`` (verdict FAIL); a stall with the wrong details, or a thread or worker left behind,
+is an ERROR; no stall is a PASS.
 
 Fix: the same pipeline with a working stage drains N items, every sequence id exactly once,
 each output equal to a direct call of the split model on the same input.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 
+from repro.harness.context import ScenarioFailure
 from repro.harness.spec import Outcome, fix, hazard, scenario
 from repro.scenarios._proc import check_reaped, stacks_of
 
@@ -123,8 +125,14 @@ def pipeline_backpressure(ctx):
         t.join(10)
     alive = [t.name for t in pipe.threads if t.is_alive()]
     ctx.record(threads_alive_after=alive, worker_pids=pipe.worker_pids, counts=pipe.counts(), seconds=round(elapsed, 3))
-    check_reaped(ctx, pipe.worker_pids, since=wall0)
-    ctx.check(not alive, f"pipeline threads still alive: {alive}")
+    try:
+        check_reaped(ctx, pipe.worker_pids, since=wall0)
+        ctx.check(not alive, f"pipeline threads still alive: {alive}")
+    except ScenarioFailure as exc:
+        if stall_after is None:
+            raise
+        # a leak in a stall variant is not the stall: an ERROR, never the FAIL that reports it
+        raise RuntimeError(f"left behind after the stall variant: {exc}") from None
 
     if stalled is not None:
         ctx.record(

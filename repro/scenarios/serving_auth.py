@@ -181,13 +181,19 @@ def _silent_flood(ctx, grace, timeout):
         except (HandshakeError, ServerUnavailable) as exc:
             waited = time.monotonic() - t0
             ctx.record(good_client_error=str(exc), good_client_waited_s=round(waited, 3))
+            if not (isinstance(exc, HandshakeError) and "did not finish within" in str(exc) and waited >= timeout):
+                # refused, or the server gone: not the lock-out, and never the FAIL that reports it
+                raise RuntimeError(
+                    f"the good client failed after {waited:.1f}s, not at its {timeout}s handshake timeout: {exc}"
+                ) from None
             ctx.fail(f"a good client was locked out by {n} silent connections (gave up after {waited:.1f}s): {exc}")
             return
         ctx.observe(f"good client in and answered after {waited:.2f}s")
         ctx.record(good_client_s=round(waited, 3), server_stats=st)
         ctx.check(torch.equal(answer, torch.full((1, 3), 2.0)), "wrong answer")
-        ctx.check(waited < grace + 3.0, f"the good client waited {waited:.1f}s, grace {grace}s")
-        ctx.check(st["handshakes_cut"] >= 1, "no silent connection was cut")
+        if grace is not None:
+            ctx.check(waited < grace + 3.0, f"the good client waited {waited:.1f}s, grace {grace}s")
+            ctx.check(st["handshakes_cut"] >= 1, "no silent connection was cut")
     finally:
         for s in silent:
             s.close()

@@ -165,6 +165,8 @@ def serving_faults(ctx):
                 st = c.stats()
             ctx.record(server_stats=st)
             ctx.check(srv.alive, "server died")
+            # the gone client's answer was dropped: else it was answered before it left, and nothing was tested
+            ctx.check(st["undeliverable"] >= 1, f"no answer was undeliverable: the client left after its answer ({st})")
         finally:
             srv.close()
         return

@@ -308,7 +308,7 @@ def torch_load_malicious(ctx):
         if loader == "weights_only_true":
             ctx.check("Weights only load failed" in err and "exec" in err, f"unexpected refusal: {err}")
         else:
-            ctx.check("SafetensorError" in err or "Error" in err, f"unexpected refusal: {err}")
+            ctx.check(err.startswith("SafetensorError:"), f"unexpected refusal: {err}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -391,7 +391,8 @@ def torch_load_class_moved(ctx):
         rc, out, err, secs = run_python(
             ["-c", _LOADER, str(d), ctx.params["mode"]], timeout=max(10, ctx.remaining() - 5)
         )
-        ctx.check(rc == 0, f"loader exited {rc}: {err[-800:]}")
+        if rc != 0:  # the loader catches what a load raises: this is a crash or a timeout, never the FAIL of the hazard
+            raise RuntimeError(f"loader exited {rc}: {err[-800:]}")
         res = json.loads(out.strip().splitlines()[-1])
         ctx.record(result=res, seconds=round(secs, 3))
         ctx.observe(f"{ctx.params['mode']} after rename: {res}")
