@@ -42,3 +42,48 @@ def test_fork_share_lock_retries_a_copy_it_did_not_catch_then_says_so(tmp_path, 
     with pytest.raises(ScenarioFailure, match=f"{fsl.ATTEMPTS} times: the tensor copy was too fast to catch"):
         fsl._start_sharing(ctx, torch)
     assert calls == [False] * fsl.ATTEMPTS
+
+
+def test_fork_midregion_forks_again_until_the_child_was_forked_mid_op(tmp_path, monkeypatch):
+    import threading
+
+    from repro.harness.context import Context, ScenarioFailure
+    from repro.scenarios import fork_threads as ft
+
+    ctx = Context(scenario="fork_after_threads", variant="fork-midregion", kind="hazard", params={}, workdir=tmp_path, result_path=None, timeout=60)
+    in_op = threading.Event()
+    in_op.set()
+    ran: list[int | None] = []
+    monkeypatch.setattr(ft, "child_op", ran.append)
+    at_fork = iter([False, False, True])  # the flag as the child's copy has it, fork by fork
+
+    def fake_fork_run(ctx, child, *, stage):  # no fork in the pytest process: the child runs here
+        (in_op.set if next(at_fork) else in_op.clear)()
+        code = child()
+        in_op.set()
+        return code
+
+    monkeypatch.setattr(ft, "fork_run", fake_fork_run)
+    ft._fork_midregion(ctx, None, in_op)
+    assert ctx.metrics["attempts"] == 3 and ctx.metrics["bg_in_op_at_fork"] and ran == [None]
+
+    at_fork = iter([False] * ft.ATTEMPTS)
+    with pytest.raises(ScenarioFailure, match="every fork came between two ops"):
+        ft._fork_midregion(ctx, None, in_op)
+    assert ctx.metrics["attempts"] == ft.ATTEMPTS and not ctx.metrics["bg_in_op_at_fork"] and ran == [None]
+
+
+def test_dataloader_hazard_fails_only_with_its_symptom(tmp_path):
+    from repro.harness.context import Context, ScenarioFailure
+    from repro.scenarios import dataloader_workers as dw
+
+    hazard, fix = (
+        Context(scenario="dataloader_workers", variant="v", kind=k, params={}, workdir=tmp_path, result_path=None, timeout=60)
+        for k in ("hazard", "fix")
+    )
+    with pytest.raises(RuntimeError, match="symptom failed: workers ran with"), dw._only_symptom_fails(hazard):
+        hazard.check(False, "workers ran with [1] threads, expected 2")
+    with pytest.raises(dw._Symptom), dw._only_symptom_fails(hazard):
+        raise dw._Symptom("DataLoader timed out")
+    with pytest.raises(ScenarioFailure, match="workers ran with"), dw._only_symptom_fails(fix):
+        fix.check(False, "workers ran with [1] threads, expected 2")

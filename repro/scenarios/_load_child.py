@@ -1,6 +1,6 @@
 """Fresh interpreter for one torch.load measurement (seed 000).
 
-``python -m repro.scenarios._load_child '{"mode": ..., "file": ..., "threads": ..., "out": ...}'``
+``python -m repro.scenarios._load_child '{"mode": ..., "file": ..., "ref": ..., "threads": ..., "out": ...}'``
 
 Sets the thread variables where asked (before ``import torch``, after it, or
 ``torch.set_num_threads`` before the load), imports torch, loads one file in one format,

@@ -305,7 +305,7 @@ async def client(
     inputs: dict[str, Any],
     stop: asyncio.Event,
     pause: float,
-    samples: list[float],
+    samples: list[tuple[float, float]],
     errors: list[str],
     first_done: asyncio.Event | None = None,
 ) -> None:

@@ -16,7 +16,8 @@ GNU libgomp) is which OpenMP runtimes are loaded and which one torch's ``GOMP_*`
 Each variant imports in its order, records the runtimes (threadpoolctl), the thread counts and
 an exact matmul check (integer-valued float64, torch and numpy against int64), and then runs the
 fork hazard: a parallel op in the parent, a forked child's next parallel op. A child that sits
-in untimed futex waits is the hazard reproduced (``ctx.fail``: FAIL); a wrong matmul is an ERROR.
+in untimed futex waits is the hazard reproduced (``ctx.fail``, the only FAIL); a wrong matmul or
+parallel op (parent or child) and a child that exits non-zero are ERRORs.
 These variants need the dynamic-MKL build (the ``mkl`` extra, as in the matrix's ``mkl`` cells)
 and skip elsewhere.
 """
@@ -142,7 +143,8 @@ def mkl_import_order(ctx):
 
     ctx.stage("fork after a parallel op")
     x = torch.ones(1 << 22)
-    ctx.check(float(x.add(1).sum()) == 2.0 * (1 << 22), "parent parallel op wrong")
+    if float(x.add(1).sum()) != 2.0 * (1 << 22):
+        raise RuntimeError("parent parallel op wrong")
     proc = mp.get_context("fork").Process(target=_fork_child)
     t0 = time.monotonic()
     proc.start()
@@ -164,7 +166,8 @@ def mkl_import_order(ctx):
             "states": states,
         }
     )
-    ctx.check(not proc.is_alive(), "forked child survived SIGKILL")
+    if proc.is_alive():
+        raise RuntimeError("forked child survived SIGKILL")
     if hung:
         if nthreads == 0 or untimed != nthreads:
             raise RuntimeError(f"forked child slow but not quiescent: {states}")
@@ -174,7 +177,8 @@ def mkl_import_order(ctx):
         ctx.fail(
             f"forked child's parallel op hangs ({untimed}/{nthreads} threads in untimed futex waits); runtimes {runtimes}"
         )
-    ctx.check(proc.exitcode == 0, f"forked child exited {proc.exitcode}")
+    if proc.exitcode != 0:  # 3: its parallel op was wrong; 1: it raised (traceback on stderr)
+        raise RuntimeError(f"forked child exited {proc.exitcode}")
     ctx.observe(
         f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child ok"
     )
