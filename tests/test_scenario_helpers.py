@@ -87,3 +87,17 @@ def test_dataloader_hazard_fails_only_with_its_symptom(tmp_path):
         raise dw._Symptom("DataLoader timed out")
     with pytest.raises(ScenarioFailure, match="workers ran with"), dw._only_symptom_fails(fix):
         fix.check(False, "workers ran with [1] threads, expected 2")
+
+
+def test_loading_memory_worker_peak_is_its_own_not_its_parents():
+    """The worker's peak RSS must not carry its parent's: started by subprocess (vfork + exec)
+    from a process whose peak is high, ``ru_maxrss`` reports that peak, ``VmHWM`` does not."""
+    import subprocess
+    import sys
+
+    parent = bytearray(600 << 20)
+    parent[::4096] = b"\1" * len(parent[::4096])  # every page touched: this process peaked >= 600 MiB
+    code = "from repro.scenarios.loading_memory import _peak_rss_kib; print(_peak_rss_kib())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    del parent
+    assert int(out.stdout) < 300 << 10, f"the child's peak is {int(out.stdout) >> 10} MiB: its parent's"

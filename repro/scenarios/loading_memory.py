@@ -3,7 +3,7 @@
 Seed 004's ``ModelFactory`` loaded the whole model (``AutoModelForCausalLM.from_pretrained``)
 and then split it, even on a trunk server that needs layers [2, 10) only. The incremental path
 reads only the trunk's tensors from the shards. This scenario measures both in fresh
-interpreters, alternating, a few times each: peak RSS (``ru_maxrss``) of the whole process, and
+interpreters, alternating, a few times each: peak RSS (``VmHWM``) of the whole process, and
 the part of it due to loading (peak minus RSS once torch, transformers and the family module are
 imported), measured after the trunk's first forward pass: safetensors tensors are
 memory-mapped on both paths (transformers 5 maps the checkpoint too), so a weight costs resident
@@ -43,10 +43,20 @@ def _fp32_expectation(build):
     return "PASS", "transformers<5 materialises the whole model on the traditional path"
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak RSS: ``VmHWM``, the high-water mark of its own address space. Not
+    ``ru_maxrss``: subprocess starts a child by vfork, and exec carries the parent's high-water
+    mark into the child's ``ru_maxrss`` (a scenario that had just built the fixture gave an
+    incremental worker its 956 MB peak)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _worker(mode: str, model_dir: str, dtype_name: str = "") -> dict:
     """Runs in a fresh interpreter: import, then load the trunk through one path; report memory."""
-    import resource
-
     import psutil
 
     proc = psutil.Process()
@@ -62,13 +72,13 @@ def _worker(mode: str, model_dir: str, dtype_name: str = "") -> dict:
     _, trunk, _ = ModelFactory.create_split_models(
         "gpt2", model_dir, SPLIT[0], SPLIT[1], parts=("trunk",), low_memory=(mode == "incremental"), dtype=dtype
     )
-    load_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    load_peak_kib = _peak_rss_kib()
     info = ModelFactory.last_load_info() or {}
     # safetensors tensors are memory-mapped: pages count once touched. One forward pass touches
     # every trunk weight, which is what a serving trunk does first.
     with torch.no_grad():
         trunk(torch.zeros(1, 8, trunk.config.hidden_size, dtype=next(trunk.parameters()).dtype))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = _peak_rss_kib()
     return {
         "mode": mode,
         "rss_start_mb": rss_start / 2**20,
