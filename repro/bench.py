@@ -34,6 +34,7 @@ from typing import Any
 from repro import figures as _figures
 from repro.cli import positive_float, usage_error
 from repro.harness.report import read_json
+from repro.matrix import stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "splitrepro.bench/1"
@@ -155,8 +156,8 @@ def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     args = data.get("pytest", {}).get("args") or []
-    if any(a in ("-k", "-m") or a.startswith(("-k", "-m")) for a in args):
-        return None  # a partial run says nothing about the full suite
+    if any(a in ("-k", "-m") or a.startswith(("-k", "-m")) for a in args) or stopped_early(data.get("pytest") or {}):
+        return None  # a partial or interrupted run says nothing about the full suite
     return {
         "wall_seconds": data.get("wall_seconds"),
         "command": " ".join(["python -m pytest", *args]),

@@ -16,7 +16,8 @@ claim itself rather than on its scenarios' hazard/fix outcomes. Each check is
   the variant's figures with a number (``"heartbeat_max_gap_ms <= 50"``; figure names as in
   the matrix report, nested metrics joined with dots);
 * ``means`` says what a true test does to the claim: ``for`` (supports it; a false test
-  counts against), ``against`` (the reverse), or ``observe`` (shown, not counted);
+  counts against), ``against`` (the reverse), or ``observe`` (shown, not counted); a run that
+  ended in ERROR counts neither way unless the test names ERROR;
 * ``what`` is the test in words, shown beside its result.
 
 A build's verdict: *holds* when every counted check supports the claim, *refuted* when

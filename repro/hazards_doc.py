@@ -151,8 +151,8 @@ def evaluate_check(check: tuple, rows_by_key: Mapping[str, Mapping[str, Any]], c
     """One check of a claim in one cell: did its test hold, and what that means for the claim.
 
     ``counts``: ``for`` / ``against`` (the claim gained or lost support), ``observed`` /
-    ``not observed`` (an ``observe`` check), or ``None`` when the variant did not run there or
-    lacks the figure."""
+    ``not observed`` (an ``observe`` check), or ``None`` when the variant did not run there, lacks
+    the figure, or ended in an ERROR that the test does not name (the run broke: no evidence)."""
     variant, test, means, what = check
     kind, arg = parse_test(test)
     row = rows_by_key.get(variant)
@@ -160,6 +160,9 @@ def evaluate_check(check: tuple, rows_by_key: Mapping[str, Mapping[str, Any]], c
     out: dict[str, Any] = {"variant": variant, "test": test, "means": means, "what": what, "holds": None, "counts": None}
     if entry is None or entry.get("status") != _matrix.RAN:
         out["got"] = "skipped" if entry and entry.get("status") == _matrix.SKIPPED else "not run"
+        return out
+    if entry["outcome"] == "ERROR" and not (kind == "outcome" and "ERROR" in arg):
+        out["got"] = "ERROR (an exception escaped: not evidence)"
         return out
     if kind == "outcome":
         out["holds"] = entry["outcome"] in arg
@@ -226,6 +229,10 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
     out.append("")
     if merged.get("missing_cells"):
         out.append(f"Cells with no results: {', '.join(merged['missing_cells'])}.")
+        out.append("")
+    stopped = [f"{c['name']} ({c['incomplete']})" for c in merged["cells"] if c.get("incomplete")]
+    if stopped:
+        out.append(f"Incomplete cells, whose checks may not all have run: {'; '.join(stopped)}.")
         out.append("")
     out.append("## Summary")
     out.append("")

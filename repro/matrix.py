@@ -9,7 +9,8 @@ too, with the file name as the cell name.
 The report is a scenario-by-cell matrix: each variant's outcome in each cell, whether that is
 what the build predicts, and the key figure of load scenarios; the cells' fingerprints; the
 disagreements with predictions; and the holes -- variants skipped or not run in some cell, and
-any that no cell exercised at all (a hole, not a pass). Nothing here imports torch.
+any that no cell exercised at all (a hole, not a pass); and the cells whose pytest run was
+incomplete (stopped early, or scenario items that failed without a result). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -234,6 +235,30 @@ def read_cell(path: Path) -> Cell:
     return Cell(str(data.get("cell") or _guess_cell_name(path)), str(path), fingerprint, meta, entries, kinds, claims)
 
 
+_STOPPED = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+
+
+def stopped_early(run: Mapping[str, Any]) -> str:
+    """Why a cell's pytest run (its file's ``pytest``) did not run every test it collected, or ''."""
+    status, collected, tests = run.get("exitstatus"), run.get("collected"), run.get("tests")
+    if status in _STOPPED:
+        return f"pytest stopped: {_STOPPED[status]} (exit status {status})"
+    ran = sum(tests.values()) if isinstance(tests, Mapping) else None
+    if isinstance(collected, int) and isinstance(ran, int) and ran < collected:
+        return f"pytest ran {ran} of {collected} tests"
+    return ""
+
+
+def incomplete(meta: Mapping[str, Any]) -> str:
+    """Why a cell is incomplete (stopped early, or scenario items that failed without a result), or ''."""
+    run = meta.get("pytest") or {}
+    why = [stopped_early(run)]
+    lost = run.get("unrecorded") or []
+    if lost:
+        why.append(f"{len(lost)} scenario item(s) failed without a result: {', '.join(lost[:5])}" + (", …" if len(lost) > 5 else ""))
+    return "; ".join(w for w in why if w)
+
+
 def collect_paths(inputs: Iterable[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for raw in inputs:
@@ -299,6 +324,7 @@ def merge(cells: list[Cell], expect_cells: Iterable[str] = ()) -> dict[str, Any]
                 "differs_across_cells": len(outcomes) > 1,
             }
         )
+    incomplete_cells = sum(1 for n in names if incomplete(by_name[n].meta))
     return {
         "schema": "splitrepro.matrix/1",
         "generated": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -309,6 +335,7 @@ def merge(cells: list[Cell], expect_cells: Iterable[str] = ()) -> dict[str, Any]
                 "fingerprint": by_name[n].fingerprint,
                 "meta": by_name[n].meta,
                 "counts": _counts(by_name[n]),
+                "incomplete": incomplete(by_name[n].meta),
             }
             for n in names
         ],
@@ -319,6 +346,7 @@ def merge(cells: list[Cell], expect_cells: Iterable[str] = ()) -> dict[str, Any]
             "mismatches": sum(1 for r in rows if r["mismatches"]),
             "holes": sum(1 for r in rows if any(f.startswith("hole") for f in r["flags"])),
             "partial": sum(1 for r in rows if any(f.startswith("not run") for f in r["flags"])),
+            "incomplete": incomplete_cells,
         },
     }
 
@@ -388,6 +416,10 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
         out.append(
             f"**Cells not run:** {', '.join(merged['missing_cells'])} (interpreter missing, or the cell failed before writing results)."
         )
+        out.append("")
+    stopped = [f"{c['name']} ({c['incomplete']})" for c in merged["cells"] if c.get("incomplete")]
+    if stopped:
+        out.append(f"**Incomplete cells:** {'; '.join(stopped)}. Their — may be tests that never ran.")
         out.append("")
     out.append(
         "✅ outcome as predicted for that build · ❌ disagrees · ⏭ skipped (not applicable) · — not run · `· figure` key figure of a load scenario"
@@ -517,6 +549,9 @@ def render_html(merged: Mapping[str, Any], title: str = "splitrepro matrix") -> 
     ]
     if merged["missing_cells"]:
         parts.append(f"<p><b>Cells not run:</b> {esc(', '.join(merged['missing_cells']))}</p>")
+    for c in merged["cells"]:
+        if c.get("incomplete"):
+            parts.append(f"<p><b>Incomplete cell:</b> {esc(c['name'])} ({esc(c['incomplete'])})</p>")
     parts.append("<table><tr><th>scenario:variant</th><th>kind</th><th>claims</th>")
     parts.extend(f"<th>{esc(c)}</th>" for c in cells)
     parts.append("<th>flags</th></tr>")
@@ -572,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--strict",
         action="store_true",
-        help="exit 1 on a disagreement, a hole or a missing cell (default: report only)",
+        help="exit 1 on a disagreement, a hole, a missing or an incomplete cell (default: report only)",
     )
     args = ap.parse_args(argv)
     expect = [c for c in args.expect_cells.split(",") if c]
@@ -591,11 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     s = merged["summary"]
     print(
         f"{len(cells)} cell(s), {s['variants']} variants: {s['mismatches']} disagree, {s['partial']} partial, "
-        f"{s['holes']} holes; missing cells: {', '.join(merged['missing_cells']) or 'none'}"
+        f"{s['holes']} holes; missing cells: {', '.join(merged['missing_cells']) or 'none'}; "
+        f"incomplete cells: {s['incomplete']}"
     )
     for p in written:
         print(f"wrote {p}")
-    if args.strict and (s["mismatches"] or s["holes"] or merged["missing_cells"]):
+    if args.strict and (s["mismatches"] or s["holes"] or merged["missing_cells"] or s["incomplete"]):
         return 1
     return 0
 

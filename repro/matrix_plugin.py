@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from repro.matrix import stopped_early
+
 SCHEMA = "splitrepro.cell/1"
 RESULT_KEY = "splitrepro_result"
 CASE_KEY = "splitrepro_case"
@@ -84,6 +86,11 @@ def source_stamp(root: Path | None = None) -> dict[str, Any]:
         return {}
 
 
+def _item_scenario(nodeid: str) -> str:
+    """The scenario a ``...::<scenario>[<kind>-<variant>]`` item (tests/test_scenarios.py) runs."""
+    return nodeid.rpartition("::")[2].partition("[")[0]
+
+
 def _machine() -> dict[str, Any]:
     try:
         from repro.bench import machine_info
@@ -105,6 +112,7 @@ class CellRecorder:
         self.results: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self.outcomes: dict[str, str] = {}
+        self.failed: dict[str, bool] = {}  # nodeid of a failed report -> whether it names a scenario case
         self._ids: dict[str, tuple[str, str, str]] | None = None
         self._wrap_runner()
 
@@ -212,6 +220,9 @@ class CellRecorder:
             outcome = "failed" if report.when == "call" else "error"
         else:
             outcome = "skipped" if report.skipped else "passed"
+        if report.failed:
+            case = any(k == CASE_KEY for k, _ in report.user_properties)
+            self.failed[report.nodeid] = self.failed.get(report.nodeid, False) or case
         prior = self.outcomes.get(report.nodeid)
         if prior is None or self._RANK[outcome] > self._RANK[prior]:
             self.outcomes[report.nodeid] = outcome
@@ -234,9 +245,9 @@ class CellRecorder:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.is_worker:
             return
-        self.write(int(exitstatus))
+        self.write(int(exitstatus), session.testscollected)
 
-    def write(self, exitstatus: int) -> None:
+    def write(self, exitstatus: int, collected: int | None = None) -> None:
         fingerprint: dict[str, Any] = {}
         fingerprint_error = None
         if os.environ.get("SPLITREPRO_CELL_FINGERPRINT", "1") != "0":
@@ -265,6 +276,13 @@ class CellRecorder:
             catalogue_error = repr(exc)[:2000]
         else:
             catalogue_error = None
+        # scenario items that failed before their run gave a result (a fixture, the harness, a
+        # pytest-timeout; a crashed xdist worker's report names no case, only the scenario's item)
+        recorded = {r.get("nodeid") for r in self.results}
+        names = {c["scenario"] for c in catalogue}
+        unrecorded = sorted(
+            n for n, case in self.failed.items() if n not in recorded and (case or _item_scenario(n) in names)
+        )
         counts: dict[str, int] = {}
         for outcome in self.outcomes.values():
             counts[outcome] = counts.get(outcome, 0) + 1
@@ -287,6 +305,8 @@ class CellRecorder:
                 "exitstatus": exitstatus,
                 "tests": counts,
                 "args": list(self.config.invocation_params.args),
+                "collected": collected,
+                "unrecorded": unrecorded,
             },
             "fingerprint": fingerprint,
             "fingerprint_error": fingerprint_error,
@@ -300,11 +320,12 @@ class CellRecorder:
             path = path / f"{cell}.json"  # a directory: the file is named after the cell
         path.parent.mkdir(parents=True, exist_ok=True)
         note = ""
-        if exitstatus == pytest.ExitCode.INTERRUPTED and path.exists():
-            # an interrupted run must not replace a finished one: it goes beside it, under a
-            # name the report does not read (*.json is what it reads)
-            path = path.with_name(path.name + ".interrupted")
-            note = " (interrupted: the earlier results are kept)"
+        stopped = stopped_early(data["pytest"])
+        if stopped and path.exists():
+            # a run that stopped early (Ctrl-C, -x, nothing collected...) must not replace a
+            # finished one: it goes beside it, under a name the report does not read (*.json)
+            path = path.with_name(path.name + (".interrupted" if exitstatus == pytest.ExitCode.INTERRUPTED else ".incomplete"))
+            note = f" ({stopped}: the earlier results are kept)"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, path)

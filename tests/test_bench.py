@@ -190,6 +190,9 @@ def test_suite_from_cell_ignores_partial_runs(tmp_path, monkeypatch):
          "missed": [], "cases": [], "suite": got}
     )
     assert "Wall time of `python -m pytest`: 500.0 s" in text
+    data["pytest"].update(exitstatus=2, collected=600, tests={"passed": 40})  # interrupted: not the suite's time
+    (cells / "py3.11-bundled.json").write_text(json.dumps(data))
+    assert bench.suite_from_cell("3.11", "bundled") is None
 
 
 @pytest.mark.parametrize(

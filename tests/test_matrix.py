@@ -190,7 +190,7 @@ def test_merge_flags_mismatches_holes_and_missing_cells(two_cells):
     assert key["name"] == "manager_ratio" and key["ok"] is True
     # a missing expected cell means nothing ran everywhere, even a variant both present cells ran
     assert "py3.10-bundled" in rows[("fork", "spawn")]["flags"][0]
-    assert merged["summary"] == {"variants": 4, "mismatches": 1, "holes": 1, "partial": 3}
+    assert merged["summary"] == {"variants": 4, "mismatches": 1, "holes": 1, "partial": 3, "incomplete": 0}
 
 
 def test_reports_render_and_escape(two_cells, tmp_path):
@@ -366,13 +366,13 @@ def test_demo(scenario, variant):
 """
 
 
-def _run_cell_pytest(tmp_path, out, test_file, monkeypatch):
+def _run_cell_pytest(tmp_path, out, test_file, monkeypatch, *args):
     """pytest with the cell plugin on ``test_file`` in ``tmp_path``, results to ``out``, cell 'demo'."""
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
     monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")  # no torch import for these tests
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=demo",
-         "-p", "no:cacheprovider", "-q", test_file],
+         "-p", "no:cacheprovider", "-q", test_file, *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -440,3 +440,78 @@ def test_interrupted_cell_run_keeps_the_finished_results(tmp_path, monkeypatch):
     partial = json.loads((out / "demo.json.interrupted").read_text())
     assert partial["pytest"]["exitstatus"] == 2 and "earlier results are kept" in proc.stdout + proc.stderr
     assert [p.name for p in matrix.collect_paths([out])] == ["demo.json"]  # the report reads the finished one
+
+
+@pytest.mark.parametrize("args", [["-k", "no_such_test"], ["-x"]], ids=["nothing-collected", "stopped-at-first-failure"])
+def test_a_run_stopped_early_keeps_the_finished_results(tmp_path, monkeypatch, args):
+    """Not only Ctrl-C: a run that collected nothing or stopped early (-x) goes beside the cell file."""
+    (tmp_path / "test_stop.py").write_text("def test_a():\n    assert False\n\ndef test_b():\n    pass\n")
+    out = tmp_path / "cells"
+    out.mkdir()
+    (out / "demo.json").write_text('{"cell": "demo", "results": []}')
+    proc = _run_cell_pytest(tmp_path, out, "test_stop.py", monkeypatch, *args)
+    assert proc.returncode in (1, 5), proc.stdout + proc.stderr
+    assert (out / "demo.json").read_text() == '{"cell": "demo", "results": []}'
+    (beside,) = [p for p in out.iterdir() if p.name != "demo.json"]
+    assert matrix.incomplete(json.loads(beside.read_text())), beside.name
+    assert "earlier results are kept" in proc.stdout + proc.stderr
+
+
+def test_an_incomplete_cell_is_flagged_not_clean(tmp_path):
+    """A cell whose pytest stopped midway, ran fewer tests than it collected, or lost a scenario
+    item's result is named incomplete in the report, and --strict fails on it."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    results = [_result("fork", "fork", "hazard", "HANG", ["HANG"]), _result("fork", "spawn", "fix", "PASS", ["PASS"])]
+    for name, run in (
+        ("py3.11-bundled", {"exitstatus": 0, "collected": 4, "tests": {"passed": 4}}),
+        ("py3.11-mkl", {"exitstatus": 2, "collected": 4, "tests": {"passed": 2}}),
+        ("py3.12-bundled", {"exitstatus": 1, "collected": 4, "tests": {"passed": 1, "failed": 1}}),
+        ("py3.12-mkl", {"exitstatus": 1, "collected": 4, "tests": {"passed": 3, "error": 1}, "unrecorded": ["t.py::ipc[load-bench]"]}),
+    ):
+        path = _write_cell(cells / f"{name}.json", name, results)
+        data = json.loads(path.read_text())
+        data["pytest"] = run
+        path.write_text(json.dumps(data))
+    merged = matrix.merge([matrix.read_cell(p) for p in matrix.collect_paths([cells])])
+    why = {c["name"]: c["incomplete"] for c in merged["cells"]}
+    assert why["py3.11-bundled"] == ""
+    assert "interrupted" in why["py3.11-mkl"] and "2 of 4 tests" in why["py3.12-bundled"]
+    assert "t.py::ipc[load-bench]" in why["py3.12-mkl"] and merged["summary"]["incomplete"] == 3
+    md = matrix.render_markdown(merged)
+    assert "**Incomplete cells:**" in md and "py3.11-mkl (pytest stopped: interrupted" in md
+    assert "Incomplete cells" in hazards_doc.render(merged, {})
+    assert matrix.main([str(cells), "-o", str(tmp_path / "strict"), "--strict"]) == 1
+
+
+def test_plugin_names_scenario_items_that_failed_without_a_result(tmp_path, monkeypatch):
+    (tmp_path / "mx_scenarios.py").write_text(textwrap.dedent(PLUGIN_SCENARIOS))
+    test = PLUGIN_TEST.replace("    assert run_variant(", "    assert variant.name != 'figures', 'setup broke'\n    assert run_variant(")
+    (tmp_path / "test_demo.py").write_text(textwrap.dedent(test))
+    out = tmp_path / "cells"
+    proc = _run_cell_pytest(tmp_path, out, "test_demo.py", monkeypatch)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads((out / "demo.json").read_text())
+    assert data["pytest"]["collected"] == 4 and data["pytest"]["unrecorded"] == ["test_demo.py::test_demo[figures]"]
+    assert "test_demo.py::test_demo[figures]" in matrix.incomplete(data)
+
+
+def test_claim_checks_do_not_count_a_run_that_broke():
+    """An ERROR (an exception escaped the scenario) is no evidence for or against a claim, unless
+    the check names ERROR; its partial figures are not counted either."""
+    rows = {"s:v": {"cells": {"c": {"status": "ran", "outcome": "ERROR", "figures": [{"name": "r", "value": 2.0, "unit": ""}]}}}}
+    for check in (("s:v", "FAIL", "against", "x"), ("s:v", "PASS", "for", "x"), ("s:v", "r > 1", "for", "x")):
+        (d,) = hazards_doc.claim_verdict([check], rows, "c")[1]
+        assert d["counts"] is None and "ERROR" in d["got"], d
+    assert hazards_doc.claim_verdict([("s:v", "FAIL", "against", "x")], rows, "c")[0] == "not tested"
+    assert hazards_doc.claim_verdict([("s:v", "FAIL|ERROR", "for", "x")], rows, "c")[0] == "holds (1/1)"
+
+
+def test_an_interrupted_first_run_is_an_incomplete_cell(tmp_path, monkeypatch):
+    (tmp_path / "test_stop.py").write_text("def test_a():\n    pass\n\ndef test_stop():\n    raise KeyboardInterrupt\n\ndef test_c():\n    pass\n")
+    out = tmp_path / "cells"
+    proc = _run_cell_pytest(tmp_path, out, "test_stop.py", monkeypatch)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    merged = matrix.merge([matrix.read_cell(out / "demo.json")])
+    assert merged["cells"][0]["incomplete"] == "pytest stopped: interrupted (exit status 2)"
+    assert merged["summary"]["incomplete"] == 1

@@ -96,6 +96,9 @@ def test_workflow_matrix_is_the_nox_matrix():
     assert data["jobs"]["cell"]["strategy"]["fail-fast"] is False
     run = " ".join(str(s.get("run", "")) for _, s in _steps(data))
     assert "tests-${PYTHON_VERSION}(build='${BUILD}')" in run and "nox -s report" in run
+    # a cell job whose interpreter nox cannot find fails, rather than skip its cell and pass
+    cell_run = " ".join(str(s.get("run", "")) for job, s in _steps(data) if job == "cell")
+    assert "--error-on-missing-interpreters" in cell_run
     assert data["env"]["UV_TORCH_BACKEND"] == "cpu"  # torch's CPU build, no package host named
     report = data["jobs"]["report"]
     assert report["needs"] == "cell" and "cancelled()" in str(report["if"])
