@@ -515,3 +515,11 @@ def test_an_interrupted_first_run_is_an_incomplete_cell(tmp_path, monkeypatch):
     merged = matrix.merge([matrix.read_cell(out / "demo.json")])
     assert merged["cells"][0]["incomplete"] == "pytest stopped: interrupted (exit status 2)"
     assert merged["summary"]["incomplete"] == 1
+
+
+def test_merge_needs_nothing_beyond_the_standard_library():
+    """The report steps (nox -s docs, tox -e report, the workflow's report job) install the project
+    without its dependencies: the merge and HAZARDS.md must import with no site-packages at all."""
+    code = "import sys, repro.matrix, repro.hazards_doc; sys.exit(' '.join(sorted({'psutil', 'torch'} & set(sys.modules))) or None)"
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]

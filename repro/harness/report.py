@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from repro.harness.runner import Result
+if TYPE_CHECKING:  # at run time only load_results needs it: the matrix merge (no psutil) reads JSON here
+    from repro.harness.runner import Result
 
 
 def read_json(path: str | Path) -> Any:
@@ -20,6 +21,8 @@ def read_json(path: str | Path) -> Any:
 
 def load_results(paths: Iterable[str | Path]) -> list[Result]:
     """Results from JSON files holding one result, a list, or ``{"results": [...]}``."""
+    from repro.harness.runner import Result
+
     out: list[Result] = []
     for path in paths:
         data = read_json(path)
