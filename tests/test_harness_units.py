@@ -380,3 +380,42 @@ def test_reap_takes_a_zombie_of_the_run():
         assert tree.reap() == [child.pid]
     finally:
         child.returncode = 0  # reaped above: keep Popen from waiting on a pid no longer ours
+
+
+@pytest.mark.parametrize(
+    "kind, opted_in, raised, status",
+    [
+        ("hazard", True, "symptom", "fail"),
+        ("hazard", True, "check", "error"),  # a leak, a setup step...: not the hazard reproduced
+        ("hazard", True, "assert", "error"),
+        ("hazard", False, "check", "fail"),  # not opted in: every failed check is a FAIL
+        ("fix", True, "check", "fail"),  # fix variants keep FAIL for any failed check
+        ("hazard", True, "other", "error"),
+    ],
+)
+def test_only_symptoms_fail_in_hazard_variants(tmp_path, kind, opted_in, raised, status):
+    import json
+
+    from repro.harness import child
+    from repro.harness.context import Context
+
+    ctx = Context(
+        scenario="s", variant="v", kind=kind, params={}, workdir=tmp_path, result_path=tmp_path / "r.json", timeout=60
+    )
+    if opted_in:
+        ctx.only_symptoms_fail()
+    try:
+        if raised == "symptom":
+            ctx.symptom("DataLoader timed out: workers in untimed futex waits")
+        elif raised == "check":
+            ctx.check(False, "workers ran with [1] threads, expected 2")
+        elif raised == "assert":
+            raise AssertionError("a bare assert")
+        else:
+            raise RuntimeError("boom")
+    except BaseException as exc:  # noqa: BLE001 - the harness's own path for what ended the code
+        assert child._report(ctx, exc) == 1
+    state = json.loads((tmp_path / "r.json").read_text())
+    assert state["status"] == status
+    if kind == "hazard" and opted_in and raised in ("check", "assert"):
+        assert state["error"]["message"].startswith("a check other than the hazard's symptom failed")

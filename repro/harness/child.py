@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(ctx, exc: BaseException) -> int:
     """Write the final result for an exception that ended the code; return the exit status."""
-    from repro.harness.context import ScenarioFailure
+    from repro.harness.context import ScenarioFailure, Symptom
 
     if isinstance(exc, SystemExit):
         code = exc.code
@@ -99,7 +99,12 @@ def _report(ctx, exc: BaseException) -> int:
         ctx._state["exit_code"] = code if isinstance(code, int) else 1
         ctx._finish("exit", {"type": "SystemExit", "message": str(code), "traceback": ""})
         return code if isinstance(code, int) else 1
-    ctx._finish("fail" if isinstance(exc, (ScenarioFailure, AssertionError)) else "error", _error_info(exc))
+    failed = isinstance(exc, (ScenarioFailure, AssertionError))
+    info = _error_info(exc)
+    if failed and ctx.symptoms_only and ctx.kind == "hazard" and not isinstance(exc, Symptom):
+        failed = False  # ctx.only_symptoms_fail(): a check other than the symptom is no hazard reproduced
+        info["message"] = f"a check other than the hazard's symptom failed: {info['message']}"
+    ctx._finish("fail" if failed else "error", info)
     return 1
 
 

@@ -24,6 +24,10 @@ class ScenarioFailure(AssertionError):
     """The scenario's own check failed: verdict FAIL (not ERROR)."""
 
 
+class Symptom(ScenarioFailure):
+    """The hazard's symptom, verified by the scenario (``ctx.symptom``): verdict FAIL."""
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -67,6 +71,7 @@ class Context:
             "stages": [],
             "t0_monotonic": self.started,
         }
+        self.symptoms_only = False
         self._flush()
 
     # -- reporting -----------------------------------------------------------------
@@ -98,6 +103,16 @@ class Context:
     # -- checks --------------------------------------------------------------------
     def fail(self, message: str) -> None:
         raise ScenarioFailure(message)
+
+    def only_symptoms_fail(self) -> None:
+        """From now on, in a hazard variant, only ``symptom`` gives FAIL: any other failed check
+        (a setup step, a leak, a wrong count) is an ERROR, so it can never pass for the hazard
+        reproduced. Fix, load and probe variants keep FAIL for every failed check."""
+        self.symptoms_only = True
+
+    def symptom(self, message: str) -> None:
+        """Report the hazard's symptom, once the scenario has verified it is the predicted one."""
+        raise Symptom(message)
 
     def check(self, condition: Any, message: str) -> None:
         if not condition:

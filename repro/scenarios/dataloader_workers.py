@@ -16,12 +16,10 @@ and in a hazard variant any other failed check, is an ERROR and so a mismatch.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
 
-from repro.harness.context import ScenarioFailure
 from repro.harness.spec import Build, Outcome, fix, hazard, probe, scenario
 from repro.scenarios._proc import check_reaped, proc_key, thread_states, untimed_futex_waiters
 
@@ -46,25 +44,6 @@ def fork_worker_parent_set_threads_hang(build: Build):
     if build.gomp:
         return Outcome.FAIL, "libgomp: the parent set 2 threads explicitly, the env var is overridden"
     return Outcome.PASS, "no libgomp"
-
-
-class _Symptom(ScenarioFailure):
-    """The hazard's symptom, verified: the one FAIL a hazard variant may report."""
-
-
-@contextlib.contextmanager
-def _only_symptom_fails(ctx):
-    """In a hazard variant, a check that fails other than with the verified symptom (the parent's
-    warm-up, the batches, the thread count, the reaping) is an ERROR, never the hazard reproduced.
-    Other kinds keep their FAIL."""
-    try:
-        yield
-    except _Symptom:
-        raise
-    except AssertionError as exc:
-        if ctx.kind != "hazard":
-            raise
-        raise RuntimeError(f"a check other than the hazard's symptom failed: {exc}") from exc
 
 
 # --- the dataset (module level: spawn/forkserver workers import it) ---------------------------
@@ -186,7 +165,7 @@ def _epoch(ctx, dl, label: str):
         check_reaped(ctx, keys, label=label)
         if not stuck:
             raise RuntimeError(f"DataLoader timed out but no worker is in untimed futex waits: {workers}")
-        raise _Symptom(f"{label}: {timed_out} (fork worker(s) {stuck} stuck in untimed futex waits: libgomp barrier)")
+        ctx.symptom(f"{label}: {timed_out} (fork worker(s) {stuck} stuck in untimed futex waits: libgomp barrier)")
     ctx.record(**{f"{label}_seconds": round(time.monotonic() - t0, 3)})
     return it, keys, batches
 
@@ -238,11 +217,7 @@ def _epoch(ctx, dl, label: str):
 )
 def dataloader_workers(ctx):
     """DataLoader worker start methods and thread counts after the parent used intra-op threads."""
-    with _only_symptom_fails(ctx):
-        _dataloader_workers(ctx)
-
-
-def _dataloader_workers(ctx):
+    ctx.only_symptoms_fail()
     p = ctx.params
     ctx.stage("import torch")
     import torch  # noqa: F401
