@@ -33,7 +33,7 @@ from typing import Any
 
 from repro import figures as _figures
 from repro.cli import positive_float, usage_error
-from repro.harness.report import read_json
+from repro.harness.report import read_json, write_atomic
 from repro.matrix import stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,10 +397,10 @@ def rerender(path: Path, markdown: str | None) -> int:
     if suite is None or str(suite.get("source", "")).startswith("results/cells/"):
         # the suite's time was read from the matrix cell, as the cell's figures are: read both again
         report["suite"] = suite_from_cell(pyver, str(fp.get("build") or "bundled")) or suite
-    path.write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+    write_atomic(path, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     text = render_markdown(report)
     if markdown:
-        Path(markdown).write_text(text)
+        write_atomic(markdown, text)
     print(text)
     return 0
 
@@ -472,11 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     report["missed"] = missed_targets(report)
     text = render_markdown(report)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+        write_atomic(args.json_out, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+        write_atomic(args.markdown, text)
     print(text)
     return 1 if any(not rec["all_ok"] for rec in records) else 0
 

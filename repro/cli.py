@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -161,18 +160,16 @@ def _line(r, i: int | None = None, n: int | None = None) -> str:
 
 
 def _write_results(path: str, results, fp) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from repro.harness.report import write_atomic
+
     data = {"fingerprint": fp, "results": [r.to_dict() for r in results]}
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, default=str))
 
 
 def _write_report(path: str, results) -> None:
-    from repro.harness.report import render
+    from repro.harness.report import render, write_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(render(results))
+    write_atomic(path, render(results))
 
 
 def _fingerprint(command: str, python: str, **kw: Any) -> dict[str, Any]:
@@ -271,8 +268,9 @@ def cmd_script(args) -> int:
     print(_line(r))
     print("\n".join("    " + ln for ln in r.summary().splitlines()[1:]))
     if args.json:  # one result, at the top level: outcome, seconds, evidence, fingerprint...
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(r.to_json())
+        from repro.harness.report import write_atomic
+
+        write_atomic(args.json, r.to_json())
     return 0 if r.ok else 1
 
 
@@ -329,8 +327,9 @@ def cmd_report(args) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        from repro.harness.report import write_atomic
+
+        write_atomic(args.output, text)
         print(f"wrote {args.output} ({len(results)} results, {sum(not r.ok for r in results)} unexpected)")
     return 0
 

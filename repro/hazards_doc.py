@@ -33,7 +33,7 @@ from typing import Any
 from repro import figures as _figures
 from repro import matrix as _matrix
 from repro.claims import CLAIMS
-from repro.harness.report import read_json
+from repro.harness.report import read_json, write_atomic
 
 
 def load_merged(inputs: list[str]) -> dict[str, Any]:
@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # a missing or unreadable input, not a report or cell file
         ap.error(str(exc))
     text = render(merged, claim_scenarios())
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text + "\n", encoding="utf-8")
+    write_atomic(args.output, text + "\n")
     print(f"wrote {args.output} ({len(CLAIMS)} claims, {len(merged['cells'])} cells)")
     return 0
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from repro import figures as _figures
-from repro.harness.report import read_json
+from repro.harness.report import read_json, write_atomic
 
 BUILD_ORDER = ("bundled", "mkl")
 # Fingerprint keys shown in the Markdown table, when present (all keys go to HTML and JSON).
@@ -232,7 +232,29 @@ def read_cell(path: Path) -> Cell:
         if key not in entries or entries[key].status == NOT_RUN:
             entries[key] = Entry(SKIPPED, outcome="SKIP", detail=_first_line(s.get("reason")))
     meta = {k: v for k, v in data.items() if k not in ("results", "catalogue", "skipped", "fingerprint")}
+    later = _unfinished_run(path, meta.get("started"))
+    if later:
+        meta["unfinished_run"] = later
     return Cell(str(data.get("cell") or _guess_cell_name(path)), str(path), fingerprint, meta, entries, kinds, claims)
+
+
+RUNNING_SUFFIX = ".running"
+
+
+def _unfinished_run(path: Path, started: Any) -> dict[str, Any] | None:
+    """The ``.running`` marker a later run of this cell left beside its file (see
+    repro.matrix_plugin): that run was killed, or is still going. A marker older than the file is
+    some other run's leftover and is ignored."""
+    marker = path.with_name(path.name + RUNNING_SUFFIX)
+    try:
+        info = json.loads(marker.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, Mapping):
+        return None
+    if isinstance(started, str) and str(info.get("started", "")) <= started:
+        return None
+    return {k: info.get(k) for k in ("pid", "host", "started")}
 
 
 _STOPPED = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
@@ -253,6 +275,12 @@ def incomplete(meta: Mapping[str, Any]) -> str:
     """Why a cell is incomplete (stopped early, or scenario items that failed without a result), or ''."""
     run = meta.get("pytest") or {}
     why = [stopped_early(run)]
+    later = meta.get("unfinished_run")
+    if isinstance(later, Mapping):
+        why.append(
+            f"a later run (started {later.get('started')}, pid {later.get('pid')} on {later.get('host')}) "
+            "did not finish: killed, or still running; these results are from before it"
+        )
     lost = run.get("unrecorded") or []
     if lost:
         why.append(f"{len(lost)} scenario item(s) failed without a result: {', '.join(lost[:5])}" + (", …" if len(lost) > 5 else ""))
@@ -523,7 +551,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3;position:sticky;top:0}
 td.ok{background:#e7f6e7}td.bad{background:#fbdada;font-weight:bold}
-td.skip{background:#f4f1e0;color:#666}td.none{background:#eee;color:#999}
+td.skip{background:#f4f1e0;color:#666}td.none{background:#eee;color:#999}td.unknown{background:#fff}
 code{font-size:12px}details{margin:.5em 0}pre{white-space:pre-wrap;font-size:12px}
 """
 
@@ -533,6 +561,8 @@ def _html_class(entry: Mapping[str, Any]) -> str:
         return "none"
     if entry["status"] == SKIPPED:
         return "skip"
+    if entry["ok"] is None:  # ran, but with no prediction to hold it against: neither colour
+        return "unknown"
     return "bad" if entry["ok"] is False else "ok"
 
 
@@ -587,15 +617,15 @@ def render_html(merged: Mapping[str, Any], title: str = "splitrepro matrix") -> 
 
 
 def write_reports(merged: Mapping[str, Any], prefix: Path, title: str) -> list[Path]:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     outputs = {
         prefix.with_suffix(".md"): render_markdown(merged, title),
         prefix.with_suffix(".html"): render_html(merged, title),
         prefix.with_suffix(".json"): json.dumps(merged, indent=1, sort_keys=True, default=str),
     }
     for path, text in outputs.items():
-        path.write_text(text + "\n", encoding="utf-8")
+        write_atomic(path, text + "\n")
     return list(outputs)
+
 
 
 def main(argv: list[str] | None = None) -> int:

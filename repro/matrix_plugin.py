@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from repro.matrix import stopped_early
+from repro.matrix import RUNNING_SUFFIX, stopped_early
 
 SCHEMA = "splitrepro.cell/1"
 RESULT_KEY = "splitrepro_result"
@@ -43,6 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--repro-results", default=None)
     if path:
         config.pluginmanager.register(CellRecorder(config, Path(path)), "splitrepro-cell-recorder")
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _trim(value: Any) -> Any:
@@ -114,7 +118,29 @@ class CellRecorder:
         self.outcomes: dict[str, str] = {}
         self.failed: dict[str, bool] = {}  # nodeid of a failed report -> whether it names a scenario case
         self._ids: dict[str, tuple[str, str, str]] | None = None
+        self.marker = None if self.is_worker else self._mark_running()
         self._wrap_runner()
+
+    def _mark_running(self) -> Path | None:
+        """Leave ``<cell file>.running`` beside the cell file while the run goes on; a run that is
+        killed outright (SIGKILL, out of memory, the machine gone) cannot remove it, and the report
+        then says the cell file it finds is older than a run that never finished. Only where the
+        file's name is known before the run (a file path, or --repro-cell / REPRO_CELL)."""
+        path = self.path
+        if path.is_dir() or str(path).endswith(os.sep) or not path.suffix:
+            cell = self.config.getoption("--repro-cell") or os.environ.get("REPRO_CELL")
+            if not cell:
+                return None
+            path = path / f"{cell}.json"
+        marker = path.with_name(path.name + RUNNING_SUFFIX)
+        info = {"pid": os.getpid(), "host": platform.node(), "started": _iso(self.started), "source": self.source}
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(info) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"splitrepro: could not write {marker}: {exc}", file=sys.stderr)
+            return None
+        return marker
 
     # -- capture (in the process that runs the tests) -------------------------------------
     def _wrap_runner(self) -> None:
@@ -245,7 +271,11 @@ class CellRecorder:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.is_worker:
             return
-        self.write(int(exitstatus), session.testscollected)
+        try:
+            self.write(int(exitstatus), session.testscollected)
+        finally:
+            if self.marker is not None:
+                self.marker.unlink(missing_ok=True)
 
     def write(self, exitstatus: int, collected: int | None = None) -> None:
         fingerprint: dict[str, Any] = {}
@@ -299,7 +329,7 @@ class CellRecorder:
             "python": platform.python_version(),
             "machine": _machine(),
             "source": self.source,
-            "started": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "started": _iso(self.started),
             "wall_seconds": round(time.time() - self.started, 1),
             "pytest": {
                 "exitstatus": exitstatus,

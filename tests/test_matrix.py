@@ -523,3 +523,78 @@ def test_merge_needs_nothing_beyond_the_standard_library():
     code = "import sys, repro.matrix, repro.hazards_doc; sys.exit(' '.join(sorted({'psutil', 'torch'} & set(sys.modules))) or None)"
     proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_killed_run_leaves_the_older_cell_flagged(tmp_path, monkeypatch):
+    """pytest killed outright (SIGKILL: no hook runs) cannot write its cell file; the
+    ``.running`` marker it left makes the report call the older file it finds incomplete. The next
+    run that finishes writes the file and takes the marker away."""
+    (tmp_path / "test_kill.py").write_text(
+        "import os, signal\n\ndef test_a():\n    pass\n\n"
+        "def test_killed():\n    if os.environ.get('KILL_ME'):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = tmp_path / "cells"
+    proc = _run_cell_pytest(tmp_path, out, "test_kill.py", monkeypatch)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [p.name for p in out.iterdir()] == ["demo.json"]  # no marker left by a finished run
+    finished = (out / "demo.json").read_text()
+    assert matrix.merge([matrix.read_cell(out / "demo.json")])["cells"][0]["incomplete"] == ""
+
+    data = json.loads(finished)  # the finished run is older than the one to be killed
+    data["started"] = "2000-01-01T00:00:00+00:00"
+    (out / "demo.json").write_text(json.dumps(data))
+    monkeypatch.setenv("KILL_ME", "1")
+    proc = _run_cell_pytest(tmp_path, out, "test_kill.py", monkeypatch)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    assert json.loads((out / "demo.json").read_text())["started"] == "2000-01-01T00:00:00+00:00"
+    (cell,) = matrix.merge([matrix.read_cell(out / "demo.json")])["cells"]
+    assert "a later run (started" in cell["incomplete"] and "did not finish" in cell["incomplete"], cell
+    assert matrix.main([str(out), "-o", str(tmp_path / "strict"), "--strict"]) == 1
+
+    monkeypatch.delenv("KILL_ME")
+    proc = _run_cell_pytest(tmp_path, out, "test_kill.py", monkeypatch)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [p.name for p in out.iterdir()] == ["demo.json"]
+    assert matrix.merge([matrix.read_cell(out / "demo.json")])["cells"][0]["incomplete"] == ""
+
+
+def test_a_stale_marker_older_than_the_cell_is_ignored(tmp_path):
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    path = _write_cell(cells / "py3.11-bundled.json", "py3.11-bundled", [])
+    data = json.loads(path.read_text())
+    data["started"] = "2026-12-03T10:00:00+00:00"
+    path.write_text(json.dumps(data))
+    marker = cells / "py3.11-bundled.json.running"
+    marker.write_text(json.dumps({"pid": 1, "host": "h", "started": "2026-12-03T09:00:00+00:00"}))
+    assert matrix.read_cell(path).meta.get("unfinished_run") is None
+    marker.write_text(json.dumps({"pid": 1, "host": "h", "started": "2026-12-03T11:00:00+00:00"}))
+    assert "pid 1 on h" in matrix.incomplete(matrix.read_cell(path).meta)
+    marker.write_text("not json")
+    assert matrix.read_cell(path).meta.get("unfinished_run") is None
+    assert [p.name for p in matrix.collect_paths([cells])] == ["py3.11-bundled.json"]
+
+
+def test_html_leaves_a_run_without_a_prediction_uncoloured(two_cells):
+    merged = matrix.merge([matrix.read_cell(p) for p in matrix.collect_paths([two_cells])])
+    row = next(r for r in merged["rows"] if (r["scenario"], r["variant"]) == ("fork", "spawn"))
+    entry = dict(row["cells"]["py3.11-bundled"], ok=None)
+    assert matrix._html_class(entry) == "unknown"
+    assert matrix._html_class(dict(entry, ok=True)) == "ok" and matrix._html_class(dict(entry, ok=False)) == "bad"
+
+
+def test_reports_are_replaced_whole(two_cells, tmp_path, monkeypatch):
+    """A report write that fails half-way leaves the previous report, not a truncated one."""
+    from repro.harness import report
+
+    target = tmp_path / "out" / "report.md"
+    report.write_atomic(target, "old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_atomic(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in target.parent.iterdir()] == ["report.md"]  # no temporary file left

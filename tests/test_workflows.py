@@ -116,6 +116,23 @@ def test_tox_has_the_same_cells():
     assert "mkl: mkl" in cfg["testenv"]["extras"]
     expect = cfg["testenv:report"]["commands"].split("--expect-cells", 1)[1].split()[0].split(",")
     assert expect == [f"py{p}-{b}" for p in pythons for b in m.group(2).split(",")]
+    # each cell names its file as nox does, whatever its fingerprint says
+    named = dict(re.findall(r"^\s*(py\d+-\w+):\s*REPRO_CELL\s*=\s*(\S+)\s*$", cfg["testenv"]["set_env"], re.M))
+    assert named == {f"py{p.replace('.', '')}-{b}": f"py{p}-{b}" for p in pythons for b in m.group(2).split(",")}
+
+
+def test_tox_gives_each_cell_its_name():
+    """What tox itself makes of the factor-conditional lines (tox installed: the dev extra)."""
+    tox = _tool("tox")
+    if tox is None:
+        pytest.skip("tox is not installed in this environment")
+    envs = ["py310-bundled", "py313-mkl"]
+    out = subprocess.run(
+        [tox, "config", "-e", ",".join(envs), "-k", "set_env"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    got = re.findall(r"^\s*REPRO_CELL=(\S+)\s*$", out.stdout, re.M)
+    assert got == ["py3.10-bundled", "py3.13-mkl"], out.stdout
 
 
 def test_no_package_host_named():
