@@ -419,3 +419,37 @@ def test_only_symptoms_fail_in_hazard_variants(tmp_path, kind, opted_in, raised,
     assert state["status"] == status
     if kind == "hazard" and opted_in and raised in ("check", "assert"):
         assert state["error"]["message"].startswith("a check other than the hazard's symptom failed")
+
+
+_BUILDS = [
+    {**FP, "python": "3.11.7", "torch": "2.13.0"},
+    {**FP, "python": "3.11.7", "torch": "2.13.0", "mkl_pip": True, "cuda_available": True},
+    {**FP, "python": "3.13.0", "torch": "2.13.0", "openmp_runtimes": ["libiomp"], "torch_num_threads": 8},
+]
+
+
+def test_hazards_predicted_to_fail_only_fail_on_their_symptom():
+    """A hazard variant predicted FAIL (on some build) must not reproduce through an unrelated
+    failed check: its scenario opts into ctx.only_symptoms_fail() and reports the symptom with
+    ctx.symptom(). (Breaking a check other than the symptom gave a FAIL, i.e. "reproduced", in
+    manager_cancel:seed_timeout, manager_duplicate:check_then_act, serving_auth:silent_flood_no_grace
+    and torch_load_malicious:weights_only_false before they did.)"""
+    import importlib
+    import inspect
+
+    from repro.scenarios import load_catalogue
+
+    missing = []
+    for sc in load_catalogue().values():
+        fail_hazards = [
+            v.name
+            for v in sc.variants
+            if v.kind == "hazard" and any(Outcome.FAIL in v.expected(Build(fp, v.env))[0] for fp in _BUILDS)
+        ]
+        if not fail_hazards:
+            continue
+        module = importlib.import_module(sc.func.partition(":")[0])
+        source = inspect.getsource(module)
+        if "ctx.only_symptoms_fail()" not in source or "ctx.symptom(" not in source:
+            missing.append(f"{sc.name} ({', '.join(fail_hazards)})")
+    assert not missing, f"hazards predicted FAIL without ctx.only_symptoms_fail()/ctx.symptom(): {missing}"

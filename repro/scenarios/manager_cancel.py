@@ -14,7 +14,10 @@ result must be dropped, not registered. Which of the two happened is recorded.
   loading a second copy beside it; the gate opens: the orphan's model is dropped in its worker,
   never registered, and freed (weak reference dead), and only then does the retry load.
 * hazard ``seed_raises`` / ``seed_timeout``: seed 004's manager as written, which has no cleanup
-  on either path -> its placeholder stays and the retry is refused (FAIL everywhere).
+  on either path -> its placeholder stays and the retry is refused (FAIL everywhere). The leaked
+  placeholder is the symptom (``ctx.symptom``); under ``ctx.only_symptoms_fail`` any other
+  failed check there is an ERROR: the seed manager's abandoned worker runs on, for one, and
+  must never stand in for the placeholder it is about.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def manager_cancel(ctx) -> None:
     from splitlearn.model_loader import ModelConfig, ModelLoadError
 
     setup_logging()
+    ctx.only_symptoms_fail()
     p = ctx.params
     mode, which = p["mode"], p["manager"]
     ctx.stage("prepare")
@@ -206,15 +210,10 @@ def manager_cancel(ctx) -> None:
     if mode == "raises":
         if out["first_error"] is None:
             raise RuntimeError("the truncated checkpoint did not fail to load")
-        ctx.check(
-            out["state_after_failure"] != "loading",
-            f"placeholder leaked after a failed load (state {out['state_after_failure']})",
-        )
-    else:
-        ctx.check(
-            out["state_after_give_up"] != "loading",
-            f"placeholder leaked after the caller gave up (state {out['state_after_give_up']})",
-        )
+        if out["state_after_failure"] == "loading":
+            ctx.symptom(f"placeholder leaked after a failed load; the retry: {out['retry']}")
+    elif out["state_after_give_up"] == "loading":
+        ctx.symptom(f"placeholder leaked after the caller gave up; the retry: {out['retry']}")
     ctx.check(out["retry_ok"], f"retry after the failed/abandoned load did not load: {out['retry']}")
     ctx.check(out["state_after_retry"] == "ready", f"state after retry is {out['state_after_retry']}")
     if mode == "timeout":

@@ -12,6 +12,8 @@ already loaded.
 * fix ``placeholder``: :class:`splitlearn.manager.AsyncModelManager` -> PASS.
 * hazard ``check_then_act``: the duplicate check reads the table of *finished* loads, with the
   load's await between check and insert and no placeholder -> every task loads (FAIL everywhere).
+  More than one load of the id is the symptom (``ctx.symptom``); under ``ctx.only_symptoms_fail``
+  any other failed check there (one load, but a wrong count of refusals) is an ERROR.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def manager_duplicate(ctx) -> None:
     from splitlearn.model_loader import ModelConfig
 
     setup_logging()
+    ctx.only_symptoms_fail()
     n = int(ctx.params["tasks"])
     pattern = ctx.params["pattern"]
     ctx.stage("prepare")
@@ -127,7 +130,9 @@ def manager_duplicate(ctx) -> None:
     )
     if other:
         raise RuntimeError(f"unexpected errors: {other[:3]}")
-    ctx.check(out["loads"] == 1, f"{out['loads']} loads of one id ran for {n} concurrent requests (expected exactly 1)")
+    if out["loads"] > 1:
+        ctx.symptom(f"{out['loads']} loads of one id ran for {n} concurrent requests (expected exactly 1)")
+    ctx.check(out["loads"] == 1, f"no load ran for {n} concurrent requests")
     ctx.check(
         len(ok) == 1 and len(dup) == n - 1,
         f"{len(ok)} tasks got the model and {len(dup)} were refused (expected 1 and {n - 1})",

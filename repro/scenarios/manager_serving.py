@@ -7,7 +7,8 @@ an idle window, then while a GPT-2-small-shaped checkpoint (~124M parameters) lo
 in the manager's pool. Latency p50 / p95 / max before and during the load are the figures.
 
 Check: requests were served during the load, none failed, and none waited for the load
-(max latency during the load below a quarter of the load time).
+(max latency during the load below a quarter of the load time). Too few served or one that
+waited is the hazard's symptom (``ctx.symptom``); anything else that fails is an ERROR.
 
 * load ``placeholder``: :class:`splitlearn.manager.AsyncModelManager` -> PASS, with figures.
 * hazard ``lock_held``: the load is awaited under the manager lock, so every ``get_model``
@@ -40,6 +41,7 @@ _COMMON = {"idle_s": 1.0, "clients": 2, "client_pause_ms": 5.0}
 )
 def manager_serving(ctx) -> None:
     """get_model + forward latency of resident models while a ~124M-parameter model loads."""
+    ctx.only_symptoms_fail()
     import asyncio
     import time
 
@@ -129,12 +131,12 @@ def manager_serving(ctx) -> None:
         raise RuntimeError(f"the load took {out['load_s']} s: too short to measure serving during it")
     bound_ms = out["load_s"] * 1e3 / 4
     served_min = 5
-    ctx.check(
-        out.get("during_load_n", 0) >= served_min,
-        f"only {out.get('during_load_n', 0)} requests served during a {out['load_s']} s load (expected >= {served_min})",
-    )
-    ctx.check(
-        out["during_load_max_ms"] < bound_ms,
-        f"a request waited {out['during_load_max_ms']} ms during a {out['load_s']} s load (bound {bound_ms:.0f} ms): "
-        "requests for other models queued behind the load",
-    )
+    if out.get("during_load_n", 0) < served_min:
+        ctx.symptom(
+            f"only {out.get('during_load_n', 0)} requests served during a {out['load_s']} s load (expected >= {served_min})"
+        )
+    if out["during_load_max_ms"] >= bound_ms:
+        ctx.symptom(
+            f"a request waited {out['during_load_max_ms']} ms during a {out['load_s']} s load (bound {bound_ms:.0f} ms): "
+            "requests for other models queued behind the load"
+        )

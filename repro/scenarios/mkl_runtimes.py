@@ -16,8 +16,9 @@ GNU libgomp) is which OpenMP runtimes are loaded and which one torch's ``GOMP_*`
 Each variant imports in its order, records the runtimes (threadpoolctl), the thread counts and
 an exact matmul check (integer-valued float64, torch and numpy against int64), and then runs the
 fork hazard: a parallel op in the parent, a forked child's next parallel op. A child that sits
-in untimed futex waits is the hazard reproduced (``ctx.fail``, the only FAIL); a wrong matmul or
-parallel op (parent or child) and a child that exits non-zero are ERRORs.
+in untimed futex waits is the hazard reproduced (``ctx.symptom`` under ``ctx.only_symptoms_fail``:
+the only FAIL); every other failed check (the layer not set, a wrong matmul or parallel op in
+parent or child, a child that exits non-zero or is slow without being stuck) is an ERROR.
 These variants need the dynamic-MKL build (the ``mkl`` extra, as in the matrix's ``mkl`` cells)
 and skip elsewhere.
 """
@@ -100,10 +101,11 @@ def _variants():
 )
 def mkl_import_order(ctx):
     """Import order x MKL_THREADING_LAYER on the dynamic-MKL build: runtimes, matmul, fork hazard."""
+    ctx.only_symptoms_fail()
     p = ctx.params
     layer = p["layer"]
-    if os.environ.get("MKL_THREADING_LAYER") != layer:
-        raise RuntimeError(f"MKL_THREADING_LAYER is {os.environ.get('MKL_THREADING_LAYER')!r}, variant wants {layer!r}")
+    got = os.environ.get("MKL_THREADING_LAYER")
+    ctx.check(got == layer, f"MKL_THREADING_LAYER is {got!r}, variant wants {layer!r}")
     for name in p["order"]:
         ctx.stage(f"import {name}")  # MKL's exit(1) leaves this stage as the last one
         importlib.import_module(name)
@@ -138,13 +140,11 @@ def mkl_import_order(ctx):
         np.rint(a.numpy().astype(np.float64) @ b.numpy().astype(np.float64)).astype(np.int64), exact.numpy()
     )
     ctx.record(matmul={"torch_f64": t_ok, "torch_f32": t32_ok, "numpy_f64": bool(n_ok)})
-    if not (t_ok and t32_ok and n_ok):
-        raise RuntimeError(f"matmul wrong: torch f64 {t_ok}, torch f32 {t32_ok}, numpy {n_ok}")
+    ctx.check(t_ok and t32_ok and n_ok, f"matmul wrong: torch f64 {t_ok}, torch f32 {t32_ok}, numpy {n_ok}")
 
     ctx.stage("fork after a parallel op")
     x = torch.ones(1 << 22)
-    if float(x.add(1).sum()) != 2.0 * (1 << 22):
-        raise RuntimeError("parent parallel op wrong")
+    ctx.check(float(x.add(1).sum()) == 2.0 * (1 << 22), "parent parallel op wrong")
     proc = mp.get_context("fork").Process(target=_fork_child)
     t0 = time.monotonic()
     proc.start()
@@ -166,19 +166,17 @@ def mkl_import_order(ctx):
             "states": states,
         }
     )
-    if proc.is_alive():
-        raise RuntimeError("forked child survived SIGKILL")
+    ctx.check(not proc.is_alive(), "forked child survived SIGKILL")
     if hung:
-        if nthreads == 0 or untimed != nthreads:
-            raise RuntimeError(f"forked child slow but not quiescent: {states}")
+        ctx.check(nthreads > 0 and untimed == nthreads, f"forked child slow but not quiescent: {states}")
         ctx.observe(
             f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child hung"
         )
-        ctx.fail(
+        ctx.symptom(
             f"forked child's parallel op hangs ({untimed}/{nthreads} threads in untimed futex waits); runtimes {runtimes}"
         )
-    if proc.exitcode != 0:  # 3: its parallel op was wrong; 1: it raised (traceback on stderr)
-        raise RuntimeError(f"forked child exited {proc.exitcode}")
+    # 3: its parallel op was wrong; 1: it raised (traceback on stderr)
+    ctx.check(proc.exitcode == 0, f"forked child exited {proc.exitcode}")
     ctx.observe(
         f"{'-'.join(p['order'])} layer={layer}: runtimes {runtimes}, torch threads {torch.get_num_threads()}: fork child ok"
     )

@@ -14,7 +14,9 @@ marker file in its own temporary directory, nothing else) and is refused by
 ``weights_only=True`` and by the safetensors loader (fix); a renamed model class breaks the
 full pickle (hazard) but not the state dict (fix).
 
-Hazards report their reproduced symptom with ``ctx.fail`` (FAIL); no symptom is a PASS.
+The two hazard scenarios report their reproduced symptom with ``ctx.symptom`` (FAIL) under
+``ctx.only_symptoms_fail``: any other failed check there (the loader crashed, the load failed for
+another reason) is an ERROR, never the hazard; no symptom is a PASS (the hazard did not show).
 """
 
 from __future__ import annotations
@@ -274,6 +276,7 @@ def torch_load_malicious(ctx):
 
     import torch
 
+    ctx.only_symptoms_fail()
     d = Path(tempfile.mkdtemp(prefix="malicious-"))  # its own temp dir: the only thing it may write into
     try:
         marker = d / "MARKER"
@@ -301,8 +304,10 @@ def torch_load_malicious(ctx):
         ctx.observe(f"{loader}: code ran={ran}; refusal={err and err.splitlines()[0]}")
         if loader == "weights_only_false":
             if ran:
-                ctx.fail(f"torch.load(weights_only=False) executed the pickle's payload: {marker} written")
-            raise RuntimeError(f"payload did not run under weights_only=False: {err}")
+                ctx.symptom(f"torch.load(weights_only=False) executed the pickle's payload: {marker} written")
+            ctx.check(err is None, f"the load failed before the payload could run: {err}")
+            ctx.observe("weights_only=False loaded the file and the payload did not run: hazard not shown")
+            return
         ctx.check(not ran, f"{loader} ran the payload")
         ctx.check(err is not None, f"{loader} accepted the malicious file")
         if loader == "weights_only_true":
@@ -365,6 +370,7 @@ print(json.dumps(res))
 )
 def torch_load_class_moved(ctx):
     """Save with class partmodels_v1.Trunk, rename to partmodels_v2.TrunkPart, load in a fresh interpreter."""
+    ctx.only_symptoms_fail()
     d = _tmpdir(ctx)
     try:
         (d / "partmodels_v1.py").write_text(_V1)
@@ -391,17 +397,18 @@ def torch_load_class_moved(ctx):
         rc, out, err, secs = run_python(
             ["-c", _LOADER, str(d), ctx.params["mode"]], timeout=max(10, ctx.remaining() - 5)
         )
-        if rc != 0:  # the loader catches what a load raises: this is a crash or a timeout, never the FAIL of the hazard
-            raise RuntimeError(f"loader exited {rc}: {err[-800:]}")
+        # the loader catches what a load raises: this is a crash or a timeout, never the hazard
+        ctx.check(rc == 0, f"loader exited {rc}: {err[-800:]}")
         res = json.loads(out.strip().splitlines()[-1])
         ctx.record(result=res, seconds=round(secs, 3))
         ctx.observe(f"{ctx.params['mode']} after rename: {res}")
         if ctx.params["mode"] == "full":
             if "error" in res:
-                if "partmodels_v1" not in res["error"]:
-                    raise RuntimeError(f"full pickle failed for another reason: {res['error']}")
-                ctx.fail(f"full pickle no longer loads after the class moved: {res['error']}")
-            raise RuntimeError(f"full pickle loaded despite the rename: {res}")
+                ctx.check("partmodels_v1" in res["error"], f"full pickle failed for another reason: {res['error']}")
+                ctx.symptom(f"full pickle no longer loads after the class moved: {res['error']}")
+            ctx.check(res.get("ok") is True, f"full pickle loaded despite the rename, with another output: {res}")
+            ctx.observe("the full pickle loaded despite the rename: hazard not shown")
+            return
         ctx.check(res.get("ok") is True, f"state dict did not load into the renamed class: {res}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
