@@ -85,3 +85,37 @@ def test_loading_memory_worker_peak_is_its_own_not_its_parents():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     del parent
     assert int(out.stdout) < 300 << 10, f"the child's peak is {int(out.stdout) >> 10} MiB: its parent's"
+
+
+@pytest.mark.parametrize("stall", ["computing", "off_cpu"])
+def test_heartbeat_tells_a_stall_spent_computing_from_one_spent_off_the_cpu(stall):
+    """manager_lock:cold_real counts a stall as its hazard only when the process computed through
+    it (a thread holding the GIL); a stall spent waiting (descheduled, or a blocking call) shows
+    a low CPU share."""
+    import asyncio
+    import time
+
+    from repro.scenarios._manager_common import Heartbeat
+
+    async def main() -> Heartbeat:
+        hb = Heartbeat(0.005)
+        hb.start()
+        await asyncio.sleep(0.05)
+        end = time.perf_counter() + 0.3
+        if stall == "computing":
+            while time.perf_counter() < end:  # the loop's thread busy: what a GIL-holding import does to it
+                pass
+        else:
+            time.sleep(0.3)  # the loop's thread blocked and off the CPU
+        await asyncio.sleep(0.05)
+        await hb.stop()
+        return hb
+
+    hb = asyncio.run(main())
+    summary = hb.summary()
+    assert summary["heartbeat_max_gap_ms"] >= 290
+    share = summary["heartbeat_max_gap_cpu_share"]
+    if stall == "computing":
+        assert share >= 0.5, summary  # the threshold cold_real uses
+    else:
+        assert share < 0.2, summary

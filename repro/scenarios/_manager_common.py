@@ -246,11 +246,17 @@ class SeedPlaceholderManager:
 
 # -- measuring -----------------------------------------------------------------------------
 class Heartbeat:
-    """A task on the loop that ticks every ``interval`` s and keeps the gaps between ticks."""
+    """A task on the loop that ticks every ``interval`` s and keeps the gaps between ticks.
+
+    With each gap it keeps the CPU time the whole process used during it (``time.process_time``,
+    every thread): a loop stalled because another thread of this process holds the GIL and
+    computes shows about one CPU-second per second; a loop stalled because the process was not
+    scheduled (other processes on the cores), or waits in a blocking call, shows little."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.gaps: list[float] = []
+        self.cpu: list[float] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -258,15 +264,24 @@ class Heartbeat:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
 
     async def _run(self) -> None:
-        last = time.perf_counter()
+        last, last_cpu = time.perf_counter(), time.process_time()
         while not self._stop.is_set():
             await asyncio.sleep(self.interval)
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             self.gaps.append(now - last)
-            last = now
+            self.cpu.append(now_cpu - last_cpu)
+            last, last_cpu = now, now_cpu
 
     def reset(self) -> None:
         self.gaps.clear()
+        self.cpu.clear()
+
+    def max_gap_cpu_share(self) -> float | None:
+        """Process CPU seconds per wall second during the longest gap (None before any tick)."""
+        if not self.gaps:
+            return None
+        i = max(range(len(self.gaps)), key=self.gaps.__getitem__)
+        return round(self.cpu[i] / self.gaps[i], 3) if self.gaps[i] > 0 else None
 
     async def stop(self) -> None:
         self._stop.set()
@@ -276,6 +291,7 @@ class Heartbeat:
     def summary(self, prefix: str = "heartbeat") -> dict[str, Any]:
         g = sorted(self.gaps) or [0.0]
         return {
+            f"{prefix}_max_gap_cpu_share": self.max_gap_cpu_share(),
             f"{prefix}_ticks": len(self.gaps),
             f"{prefix}_interval_ms": round(self.interval * 1e3, 3),
             f"{prefix}_max_gap_ms": round(g[-1] * 1e3, 3),
