@@ -453,3 +453,97 @@ def test_hazards_predicted_to_fail_only_fail_on_their_symptom():
         if "ctx.only_symptoms_fail()" not in source or "ctx.symptom(" not in source:
             missing.append(f"{sc.name} ({', '.join(fail_hazards)})")
     assert not missing, f"hazards predicted FAIL without ctx.only_symptoms_fail()/ctx.symptom(): {missing}"
+
+
+_PY_SPY_NATIVE = """Thread 17155 (idle): "MainThread"
+    read (libc.so.6)
+    os_read (libpython3.11.so.1.0)
+    Connection._recv (multiprocessing/connection.py:395)
+    Queue.get (multiprocessing/queues.py:103)
+    serving_faults (repro/scenarios/serving_faults.py:99)
+Thread 17159 (idle): "QueueFeederThread"
+    Condition.wait (threading.py:327)
+    Queue._feed (multiprocessing/queues.py:231)
+"""
+_FAULTHANDLER = """Thread 0x00007f9a5664b740 (most recent call first):
+  File "/root/.pyenv/versions/3.11.7/lib/python3.11/multiprocessing/connection.py", line 395 in _recv
+  File "/root/.pyenv/versions/3.11.7/lib/python3.11/multiprocessing/queues.py", line 103 in get
+  File "/work/main/repro/scenarios/serving_faults.py", line 99 in serving_faults
+"""
+_ELSEWHERE = """Thread 17155 (idle): "MainThread"
+    Condition.wait (threading.py:327)
+    Event.wait (threading.py:629)
+    serving_faults (repro/scenarios/serving_faults.py:99)
+"""
+
+
+@pytest.mark.parametrize(
+    "stacks, patterns, outcome, missing",
+    [
+        ({"1": {"method": "py-spy --native", "text": _PY_SPY_NATIVE}}, ("Q", "native:libc"), "HANG", []),
+        ({"1": {"method": "faulthandler", "text": _FAULTHANDLER}}, ("Q",), "HANG", []),
+        ({"1": {"method": "py-spy --native", "text": _ELSEWHERE}}, ("Q",), "ERROR", ["Q"]),
+        ({"1": {"method": "faulthandler", "text": _ELSEWHERE}}, ("Q", "native:libgomp"), "ERROR", ["Q"]),
+        # native frames not taken: a native pattern is not sought, and does not turn a HANG into an ERROR
+        ({"1": {"method": "faulthandler", "text": _FAULTHANDLER}}, ("Q", "native:libgomp"), "HANG", []),
+        ({"1": {"method": "py-spy --native", "text": _PY_SPY_NATIVE}}, ("Q", "native:libgomp"), "ERROR", ["native:libgomp"]),
+        ({"1": {"method": "none", "text": ""}}, ("Q",), "HANG", None),  # no stacks: not checked
+    ],
+    ids=["py-spy", "faulthandler", "elsewhere", "elsewhere-faulthandler", "no-native-frames", "native-missing", "no-stacks"],
+)
+def test_a_hang_counts_only_where_the_hazard_hangs(stacks, patterns, outcome, missing):
+    from repro.harness import runner
+    from repro.harness.spec import frame
+
+    q = frame("multiprocessing/queues.py", "get")
+    patterns = tuple(q if p == "Q" else p for p in patterns)
+    missing = None if missing is None else [q.label if p == "Q" else p for p in missing]
+    result = Result("s", "h", "hazard", "HANG", ["HANG"], evidence={"stacks": stacks, "top_frame": "x (y.py:1)"})
+    notes: list[str] = []
+    runner._check_hang_where(result, patterns, notes)
+    assert result.outcome == outcome
+    where = result.evidence["hang_where"]
+    if missing is None:
+        assert where == {"checked": False} and "not checked" in notes[0]
+    else:
+        assert where["missing"] == missing
+    if outcome == "ERROR":
+        assert result.error["type"] == "HangElsewhere" and "not where the hazard hangs" in result.error["message"]
+        assert ", ".join(missing) in result.error["message"].replace("; ", ", ")
+
+
+def test_frame_pattern_names_one_function_in_one_file():
+    import re
+
+    from repro.harness.spec import frame
+
+    q = frame("multiprocessing/queues.py", "get")
+    assert re.search(q, "    Queue.get (multiprocessing/queues.py:103)", re.M)
+    assert re.search(q, "    get (/usr/lib/python3.11/multiprocessing/queues.py:103)", re.M)
+    assert re.search(q, '  File "/usr/lib/python3.11/multiprocessing/queues.py", line 103 in get', re.M)
+    for other in (
+        "    Queue.get_nowait (multiprocessing/queues.py:120)",
+        "    Queue._feed (multiprocessing/queues.py:231)",
+        "    target_get (multiprocessing/queues.py:1)",
+        '  File "/x/multiprocessing/queues.py", line 120 in get_nowait',
+        "    Queue.get (other/queues.py:103)",
+    ):
+        assert not re.search(q, other, re.M), other
+    with pytest.raises(ValueError, match="not a regular expression"):
+        hazard("h", expect="HANG", hang_where=("(",))
+
+
+def test_hazards_predicted_to_hang_say_where():
+    """Every hazard variant predicted HANG (on some build) names where (hang_where): a hang
+    anywhere else is no reproduction of it."""
+    from repro.scenarios import load_catalogue
+
+    missing = [
+        f"{sc.name}:{v.name}"
+        for sc in load_catalogue().values()
+        for v in sc.variants
+        if v.kind == "hazard"
+        and not v.hang_where
+        and any(Outcome.HANG in v.expected(Build(fp, v.env))[0] for fp in _BUILDS)
+    ]
+    assert not missing, f"hazards predicted HANG without hang_where: {missing}"

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.harness import evidence as ev
-from repro.harness.spec import Build, Outcome, Scenario, Variant
+from repro.harness.spec import Build, Outcome, Scenario, Variant, pattern_label
 from repro.harness.verdict import HangDetector, proc_readable
 
 LEFTOVER_GRACE_S = 1.0
@@ -305,6 +306,7 @@ def run_variant(
         serial=scenario.serial_for(variant),
         out_dir=out_dir,
         window=scenario.hang_window or HANG_WINDOW,
+        hang_where=tuple(variant.hang_where),
     )
 
 
@@ -386,6 +388,7 @@ def _run(
     serial: bool,
     out_dir: str | os.PathLike | None,
     window: float,
+    hang_where: tuple[str, ...] = (),
 ) -> Result:
     subreaper = _ensure_subreaper()
     token = uuid.uuid4().hex
@@ -487,6 +490,8 @@ def _run(
                     notes,
                     window,
                 )
+                if result.outcome == Outcome.HANG.value and hang_where:
+                    _check_hang_where(result, hang_where, notes)
             except BaseException:
                 # interrupted (Ctrl-C, SIGTERM/SIGHUP through the CLI, pytest-timeout) or a harness
                 # bug: never leave the tree behind
@@ -694,6 +699,45 @@ def _finish(
         # latency from entering the last stage (where the hang began, at the latest) to the verdict
         last_stage_at = child["t0_monotonic"] + result.stages[-1][1]
         evd["hang"]["after_last_stage_s"] = round(t0 + evd["hang"]["detected_after_s"] - last_stage_at, 3)
+
+
+def _check_hang_where(result: Result, patterns: tuple[str, ...], notes: list[str]) -> None:
+    """A HANG counts as the variant's hazard only if the stacks show it where the variant says
+    (``Variant.hang_where``); a hang anywhere else is an ERROR. Stacks that could not be taken
+    leave the HANG as it is, with a note; ``native:`` patterns need native frames."""
+    stacks = result.evidence.get("stacks") or {}
+    texts = [e.get("text", "") for e in stacks.values() if isinstance(e, dict)]
+    text = "\n".join(t for t in texts if t)
+    native = any(isinstance(e, dict) and e.get("method") == "py-spy --native" for e in stacks.values())
+    if not text:
+        notes.append("where the hang is was not checked (no stacks could be taken)")
+        result.evidence["hang_where"] = {"checked": False}
+        return
+    missing, unchecked = [], []
+    for pattern in patterns:
+        is_native = pattern.startswith("native:")
+        if is_native and not native:
+            unchecked.append(pattern)
+            continue
+        if not re.search(pattern.removeprefix("native:"), text, re.M):
+            missing.append(pattern)
+    result.evidence["hang_where"] = {
+        "checked": True,
+        "expected": [pattern_label(p) for p in patterns],
+        "missing": [pattern_label(p) for p in missing],
+        "unchecked": [pattern_label(p) for p in unchecked],
+    }
+    if unchecked:
+        notes.append(f"no native frames: not sought {', '.join(map(pattern_label, unchecked))}")
+    if missing:
+        top = result.evidence.get("top_frame") or "?"
+        result.outcome = Outcome.ERROR.value
+        result.error = {
+            "type": "HangElsewhere",
+            "message": f"hung, but not where the hazard hangs: no stack shows {'; '.join(map(pattern_label, missing))} "
+            f"(top frame: {top})",
+            "traceback": "",
+        }
 
 
 def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:

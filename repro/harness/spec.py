@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,10 +135,21 @@ class Variant:
     # same code and the same checks on fewer samples (rounds, repetitions, seconds). Benchmarks,
     # matrix cells and ``repro run`` (unless ``--quick``) run ``params`` as they are.
     quick: Mapping[str, Any] = field(default_factory=dict)
+    # Where a HANG of this (hazard) variant must be: regular expressions that must each match
+    # the stacks the harness took of the hung tree (every thread of every process). One written
+    # ``native:PATTERN`` is only sought where native frames were taken (py-spy --native); build
+    # Python-frame patterns with :func:`frame`, which matches py-spy's and faulthandler's
+    # formats. A HANG whose stacks miss one is an ERROR ("hung elsewhere"), not the hazard.
+    hang_where: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"variant {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+        for pattern in self.hang_where:
+            try:
+                re.compile(pattern.removeprefix("native:"))
+            except re.error as exc:
+                raise ValueError(f"variant {self.name!r}: hang_where {pattern!r} is not a regular expression: {exc}") from None
         unknown = sorted(set(self.quick) - set(self.params))
         if unknown:
             raise ValueError(f"variant {self.name!r}: quick overrides params it does not have: {unknown}")
@@ -168,6 +180,26 @@ class Variant:
 
     def skip_reason(self, build: Build) -> str | None:
         return self.requires(build) if self.requires else None
+
+
+class Pattern(str):
+    """A ``hang_where`` regular expression with a readable name (``label``) for messages."""
+
+    label: str
+
+
+def pattern_label(pattern: str) -> str:
+    return getattr(pattern, "label", pattern)
+
+
+def frame(file: str, func: str) -> str:
+    """A ``hang_where`` pattern for a Python frame: ``func`` running in a file whose path ends
+    with ``file``, as py-spy writes it (``Queue.get (multiprocessing/queues.py:103)``) and as
+    faulthandler does (``File ".../multiprocessing/queues.py", line 103 in get``)."""
+    f, fn = re.escape(file), re.escape(func)
+    out = Pattern(rf"(?:^|[\s.]){fn} \((?:\S*/)?{f}:\d+\)|{f}\", line \d+ in {fn}$")
+    out.label = f"a frame of {func} in {file}"
+    return out
 
 
 def hazard(name: str, **kw: Any) -> Variant:

@@ -32,7 +32,7 @@ import threading
 import time
 
 from repro.harness import predict
-from repro.harness.spec import Outcome, fix, hazard, scenario
+from repro.harness.spec import Outcome, fix, frame, hazard, scenario
 from repro.scenarios._proc import fork_run
 
 ELEMENTS = 64 * 1024 * 1024  # float32: 256 MiB, a copy of tens to hundreds of ms
@@ -112,6 +112,12 @@ def _mid_share_child(torch, t):
             params={"order": "fork_during_share"},
             expect=(Outcome.HANG, "torch.storage's share-memory locks are not reset after fork (seen on torch 2.13)"),
             requires=predict.fork_available,
+            # the child, in share_memory_, waiting for a lock (the lock's own frame varies by torch)
+            hang_where=(
+                frame("repro/scenarios/fork_share_lock.py", "child_share"),
+                frame("torch/_tensor.py", "share_memory_"),
+                "native:PyThread_acquire_lock",
+            ),
             doc="os.fork while another thread copies a tensor into shared memory; the child shares it",
         ),
         fix(

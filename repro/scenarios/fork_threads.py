@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 
 from repro.harness import predict
-from repro.harness.spec import Build, Outcome, fix, hazard, scenario
+from repro.harness.spec import Build, Outcome, fix, frame, hazard, scenario
 from repro.scenarios._proc import fork_run
 
 ELEMENTS = 4_000_000  # elementwise op size: ~120 grains of 32768, parallel on any pool > 1
@@ -38,6 +38,10 @@ def child_op(child_threads: int | None) -> None:
     if child_threads:
         torch.set_num_threads(child_threads)  # before any op in the child
     _parallel_work(torch)
+
+
+# Where the hazard hangs: the forked child in its parallel op, inside libgomp (native frames).
+_CHILD_IN_GOMP = (frame("repro/scenarios/fork_threads.py", "child_op"), "native:libgomp")
 
 
 def _midregion_expect(build: Build):
@@ -122,6 +126,7 @@ def _mp_child(ctx, method: str, child_threads: int | None) -> None:
             params={"method": "fork"},
             expect=predict.gomp_fork_hang,
             requires=predict.fork_available,
+            hang_where=_CHILD_IN_GOMP,
             doc="parent runs parallel ops, os.fork(), child runs a parallel op",
         ),
         hazard(
@@ -129,6 +134,7 @@ def _mp_child(ctx, method: str, child_threads: int | None) -> None:
             params={"method": "mp-fork"},
             expect=predict.gomp_fork_hang,
             requires=predict.fork_available,
+            hang_where=_CHILD_IN_GOMP,
             doc="the same through multiprocessing's 'fork' start method",
         ),
         hazard(
@@ -136,6 +142,7 @@ def _mp_child(ctx, method: str, child_threads: int | None) -> None:
             params={"method": "fork", "midregion": True},
             expect=_midregion_expect,
             requires=predict.fork_available,
+            hang_where=_CHILD_IN_GOMP,
             doc="a background thread is inside a parallel region (checked in the child; not its first) when the "
             "main thread (which never ran one) forks",
         ),

@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 
-from repro.harness.spec import Outcome, fix, hazard, scenario
+from repro.harness.spec import Outcome, fix, frame, hazard, scenario
 
 ECHO = "splitlearn.serving.demo_models:EchoNet"
 
@@ -231,8 +231,23 @@ def _with_server(ctx, body):
     claims=(),  # no seed claim: the seed's transport, checked for the failure modes it did not test
     timeout=60,
     variants=[
-        hazard("stdlib_key_vs_open_listener", expect=_stdlib_hang, doc="CPython issue 123736"),
-        hazard("stdlib_silent_client_blocks_accept", expect=_stdlib_hang, doc="handshake inside Listener.accept"),
+        hazard(
+            "stdlib_key_vs_open_listener",
+            expect=_stdlib_hang,
+            # the client waits for a challenge, the listener's owner for a request
+            hang_where=(frame("multiprocessing/connection.py", "answer_challenge"), frame("serving_auth.py", "serve")),
+            doc="CPython issue 123736",
+        ),
+        hazard(
+            "stdlib_silent_client_blocks_accept",
+            expect=_stdlib_hang,
+            # accept sits in the silent client's handshake; the good client waits for its challenge
+            hang_where=(
+                frame("multiprocessing/connection.py", "deliver_challenge"),
+                frame("multiprocessing/connection.py", "answer_challenge"),
+            ),
+            doc="handshake inside Listener.accept",
+        ),
         fix("key_vs_open_listener", params={"timeout": 3.0}),
         fix("open_client_vs_key_server", params={"timeout": 5.0}),
         fix("wrong_key", params={"timeout": 5.0}),

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 
-from repro.harness.spec import Outcome, fix, hazard, scenario
+from repro.harness.spec import Outcome, fix, frame, hazard, scenario
 
 DEMO = "splitlearn.serving.demo_models:DemoNet"
 SLOW = {"in_features": 8, "hidden": 512, "depth": 4, "out_features": 4, "repeat": 3000}
@@ -60,6 +60,7 @@ def _wait_for(pred, timeout: float, what: str, ev: threading.Event) -> None:
         hazard(
             "queue_server_killed",
             expect=(Outcome.HANG, "a caller in Queue.get() without timeout is never told that the server died"),
+            hang_where=(frame("multiprocessing/queues.py", "get"),),
         ),
         fix("server_killed_mid_batch", params={"callers": 4, "timeout": 60.0}),
         fix("client_gone_mid_request"),
