@@ -7,7 +7,8 @@ The claims come from :mod:`repro.claims`, the scenarios that bear on each claim 
 (``@scenario(claims=...)``), the outcomes from a merged matrix report (:mod:`repro.matrix`) or
 cell files. The verdict of a claim in a cell is read off its scenarios' variants there:
 
-* a *hazard* variant that ran and did not PASS reproduces the hazard; one that passed did not;
+* a *hazard* variant that ran and did not PASS reproduces the hazard (an ERROR excepted: the run
+  broke, see ``ctx.only_symptoms_fail`` and ``hang_where``); one that passed did not;
 * a *fix* variant holds when it passes;
 * *load* and *probe* variants contribute their key figure;
 * any outcome that disagrees with the build's prediction is called out first;
@@ -91,7 +92,12 @@ def verdict(rows: list[Mapping[str, Any]], cell: str) -> tuple[str, str]:
             )
         )
         shown.extend(_label(r, e) for r, e in wrong)
-    hazards = [(r, e) for r, e in ran if r["kind"] == "hazard"]
+    # an ERROR is a run that broke (a check other than the symptom, a hang elsewhere): no evidence
+    broke = [(r, e) for r, e in ran if r["kind"] == "hazard" and e["outcome"] == "ERROR"]
+    hazards = [(r, e) for r, e in ran if r["kind"] == "hazard" and e["outcome"] != "ERROR"]
+    if broke:
+        parts.append(f"{len(broke)} hazard variant(s) broke (ERROR: no evidence either way)")
+        shown.extend(_label(r, e) for r, e in broke if (r, e) not in wrong)
     if hazards:
         repro = [(r, e) for r, e in hazards if e["outcome"] != "PASS"]
         if repro:
@@ -222,7 +228,9 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         "*holds* there (every check supports it), is *refuted* (every check counts against it), is *mixed*, "
         "or was *not tested*. ⚠ marks an outcome of the claim's scenarios that the build's prediction did not "
         "allow. Below each claim, every check's result per build, then the scenarios' own outcomes (a hazard "
-        "*reproduces* when its hazard variant did not pass; a *fix holds* when its fix variants passed). "
+        "*reproduces* when its hazard variant showed its symptom: a FAIL only from the checked symptom, a HANG "
+        "only where the variant says it hangs, else the run is an ERROR, which counts for nothing; a *fix holds* "
+        "when its fix variants passed). "
         "The *finding* column is this suite's reading of the claim, in words; the per-build columns are "
         "generated from the results and show where it would stop holding. Details of every variant: docs/matrix/."
     )

@@ -598,3 +598,17 @@ def test_reports_are_replaced_whole(two_cells, tmp_path, monkeypatch):
         report.write_atomic(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in target.parent.iterdir()] == ["report.md"]  # no temporary file left
+
+
+def test_a_hazard_that_broke_is_not_counted_as_reproduced():
+    """An ERROR of a hazard variant (a check other than its symptom, a hang elsewhere) is no
+    reproduction: the scenario line says it broke."""
+    row = {
+        "scenario": "fork",
+        "variant": "fork",
+        "kind": "hazard",
+        "cells": {"c": {"status": "ran", "outcome": "ERROR", "ok": False, "expected": ["HANG"], "figures": []}},
+    }
+    v, shown = hazards_doc.verdict([row], "c")
+    assert "hazard reproduces" not in v and "1 hazard variant(s) broke (ERROR" in v, v
+    assert "`fork:fork` ERROR" in shown
