@@ -19,6 +19,35 @@ from splitlearn.errors import CorruptWeights, MissingShard  # noqa: E402
 from splitlearn.loading import ShardLoader  # noqa: E402
 from splitlearn.model_loader import ModelLoadError  # noqa: E402
 
+_UNPRIVILEGED = "SPLITREPRO_TEST_UNPRIVILEGED"
+
+
+def rerun_without_dac_override(request) -> None:
+    """For a test that needs file permissions to hold and finds that they do not (root): run the
+    same test again in a pytest child that has lost CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
+    (util-linux ``setpriv``), in which a mode-000 file is unreadable to its owner, root
+    included; the child must pass it. Skips where setpriv is missing or the child cannot drop
+    them (a container without CAP_SETPCAP)."""
+    if os.environ.get(_UNPRIVILEGED):
+        pytest.fail("chmod 000 still does not stop this user from reading after the capabilities were dropped")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("chmod 000 does not stop this user from reading (root), and there is no setpriv to drop that")
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    probe = subprocess.run([*drop, sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"chmod 000 does not stop this user from reading (root), and setpriv cannot drop that: {probe.stderr[-300:]}")
+    root = request.config.rootpath
+    proc = subprocess.run(
+        [*drop, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", request.node.nodeid],
+        cwd=root,
+        env={**os.environ, _UNPRIVILEGED: "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
 
 def copy_model(tmp_path, sharded=True):
     dst = tmp_path / ("sharded" if sharded else "single")
@@ -42,7 +71,7 @@ def test_truncated_shard_is_still_corrupt_weights(tmp_path):
         loader.get_tensor(key)
 
 
-def test_unreadable_shard_is_a_load_error_not_corrupt_weights(tmp_path):
+def test_unreadable_shard_is_a_load_error_not_corrupt_weights(tmp_path, request):
     model = copy_model(tmp_path)
     loader = ShardLoader(model)
     fname, key = a_shard_and_key(loader)
@@ -50,7 +79,7 @@ def test_unreadable_shard_is_a_load_error_not_corrupt_weights(tmp_path):
     path.chmod(0)
     try:
         if os.access(path, os.R_OK):
-            pytest.skip("chmod 000 does not stop this user from reading (root)")
+            return rerun_without_dac_override(request)
         with pytest.raises(ModelLoadError, match=r"PermissionError.*Permission denied") as info:
             loader.get_tensor(key)
         assert not isinstance(info.value, CorruptWeights)
@@ -142,8 +171,9 @@ def test_index_naming_a_tensor_its_shard_lacks_is_corrupt_weights(tmp_path):
         loader.get_tensor("transformer.no_such_tensor")
 
 
-def test_unreadable_shard_reported_by_the_factory_as_such(tmp_path):
-    """Through the public entry point, as a non-root user would see it (skipped as root)."""
+def test_unreadable_shard_reported_by_the_factory_as_such(tmp_path, request):
+    """Through the public entry point, as a non-root user would see it (as root: in a child that
+    has dropped the capabilities that let root read a mode-000 file)."""
     pytest.importorskip("torch")
     from splitlearn import ModelFactory
 
@@ -153,7 +183,7 @@ def test_unreadable_shard_reported_by_the_factory_as_such(tmp_path):
         p.chmod(0)
     try:
         if os.access(paths[0], os.R_OK):
-            pytest.skip("chmod 000 does not stop this user from reading (root)")
+            return rerun_without_dac_override(request)
         with pytest.raises(ModelLoadError, match="Permission denied"):
             ModelFactory.create_split_models("gpt2", str(model), 1, 3, low_memory=True, parts=("trunk",))
     finally:
