@@ -488,12 +488,42 @@ _ELSEWHERE = """Thread 17155 (idle): "MainThread"
         ({"1": {"method": "faulthandler", "text": _FAULTHANDLER}}, ("Q", "native:libgomp"), "HANG", []),
         ({"1": {"method": "py-spy --native", "text": _PY_SPY_NATIVE}}, ("Q", "native:libgomp"), "ERROR", ["native:libgomp"]),
         ({"1": {"method": "none", "text": ""}}, ("Q",), "HANG", None),  # no stacks: not checked
+        # per process: the parent's native stack lacks libgomp, the child's has no native frames
+        # (py-spy --native failed there): the child may hold it, so not confirmed, not missing
+        (
+            {"1": {"method": "py-spy --native", "text": _ELSEWHERE}, "2": {"method": "faulthandler", "text": _FAULTHANDLER}},
+            ("Q", "native:libgomp"),
+            "HANG",
+            [],
+        ),
+        # a process without any stack may hold a Python pattern too
+        ({"1": {"method": "py-spy --native", "text": _ELSEWHERE}, "2": {"method": "none", "text": ""}}, ("Q",), "HANG", []),
+        # every process searched with native frames, none shows it: missing
+        (
+            {"1": {"method": "py-spy --native", "text": _ELSEWHERE}, "2": {"method": "py-spy --native", "text": _PY_SPY_NATIVE}},
+            ("Q", "native:libgomp"),
+            "ERROR",
+            ["native:libgomp"],
+        ),
     ],
-    ids=["py-spy", "faulthandler", "elsewhere", "elsewhere-faulthandler", "no-native-frames", "native-missing", "no-stacks"],
+    ids=[
+        "py-spy",
+        "faulthandler",
+        "elsewhere",
+        "elsewhere-faulthandler",
+        "no-native-frames",
+        "native-missing",
+        "no-stacks",
+        "child-without-native-frames",
+        "process-without-stack",
+        "every-process-searched",
+    ],
 )
 def test_a_hang_counts_only_where_the_hazard_hangs(stacks, patterns, outcome, missing):
+    import re
+
     from repro.harness import runner
-    from repro.harness.spec import frame
+    from repro.harness.spec import frame, pattern_label
 
     q = frame("multiprocessing/queues.py", "get")
     patterns = tuple(q if p == "Q" else p for p in patterns)
@@ -504,9 +534,17 @@ def test_a_hang_counts_only_where_the_hazard_hangs(stacks, patterns, outcome, mi
     assert result.outcome == outcome
     where = result.evidence["hang_where"]
     if missing is None:
-        assert where == {"checked": False} and "not checked" in notes[0]
+        assert where["checked"] is False and "not checked" in notes[0]
+        assert where["unchecked"] == [pattern_label(p) for p in patterns]
     else:
-        assert where["missing"] == missing
+        assert where["checked"] is True and where["missing"] == missing
+        # what was neither found nor missing is reported as not confirmed
+        found = [p for p in patterns if re.search(p.removeprefix("native:"), "\n".join(e["text"] for e in stacks.values()), re.M)]
+        assert sorted(where["unchecked"]) == sorted(
+            pattern_label(p) for p in patterns if p not in found and pattern_label(p) not in missing
+        )
+        if where["unchecked"] and outcome == "HANG":
+            assert "not confirmed" in notes[-1]
     if outcome == "ERROR":
         assert result.error["type"] == "HangElsewhere" and "not where the hazard hangs" in result.error["message"]
         assert ", ".join(missing) in result.error["message"].replace("; ", ", ")
@@ -527,10 +565,13 @@ def test_frame_pattern_names_one_function_in_one_file():
         "    target_get (multiprocessing/queues.py:1)",
         '  File "/x/multiprocessing/queues.py", line 120 in get_nowait',
         "    Queue.get (other/queues.py:103)",
+        '  File "/x/othermultiprocessing/queues.py", line 103 in get',
     ):
         assert not re.search(q, other, re.M), other
     with pytest.raises(ValueError, match="not a regular expression"):
         hazard("h", expect="HANG", hang_where=("(",))
+    with pytest.raises(TypeError, match="tuple of patterns"):
+        hazard("h", expect="HANG", hang_where="native:libgomp")
 
 
 def test_hazards_predicted_to_hang_say_where():

@@ -703,32 +703,43 @@ def _finish(
 
 def _check_hang_where(result: Result, patterns: tuple[str, ...], notes: list[str]) -> None:
     """A HANG counts as the variant's hazard only if the stacks show it where the variant says
-    (``Variant.hang_where``); a hang anywhere else is an ERROR. Stacks that could not be taken
-    leave the HANG as it is, with a note; ``native:`` patterns need native frames."""
+    (``Variant.hang_where``); a hang anywhere else is an ERROR.
+
+    Each pattern is sought process by process: a ``native:`` pattern only in the stacks that
+    have native frames (py-spy --native), a Python one in every stack taken. A pattern that is
+    found nowhere is *missing* (ERROR) only if every process of the tree was searched for it;
+    where some process's stack (or its native frames) could not be taken, the pattern may be
+    there, so it is *unchecked*: the HANG stands, and the evidence and a note say what was not
+    confirmed (the matrix report shows it)."""
     stacks = result.evidence.get("stacks") or {}
-    texts = [e.get("text", "") for e in stacks.values() if isinstance(e, dict)]
-    text = "\n".join(t for t in texts if t)
-    native = any(isinstance(e, dict) and e.get("method") == "py-spy --native" for e in stacks.values())
-    if not text:
+    entries = [e for e in stacks.values() if isinstance(e, dict)]
+    if not any(e.get("text") for e in entries):
         notes.append("where the hang is was not checked (no stacks could be taken)")
-        result.evidence["hang_where"] = {"checked": False}
+        result.evidence["hang_where"] = {
+            "checked": False,
+            "expected": [pattern_label(p) for p in patterns],
+            "missing": [],
+            "unchecked": [pattern_label(p) for p in patterns],
+        }
         return
     missing, unchecked = [], []
     for pattern in patterns:
         is_native = pattern.startswith("native:")
-        if is_native and not native:
-            unchecked.append(pattern)
+        regex = pattern.removeprefix("native:")
+        searched = [e["text"] for e in entries if e.get("text") and (not is_native or e.get("method") == "py-spy --native")]
+        if any(re.search(regex, text, re.M) for text in searched):
             continue
-        if not re.search(pattern.removeprefix("native:"), text, re.M):
-            missing.append(pattern)
+        (unchecked if len(searched) < len(entries) else missing).append(pattern)
     result.evidence["hang_where"] = {
         "checked": True,
         "expected": [pattern_label(p) for p in patterns],
         "missing": [pattern_label(p) for p in missing],
         "unchecked": [pattern_label(p) for p in unchecked],
     }
-    if unchecked:
-        notes.append(f"no native frames: not sought {', '.join(map(pattern_label, unchecked))}")
+    if unchecked and not missing:
+        notes.append(
+            f"not confirmed (a process's stack or native frames could not be taken): {', '.join(map(pattern_label, unchecked))}"
+        )
     if missing:
         top = result.evidence.get("top_frame") or "?"
         result.outcome = Outcome.ERROR.value

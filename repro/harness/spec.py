@@ -145,6 +145,8 @@ class Variant:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"variant {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+        if isinstance(self.hang_where, str):
+            raise TypeError(f"variant {self.name!r}: hang_where must be a tuple of patterns, not one string")
         for pattern in self.hang_where:
             try:
                 re.compile(pattern.removeprefix("native:"))
@@ -197,7 +199,7 @@ def frame(file: str, func: str) -> str:
     with ``file``, as py-spy writes it (``Queue.get (multiprocessing/queues.py:103)``) and as
     faulthandler does (``File ".../multiprocessing/queues.py", line 103 in get``)."""
     f, fn = re.escape(file), re.escape(func)
-    out = Pattern(rf"(?:^|[\s.]){fn} \((?:\S*/)?{f}:\d+\)|{f}\", line \d+ in {fn}$")
+    out = Pattern(rf"(?:^|[\s.]){fn} \((?:\S*/)?{f}:\d+\)|[/\"]{f}\", line \d+ in {fn}$")
     out.label = f"a frame of {func} in {file}"
     return out
 
