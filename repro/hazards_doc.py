@@ -8,7 +8,8 @@ The claims come from :mod:`repro.claims`, the scenarios that bear on each claim 
 cell files. The verdict of a claim in a cell is read off its scenarios' variants there:
 
 * a *hazard* variant that ran and did not PASS reproduces the hazard (an ERROR excepted: the run
-  broke, see ``ctx.only_symptoms_fail`` and ``hang_where``); one that passed did not;
+  broke, see ``ctx.only_symptoms_fail`` and ``hang_where``; a TIMEOUT or CRASH only where the
+  build's prediction allows it); one that passed did not;
 * a *fix* variant holds when it passes;
 * *load* and *probe* variants contribute their key figure;
 * any outcome that disagrees with the build's prediction is called out first;
@@ -59,6 +60,8 @@ def claim_scenarios() -> dict[str, list[str]]:
 
 def _label(row: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
     text = f"`{row['scenario']}:{row['variant']}` {entry['outcome']}"
+    if entry.get("hang_unconfirmed"):
+        text += f" (place not confirmed: {', '.join(entry['hang_unconfirmed'])})"
     key = entry.get("key_figure")
     if key:
         text += f" ({key['name']} {_figures.fmt_value(key['value'], key['unit'], key.get('target'))}"
@@ -99,14 +102,33 @@ def verdict(rows: list[Mapping[str, Any]], cell: str) -> tuple[str, str]:
         parts.append(f"{len(broke)} hazard variant(s) broke (ERROR: no evidence either way)")
         shown.extend(_label(r, e) for r, e in broke if (r, e) not in wrong)
     if hazards:
-        repro = [(r, e) for r, e in hazards if e["outcome"] != "PASS"]
+        # a FAIL comes only from the checked symptom (ctx.only_symptoms_fail) and a HANG only
+        # where the variant hangs (hang_where): each counts even where the build's prediction
+        # said otherwise (a finding). A TIMEOUT or a CRASH says less: it counts only where
+        # predicted, and is otherwise listed above as a disagreement
+        repro = [
+            (r, e)
+            for r, e in hazards
+            if e["outcome"] != "PASS" and (e["ok"] is not False or e["outcome"] in ("FAIL", "HANG"))
+        ]
+        passed = [(r, e) for r, e in hazards if e["outcome"] == "PASS"]
         if repro:
             outcomes = "/".join(sorted({e["outcome"] for _, e in repro}))
-            parts.append(f"hazard reproduces ({outcomes}, {len(repro)} of {len(hazards)} hazard variants)")
+            unconfirmed = [e for _, e in repro if e.get("hang_unconfirmed")]
+            tail = (
+                f"; {len(unconfirmed)} HANG(s) whose place could not be confirmed (a stack or native frames not taken)"
+                if unconfirmed
+                else ""
+            )
+            parts.append(f"hazard reproduces ({outcomes}, {len(repro)} of {len(hazards)} hazard variants{tail})")
             shown.extend(_label(r, e) for r, e in repro if (r, e) not in wrong)
-        else:
+        elif len(passed) == len(hazards):
             parts.append(f"hazard does not reproduce ({len(hazards)} hazard variants PASS)")
             shown.extend(_label(r, e) for r, e in hazards[:2] if (r, e) not in wrong)
+        else:
+            parts.append(
+                f"hazard not shown ({len(passed)} of {len(hazards)} hazard variants PASS, the others ended otherwise than predicted)"
+            )
     fixes = [(r, e) for r, e in ran if r["kind"] == "fix"]
     if fixes:
         broken = [(r, e) for r, e in fixes if e["outcome"] != "PASS"]
@@ -229,7 +251,8 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         "or was *not tested*. ⚠ marks an outcome of the claim's scenarios that the build's prediction did not "
         "allow. Below each claim, every check's result per build, then the scenarios' own outcomes (a hazard "
         "*reproduces* when its hazard variant showed its symptom: a FAIL only from the checked symptom, a HANG "
-        "only where the variant says it hangs, else the run is an ERROR, which counts for nothing; a *fix holds* "
+        "only where the variant says it hangs, else the run is an ERROR, which counts for nothing; a TIMEOUT or a "
+        "CRASH only where the build's prediction names it; a *fix holds* "
         "when its fix variants passed). "
         "The *finding* column is this suite's reading of the claim, in words; the per-build columns are "
         "generated from the results and show where it would stop holding. Details of every variant: docs/matrix/."

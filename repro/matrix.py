@@ -20,6 +20,7 @@ import datetime as _dt
 import html
 import json
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class Entry:
     seconds: float | None = None
     figures: list[_figures.Figure] = field(default_factory=list)
     detail: str = ""  # skip reason, or the first line of evidence of a mismatch
+    # a hazard's HANG whose place (hang_where) could not be confirmed: the patterns not sought
+    # because a process's stack, or its native frames, could not be taken
+    hang_unconfirmed: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> _figures.Figure | None:
@@ -84,6 +88,7 @@ class Entry:
             "key_figure": key.to_json() if key else None,
             "figures": [f.to_json() for f in self.figures],
             "detail": self.detail,
+            "hang_unconfirmed": self.hang_unconfirmed,
         }
 
 
@@ -168,7 +173,16 @@ def entry_from_result(result: Mapping[str, Any]) -> Entry:
             result.get("metrics") or {}, scenario=str(result.get("scenario") or ""), kind=str(result.get("kind") or "")
         ),
         detail="" if ok else _evidence_line(result),
+        hang_unconfirmed=_hang_unconfirmed(result) if outcome == "HANG" else [],
     )
+
+
+def _hang_unconfirmed(result: Mapping[str, Any]) -> list[str]:
+    evidence = result.get("evidence")
+    where = evidence.get("hang_where") if isinstance(evidence, Mapping) else None
+    if not isinstance(where, Mapping):
+        return []
+    return [str(p) for p in where.get("unchecked") or []]
 
 
 def _own_results(results: list[Any], catalogued: set[tuple[str, str]]) -> list[Mapping[str, Any]]:
@@ -255,6 +269,22 @@ def _unfinished_run(path: Path, started: Any) -> dict[str, Any] | None:
     if isinstance(started, str) and str(info.get("started", "")) <= started:
         return None
     return {k: info.get(k) for k in ("pid", "host", "started")}
+
+
+def copy_cells(src: str | Path, dst: str | Path) -> list[Path]:
+    """Copy the cell files of ``src`` (``*.json``) into ``dst`` with any ``.running`` marker
+    beside them, so that a report merged from ``dst`` still sees a run that never finished; a
+    marker in ``dst`` that ``src`` no longer has (that run finished since) is removed."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for marker in dst.glob("*.json" + RUNNING_SUFFIX):
+        if not (src / marker.name).exists():
+            marker.unlink()
+    for path in sorted([*src.glob("*.json"), *src.glob("*.json" + RUNNING_SUFFIX)]):
+        shutil.copy2(path, dst / path.name)
+        copied.append(dst / path.name)
+    return copied
 
 
 _STOPPED = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
@@ -408,6 +438,8 @@ def cell_text(entry: Mapping[str, Any], *, plain: bool = False) -> str:
     text = f"{mark}{entry['outcome']}"
     if entry["ok"] is False and entry["expected"]:
         text += f" (expected {'/'.join(entry['expected'])})"
+    if entry.get("hang_unconfirmed"):
+        text += " (place not confirmed)"
     key = entry.get("key_figure")
     if key:
         text += f" · {_figures.fmt_value(key['value'], key['unit'], key.get('target'))}"
@@ -450,7 +482,8 @@ def render_markdown(merged: Mapping[str, Any], title: str = "splitrepro matrix")
         out.append(f"**Incomplete cells:** {'; '.join(stopped)}. Their — may be tests that never ran.")
         out.append("")
     out.append(
-        "✅ outcome as predicted for that build · ❌ disagrees · ⏭ skipped (not applicable) · — not run · `· figure` key figure of a load scenario"
+        "✅ outcome as predicted for that build · ❌ disagrees · ⏭ skipped (not applicable) · — not run · `· figure` key figure of a load scenario · "
+        "HANG (place not confirmed): a stack the hang's place is sought in (hang_where) could not be taken"
     )
     out.append("")
     out.append("| scenario:variant | kind | " + " | ".join(cells) + " |")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from repro.harness.report import write_atomic
 from repro.matrix import RUNNING_SUFFIX, stopped_early
 
 SCHEMA = "splitrepro.cell/1"
@@ -118,8 +119,12 @@ class CellRecorder:
         self.outcomes: dict[str, str] = {}
         self.failed: dict[str, bool] = {}  # nodeid of a failed report -> whether it names a scenario case
         self._ids: dict[str, tuple[str, str, str]] | None = None
-        self.marker = None if self.is_worker else self._mark_running()
+        self.marker: Path | None = None  # written when the session starts (not for --help)
         self._wrap_runner()
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if not self.is_worker:
+            self.marker = self._mark_running()
 
     def _mark_running(self) -> Path | None:
         """Leave ``<cell file>.running`` beside the cell file while the run goes on; a run that is
@@ -271,11 +276,11 @@ class CellRecorder:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.is_worker:
             return
-        try:
-            self.write(int(exitstatus), session.testscollected)
-        finally:
-            if self.marker is not None:
-                self.marker.unlink(missing_ok=True)
+        self.write(int(exitstatus), session.testscollected)
+        # only once the results are written: a run that could not write them leaves the marker,
+        # and the report calls the older file it finds incomplete
+        if self.marker is not None:
+            self.marker.unlink(missing_ok=True)
 
     def write(self, exitstatus: int, collected: int | None = None) -> None:
         fingerprint: dict[str, Any] = {}
@@ -356,9 +361,7 @@ class CellRecorder:
             # finished one: it goes beside it, under a name the report does not read (*.json)
             path = path.with_name(path.name + (".interrupted" if exitstatus == pytest.ExitCode.INTERRUPTED else ".incomplete"))
             note = f" ({stopped}: the earlier results are kept)"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         line = f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {path}{note}"
         if tr is not None:

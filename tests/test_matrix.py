@@ -558,6 +558,90 @@ def test_a_killed_run_leaves_the_older_cell_flagged(tmp_path, monkeypatch):
     assert matrix.merge([matrix.read_cell(out / "demo.json")])["cells"][0]["incomplete"] == ""
 
 
+def test_help_leaves_no_marker_and_a_failed_write_keeps_it(tmp_path, monkeypatch):
+    """``pytest --help`` starts no session: no ``.running`` marker. A run whose cell file cannot
+    be written keeps its marker (the older file is then reported incomplete) and leaves no
+    temporary file."""
+    (tmp_path / "test_ok.py").write_text("def test_a():\n    pass\n")
+    out = tmp_path / "cells"
+    out.mkdir()
+    for extra in (["--help"], ["--markers"]):
+        proc = _run_cell_pytest(tmp_path, out, "test_ok.py", monkeypatch, *extra)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert list(out.iterdir()) == [], extra
+    (out / "demo.json").mkdir()  # the cell file cannot be replaced
+    proc = _run_cell_pytest(tmp_path, out, "test_ok.py", monkeypatch)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "demo.json.running"], proc.stdout + proc.stderr
+
+
+def test_copy_cells_takes_the_markers_along(tmp_path):
+    """docs/matrix is merged from a copy of the cells: a killed run's marker must go with its
+    cell file, and a copied marker whose run has finished since must go."""
+    src, dst = tmp_path / "results", tmp_path / "docs"
+    src.mkdir()
+    _write_cell(src / "py3.11-bundled.json", "py3.11-bundled", [])
+    _write_cell(src / "py3.11-mkl.json", "py3.11-mkl", [])
+    later = {"pid": 7, "host": "h", "started": "2999-01-01T00:00:00+00:00"}
+    (src / "py3.11-mkl.json.running").write_text(json.dumps(later))
+    (src / "notes.txt").write_text("not a cell")
+    dst.mkdir()
+    (dst / "py3.11-bundled.json.running").write_text(json.dumps(later))  # that run finished since
+    (dst / "py3.12-mkl.json").write_text("{}")  # a cell only the copy has stays
+    matrix.copy_cells(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "py3.11-bundled.json",
+        "py3.11-mkl.json",
+        "py3.11-mkl.json.running",
+        "py3.12-mkl.json",
+    ]
+    assert "did not finish" in matrix.incomplete(matrix.read_cell(dst / "py3.11-mkl.json").meta)
+    assert matrix.incomplete(matrix.read_cell(dst / "py3.11-bundled.json").meta) == ""
+
+
+def test_a_hazard_that_timed_out_is_not_a_reproduction():
+    """A TIMEOUT (not deadlocked) or a CRASH where the prediction says HANG is a disagreement,
+    not the hazard; a FAIL or HANG counts even against the prediction (they come only from the
+    symptom and from where the variant hangs)."""
+
+    def row(outcome, expected, variant="fork"):
+        cell = {"status": "ran", "outcome": outcome, "ok": outcome in expected, "expected": expected, "figures": []}
+        return {"scenario": "fork", "variant": variant, "kind": "hazard", "cells": {"c": cell}}
+
+    v, _ = hazards_doc.verdict([row("TIMEOUT", ["HANG"])], "c")
+    assert v.startswith("⚠ disagrees with prediction: fork:fork TIMEOUT") and "hazard reproduces" not in v, v
+    assert "hazard not shown (0 of 1 hazard variants PASS" in v, v
+    v, _ = hazards_doc.verdict([row("CRASH", ["HANG"]), row("PASS", ["HANG"], "other")], "c")
+    assert "hazard reproduces" not in v and "does not reproduce" not in v, v
+    v, _ = hazards_doc.verdict([row("TIMEOUT", ["HANG", "TIMEOUT"])], "c")
+    assert "hazard reproduces (TIMEOUT, 1 of 1" in v, v
+    v, _ = hazards_doc.verdict([row("HANG", ["PASS"])], "c")
+    assert "⚠ disagrees" in v and "hazard reproduces (HANG, 1 of 1" in v, v
+
+
+def test_an_unconfirmed_hang_is_reported_as_such():
+    """A HANG whose place could not be confirmed (hang_where patterns unchecked: a stack or
+    native frames not taken) still counts, and the report and HAZARDS.md say it was not confirmed."""
+    result = {
+        "scenario": "fork",
+        "variant": "fork",
+        "kind": "hazard",
+        "outcome": "HANG",
+        "expected": ["HANG"],
+        "ok": True,
+        "evidence": {"hang_where": {"checked": True, "missing": [], "unchecked": ["native:libgomp"]}},
+    }
+    entry = matrix.entry_from_result(result).to_json()
+    assert entry["hang_unconfirmed"] == ["native:libgomp"]
+    assert matrix.cell_text(entry) == "✅ HANG (place not confirmed)"
+    confirmed = matrix.entry_from_result({**result, "evidence": {"hang_where": {"unchecked": []}}}).to_json()
+    assert confirmed["hang_unconfirmed"] == [] and matrix.cell_text(confirmed) == "✅ HANG"
+    row = {"scenario": "fork", "variant": "fork", "kind": "hazard", "cells": {"c": {"status": "ran", **entry}}}
+    v, shown = hazards_doc.verdict([row], "c")
+    assert "hazard reproduces (HANG, 1 of 1 hazard variants; 1 HANG(s) whose place could not be confirmed" in v, v
+    assert "`fork:fork` HANG (place not confirmed: native:libgomp)" in shown
+
+
 def test_a_stale_marker_older_than_the_cell_is_ignored(tmp_path):
     cells = tmp_path / "cells"
     cells.mkdir()
