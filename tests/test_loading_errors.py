@@ -33,11 +33,31 @@ def rerun_without_dac_override(request) -> None:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("chmod 000 does not stop this user from reading (root), and there is no setpriv to drop that")
-    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
-    probe = subprocess.run([*drop, sys.executable, "-c", "pass"], capture_output=True, text=True, timeout=60)
+    # from the bounding set and the inheritable one: a container that hands root inheritable
+    # capabilities would otherwise let them survive the exec
+    caps = "-dac_override,-dac_read_search"
+    drop = [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+    root = request.config.rootpath
+    # the probe, where the test will run: the repository readable, a mode-000 file not
+    locked = request.getfixturevalue("tmp_path") / "probe-000"
+    locked.write_text("x")
+    locked.chmod(0)
+    check = (
+        "import sys\n"
+        "open('conftest.py').close()\n"
+        "try:\n    open(sys.argv[1]).close()\nexcept PermissionError:\n    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    try:
+        probe = subprocess.run(
+            [*drop, sys.executable, "-c", check, str(locked)], cwd=root, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        locked.chmod(0o600)
+    if probe.returncode == 3:
+        pytest.skip("chmod 000 does not stop this user from reading (root), even with the capabilities dropped")
     if probe.returncode != 0:
         pytest.skip(f"chmod 000 does not stop this user from reading (root), and setpriv cannot drop that: {probe.stderr[-300:]}")
-    root = request.config.rootpath
     proc = subprocess.run(
         [*drop, sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", request.node.nodeid],
         cwd=root,

@@ -10,8 +10,9 @@ also competes for the GIL.
 While it loads, a heartbeat task on the same loop ticks every 5 ms and a client task calls
 ``get_model`` on an already loaded model plus one forward pass every 10 ms. The scenario's
 check is the responsiveness criterion: heartbeat max gap < ``gap_limit_ms`` and client max
-latency < ``gap_limit_ms``; missing either is the hazards' symptom (``ctx.symptom``), and any
-other failed check in a hazard variant (``ctx.only_symptoms_fail``) is an ERROR.
+latency < ``gap_limit_ms``; missing either is the hazards' symptom (``ctx.symptom``; for
+``cold_real`` only the heartbeat's, see below), and any other failed check in a hazard variant
+(``ctx.only_symptoms_fail``) is an ERROR.
 
 * hazard ``loop``: the load runs on the loop thread under the manager lock -> the heartbeat stops
   for the whole load (FAIL everywhere).
@@ -22,8 +23,10 @@ other failed check in a hazard variant (``ctx.only_symptoms_fail``) is an ERROR.
   process's first Hugging Face load: the worker's first-use imports (transformers' loading code,
   torch._dynamo, sympy...) and the cyclic garbage collector hold the GIL for 100-350 ms at a time,
   so the loop stalls although no lock is held (FAIL where measured: torch 2.13 / transformers 5).
-  The process must be on a CPU through the longest stall (``heartbeat_max_gap_cpu_share``, process
-  CPU-seconds per second, >= 0.5): a stall spent waiting for a core is contention, an ERROR.
+  Its symptom is the loop stall alone: the process must be on a CPU through the longest stall
+  (``heartbeat_max_gap_cpu_share``, process CPU-seconds per second, >= 0.5; a stall spent waiting
+  for a core is contention, an ERROR), and a slow client request without such a stall is only
+  observed (its forward shares the cores with the loading thread).
 * load ``placeholder_real``: the same load after a tiny model of the family went through the same
   path at startup (a rehearsal before serving) and ``gc.freeze()`` ended startup. Recorded as a
   figure against the limit, not a verdict: 15-40 ms on a quiet machine, 66-580 ms when the
@@ -248,7 +251,15 @@ def manager_lock(ctx) -> None:
             f"during a {figures['load_s']} s load"
         )
     ctx.check(figures.get("client_n", 0) > 0, f"no client request completed during a {figures['load_s']} s load")
-    if figures["client_max_ms"] >= limit_ms:
+    if figures["client_max_ms"] >= limit_ms and workload == "real":
+        # in a real load the claim is the loop stall (the GIL held by the loading thread), which the
+        # heartbeat measures with its CPU share; a slow request alone may be its forward sharing
+        # the cores with the loading thread, or two shorter stalls around an await: no symptom
+        ctx.observe(
+            f"get_model+forward took up to {figures['client_max_ms']} ms >= {limit_ms} ms, but the loop never "
+            f"stalled that long (heartbeat max gap {figures['heartbeat_max_gap_ms']} ms): not counted"
+        )
+    elif figures["client_max_ms"] >= limit_ms:
         ctx.symptom(
             f"manager blocked: get_model+forward of another model took up to {figures['client_max_ms']} ms "
             f">= {limit_ms} ms during a {figures['load_s']} s load"
