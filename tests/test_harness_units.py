@@ -550,6 +550,69 @@ def test_a_hang_counts_only_where_the_hazard_hangs(stacks, patterns, outcome, mi
         assert ", ".join(missing) in result.error["message"].replace("; ", ", ")
 
 
+_GOMP_ELSEWHERE = """Thread 17160 (idle): "MainThread"
+    do_futex_wait (libgomp.so.1)
+    gomp_team_barrier_wait_end (libgomp.so.1)
+    forward (torch/nn/modules/linear.py:125)
+"""
+
+
+@pytest.mark.parametrize(
+    "stacks, native, outcome, grouped_missing",
+    [
+        # the queue wait and libc's read in one process: found either way
+        ({"1": {"method": "py-spy --native", "text": _PY_SPY_NATIVE}}, "native:libc", "HANG", False),
+        # the queue wait in one process, libgomp in another: the separate patterns are both
+        # found somewhere, the group is in no one process
+        (
+            {"1": {"method": "py-spy --native", "text": _PY_SPY_NATIVE}, "2": {"method": "py-spy --native", "text": _GOMP_ELSEWHERE}},
+            "native:libgomp",
+            "ERROR",
+            True,
+        ),
+        # the process with the queue wait has no native frames: it may be in libgomp too
+        (
+            {"1": {"method": "faulthandler", "text": _FAULTHANDLER}, "2": {"method": "py-spy --native", "text": _GOMP_ELSEWHERE}},
+            "native:libgomp",
+            "HANG",
+            False,
+        ),
+    ],
+    ids=["one-process", "split-across-processes", "group-unconfirmed"],
+)
+def test_together_patterns_must_match_in_one_process(stacks, native, outcome, grouped_missing):
+    from repro.harness import runner
+    from repro.harness.spec import frame, together
+
+    q = frame("multiprocessing/queues.py", "get")
+    group = together(q, native)
+    assert group.label == f"{q.label} and {native} (in one process)"
+    separate = Result("s", "h", "hazard", "HANG", ["HANG"], evidence={"stacks": stacks})
+    runner._check_hang_where(separate, (q, native), [])
+    assert separate.outcome == "HANG"  # each pattern alone is found somewhere (or may be)
+    result = Result("s", "h", "hazard", "HANG", ["HANG"], evidence={"stacks": stacks, "top_frame": "x (y.py:1)"})
+    notes: list[str] = []
+    runner._check_hang_where(result, (group,), notes)
+    assert result.outcome == outcome
+    where = result.evidence["hang_where"]
+    assert where["missing"] == ([group.label] if grouped_missing else [])
+    if outcome == "HANG" and len(stacks) > 1:
+        assert where["unchecked"] == [group.label] and "not confirmed" in notes[-1]
+    if outcome == "ERROR":
+        assert result.error["type"] == "HangElsewhere" and "(in one process)" in result.error["message"]
+
+
+def test_together_is_validated():
+    from repro.harness.spec import together
+
+    with pytest.raises(ValueError, match="two patterns or more"):
+        together("native:libgomp")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        hazard("h", expect="HANG", hang_where=(together("ok", "("),))
+    with pytest.raises(TypeError, match="patterns or together"):
+        hazard("h", expect="HANG", hang_where=(together("a", together("b", "c")),))
+
+
 def test_frame_pattern_names_one_function_in_one_file():
     import re
 

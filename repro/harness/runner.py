@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.harness import evidence as ev
-from repro.harness.spec import Build, Outcome, Scenario, Variant, pattern_label
+from repro.harness.spec import Build, Outcome, Scenario, Together, Variant, pattern_label
 from repro.harness.verdict import HangDetector, proc_readable
 
 LEFTOVER_GRACE_S = 1.0
@@ -705,12 +705,13 @@ def _check_hang_where(result: Result, patterns: tuple[str, ...], notes: list[str
     """A HANG counts as the variant's hazard only if the stacks show it where the variant says
     (``Variant.hang_where``); a hang anywhere else is an ERROR.
 
-    Each pattern is sought process by process: a ``native:`` pattern only in the stacks that
-    have native frames (py-spy --native), a Python one in every stack taken. A pattern that is
-    found nowhere is *missing* (ERROR) only if every process of the tree was searched for it;
-    where some process's stack (or its native frames) could not be taken, the pattern may be
-    there, so it is *unchecked*: the HANG stands, and the evidence and a note say what was not
-    confirmed (the matrix report shows it)."""
+    Each entry (a pattern, or a :func:`~repro.harness.spec.together` group whose patterns must
+    all match in one process) is sought process by process: a ``native:`` pattern only in the
+    stacks that have native frames (py-spy --native), a Python one in every stack taken. An
+    entry found in no process is *missing* (ERROR) only if no process could still hold it: a
+    process whose stack (or native frames) could not be taken, and whose other patterns of the
+    group matched, may be the one, so the entry is *unchecked*: the HANG stands, and the
+    evidence and a note say what was not confirmed (the matrix report shows it)."""
     stacks = result.evidence.get("stacks") or {}
     entries = [e for e in stacks.values() if isinstance(e, dict)]
     if not any(e.get("text") for e in entries):
@@ -722,14 +723,21 @@ def _check_hang_where(result: Result, patterns: tuple[str, ...], notes: list[str
             "unchecked": [pattern_label(p) for p in patterns],
         }
         return
+
+    def searchable(e: dict, pattern: str) -> bool:
+        return bool(e.get("text")) and (not pattern.startswith("native:") or e.get("method") == "py-spy --native")
+
+    def matches(e: dict, pattern: str) -> bool:
+        return re.search(pattern.removeprefix("native:"), e["text"], re.M) is not None
+
     missing, unchecked = [], []
-    for pattern in patterns:
-        is_native = pattern.startswith("native:")
-        regex = pattern.removeprefix("native:")
-        searched = [e["text"] for e in entries if e.get("text") and (not is_native or e.get("method") == "py-spy --native")]
-        if any(re.search(regex, text, re.M) for text in searched):
+    for entry in patterns:
+        group = tuple(entry) if isinstance(entry, Together) else (entry,)
+        # per process: does every pattern it could be searched for match, and could it be searched for all?
+        fits = [(all(matches(e, p) for p in group if searchable(e, p)), all(searchable(e, p) for p in group)) for e in entries]
+        if any(ok and complete for ok, complete in fits):
             continue
-        (unchecked if len(searched) < len(entries) else missing).append(pattern)
+        (unchecked if any(ok and not complete for ok, complete in fits) else missing).append(entry)
     result.evidence["hang_where"] = {
         "checked": True,
         "expected": [pattern_label(p) for p in patterns],

@@ -140,6 +140,8 @@ class Variant:
     # ``native:PATTERN`` is only sought where native frames were taken (py-spy --native); build
     # Python-frame patterns with :func:`frame`, which matches py-spy's and faulthandler's
     # formats. A HANG whose stacks miss one is an ERROR ("hung elsewhere"), not the hazard.
+    # Patterns grouped by :func:`together` must all match in the stacks of one process (the
+    # child's op *and* libgomp in the same hung child, not each somewhere in the tree).
     hang_where: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -147,11 +149,18 @@ class Variant:
             raise ValueError(f"variant {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
         if isinstance(self.hang_where, str):
             raise TypeError(f"variant {self.name!r}: hang_where must be a tuple of patterns, not one string")
-        for pattern in self.hang_where:
-            try:
-                re.compile(pattern.removeprefix("native:"))
-            except re.error as exc:
-                raise ValueError(f"variant {self.name!r}: hang_where {pattern!r} is not a regular expression: {exc}") from None
+        for entry in self.hang_where:
+            for pattern in entry if isinstance(entry, Together) else (entry,):
+                if not isinstance(pattern, str) or isinstance(pattern, Together):
+                    raise TypeError(
+                        f"variant {self.name!r}: hang_where entries are patterns or together(patterns), not {pattern!r}"
+                    )
+                try:
+                    re.compile(pattern.removeprefix("native:"))
+                except re.error as exc:
+                    raise ValueError(
+                        f"variant {self.name!r}: hang_where {pattern!r} is not a regular expression: {exc}"
+                    ) from None
         unknown = sorted(set(self.quick) - set(self.params))
         if unknown:
             raise ValueError(f"variant {self.name!r}: quick overrides params it does not have: {unknown}")
@@ -190,7 +199,24 @@ class Pattern(str):
     label: str
 
 
-def pattern_label(pattern: str) -> str:
+class Together(tuple):
+    """A ``hang_where`` entry: patterns that must all match in the stacks of one process."""
+
+    @property
+    def label(self) -> str:
+        return " and ".join(pattern_label(p) for p in self) + " (in one process)"
+
+
+def together(*patterns: str) -> Together:
+    """Group ``hang_where`` patterns that must be found in the same process: ``together(
+    frame("x.py", "child_op"), "native:libgomp")`` is the child's op waiting in libgomp, where the
+    two patterns alone would also match the op in one process and libgomp in another."""
+    if len(patterns) < 2:
+        raise ValueError("together() groups two patterns or more; a single pattern goes in hang_where as it is")
+    return Together(patterns)
+
+
+def pattern_label(pattern: str | Together) -> str:
     return getattr(pattern, "label", pattern)
 
 

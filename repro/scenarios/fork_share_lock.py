@@ -32,7 +32,7 @@ import threading
 import time
 
 from repro.harness import predict
-from repro.harness.spec import Outcome, fix, frame, hazard, scenario
+from repro.harness.spec import Outcome, fix, frame, hazard, scenario, together
 from repro.scenarios._proc import fork_run
 
 ELEMENTS = 64 * 1024 * 1024  # float32: 256 MiB, a copy of tens to hundreds of ms
@@ -114,9 +114,11 @@ def _mid_share_child(torch, t):
             requires=predict.fork_available,
             # the child, in share_memory_, waiting for a lock (the lock's own frame varies by torch)
             hang_where=(
-                frame("repro/scenarios/fork_share_lock.py", "child_share"),
-                frame("torch/_tensor.py", "share_memory_"),
-                "native:PyThread_acquire_lock",
+                together(
+                    frame("repro/scenarios/fork_share_lock.py", "child_share"),
+                    frame("torch/_tensor.py", "share_memory_"),
+                    "native:PyThread_acquire_lock",
+                ),
             ),
             doc="os.fork while another thread copies a tensor into shared memory; the child shares it",
         ),

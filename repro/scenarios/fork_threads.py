@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 
 from repro.harness import predict
-from repro.harness.spec import Build, Outcome, fix, frame, hazard, scenario
+from repro.harness.spec import Build, Outcome, fix, frame, hazard, scenario, together
 from repro.scenarios._proc import fork_run
 
 ELEMENTS = 4_000_000  # elementwise op size: ~120 grains of 32768, parallel on any pool > 1
@@ -41,7 +41,7 @@ def child_op(child_threads: int | None) -> None:
 
 
 # Where the hazard hangs: the forked child in its parallel op, inside libgomp (native frames).
-_CHILD_IN_GOMP = (frame("repro/scenarios/fork_threads.py", "child_op"), "native:libgomp")
+_CHILD_IN_GOMP = (together(frame("repro/scenarios/fork_threads.py", "child_op"), "native:libgomp"),)
 
 
 def _midregion_expect(build: Build):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 
 from repro.harness import predict
-from repro.harness.spec import fix, frame, hazard, scenario
+from repro.harness.spec import fix, frame, hazard, scenario, together
 
 MODEL = "splitlearn.serving.demo_models:DemoNet"
 KW = {"in_features": 64, "hidden": 1024, "depth": 4, "out_features": 16}
@@ -50,8 +50,7 @@ def _parent_uses_torch(ctx):
             # the parent waits for readiness; the server child hangs in its warm-up forward, in libgomp
             hang_where=(
                 frame("splitlearn/serving/server.py", "_wait_ready"),
-                frame("splitlearn/serving/server.py", "server_main"),
-                "native:libgomp",
+                together(frame("splitlearn/serving/server.py", "server_main"), "native:libgomp"),
             ),
             doc="fork after torch use, ready wait without timeout (the seed's code)",
         ),
