@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -79,7 +80,26 @@ def interpreter(text: str) -> str:
     found = shutil.which(text)
     if found is None:
         raise argparse.ArgumentTypeError(f"no executable interpreter {text!r}")
-    return found
+    # absolute: a relative path is the caller's, but runs start their child in a work dir
+    return os.path.abspath(found)
+
+
+def output_file(text: str) -> str:
+    """A file to write (its missing folders made on writing): not a directory, and not under a
+    file or where this user cannot write, so that the run is not over before it is found out."""
+    if text == "-":
+        return text
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"is a directory: {text!r}")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"not a directory: {str(folder)!r} (in {text!r})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {str(folder)!r} (for {text!r})")
+    return text
 
 
 def _catalogue():
@@ -363,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="load variants with their quick parameters, as the test suite runs them: the same checks on fewer "
         "samples (figures not fit to quote; the record's params say quick)",
     )
-    p.add_argument("--json", metavar="FILE", help="write all results here (rewritten after each run)")
-    p.add_argument("--report", metavar="FILE.md", help="write a Markdown report")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="write all results here (rewritten after each run)")
+    p.add_argument("--report", metavar="FILE.md", type=output_file, help="write a Markdown report")
     p.add_argument("--python", type=interpreter, default=sys.executable, help="interpreter to run scenarios with")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(handler=cmd_run)
@@ -372,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("script", help="run any Python script with the same verdicts")
     p.add_argument("path", nargs="?", help="the script (or the first word after --, for a name that starts with -)")
     p.add_argument("--timeout", type=positive_float, default=60.0, help="hard deadline, seconds (default 60)")
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--json", metavar="FILE", type=output_file)
     p.add_argument(
         "--expect",
         action="append",
@@ -401,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Markdown report from result JSON files")
     p.add_argument("results", nargs="+")
-    p.add_argument("-o", "--output", default="-")
+    p.add_argument("-o", "--output", default="-", type=output_file)
     p.add_argument("--title", default="splitrepro results")
     p.set_defaults(handler=cmd_report)
 

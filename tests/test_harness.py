@@ -618,3 +618,97 @@ def test_serial_run_waits_for_tests_sharing_the_machine(tmp_path, monkeypatch):
     with runner.run_lock(serial=True):
         with open(machine) as other, pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def test_hang_with_an_execd_program_that_is_not_python(tmp_path, monkeypatch):
+    """The root forks and the child execs ``cat`` (the at-fork hook left it a faulthandler file
+    before the exec): HANG, and taking the evidence must not kill ``cat`` (SIGUSR1) and so let
+    the root's waitpid return; both are killed by the harness at the end."""
+    monkeypatch.setattr(ev, "find_py_spy", lambda: None)  # every stack through faulthandler
+    status = tmp_path / "status.txt"
+    r = run("fork_exec_hang", args=[str(status)])
+    assert r.outcome == "HANG", r.summary()
+    assert len(r.evidence["stacks"]) == 2 and len(r.evidence["killed"]) == 2, r.summary()
+    assert not status.exists(), f"the root's waitpid returned (status {status.read_text()}): its child was signalled"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["script", "{ok}", "--no-fingerprint", "--json", "{dir}"],
+        ["script", "{ok}", "--no-fingerprint", "--json", "{file}/r.json"],
+        ["run", "harness_overhead:import-torch", "--json", "{dir}"],
+        ["run", "harness_overhead:import-torch", "--report", "{dir}"],
+        ["report", "{result}", "-o", "{dir}"],
+    ],
+)
+def test_cli_output_that_cannot_be_written_is_a_usage_error(argv, tmp_path, capsys):
+    """--json, --report or -o naming a directory (or a path under a file) is named in one line,
+    exit 2, before anything runs; not a traceback once the run is over."""
+    from repro import cli
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "plain").write_text("")
+    result = tmp_path / "result.json"
+    result.write_text(
+        json.dumps({"scenario": "x.py", "variant": "", "kind": "script", "outcome": "PASS", "expected": ["PASS"]})
+    )
+    paths = {
+        "ok": str(PROGRAMS / "ok.py"),
+        "dir": str(tmp_path / "out"),
+        "file": str(tmp_path / "plain"),
+        "result": str(result),
+    }
+    try:
+        rc = cli.main([a.format(**paths) for a in argv])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err, out + err
+    assert "error:" in err and err.strip().splitlines()[-1].count("error:") == 1, err
+    assert "ok.py" not in out, "nothing ran"
+
+
+def test_fingerprint_of_a_wrapper_interpreter_that_hangs_leaves_nothing_behind(tmp_path, monkeypatch):
+    """An interpreter that is a wrapper script running python as its child (no exec), whose
+    python hangs importing torch: once the fingerprint gives up, neither the wrapper nor its
+    child is left running."""
+    from repro.harness import fingerprint
+
+    pidfile = tmp_path / "child.pid"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in -c) exec {sys.executable} "$@";; esac\n'
+        f"sleep 600 & echo $! > {pidfile}\n"  # stands for the python that hangs importing torch
+        "wait\n"
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(fingerprint, "COLLECT_TIMEOUT_S", 2.0)
+    monkeypatch.setenv("SPLITREPRO_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(fingerprint.FingerprintError, match="no answer in 2s"):
+        fingerprint.get_fingerprint(str(wrapper), refresh=True)
+    child = psutil.Process(int(pidfile.read_text()))
+    try:
+        child.wait(10)  # gone (reaped by its new parent, or here if this process is a subreaper)
+        survived = False
+    except psutil.TimeoutExpired:
+        survived = True
+        child.kill()
+    except psutil.NoSuchProcess:
+        survived = False
+    assert not survived, "the wrapper's child outlived the fingerprint"
+
+
+def test_cli_python_given_as_a_relative_path(tmp_path, monkeypatch, capsys):
+    """``--python venv/bin/python`` names the interpreter from the caller's directory, as a shell
+    would, though the run starts its child in a work dir of its own."""
+    from repro import cli
+
+    here = Path(sys.executable).parent
+    monkeypatch.chdir(here.parent)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a run's dirs, if kept, stay in tmp_path
+    rel = f"{here.name}/{Path(sys.executable).name}"
+    rc = cli.main(["script", str(PROGRAMS / "ok.py"), "--no-fingerprint", "--python", rel, "--", "a", "b"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "PASS" in out, out + err

@@ -651,3 +651,44 @@ def test_hazards_predicted_to_hang_say_where():
         and any(Outcome.HANG in v.expected(Build(fp, v.env))[0] for fp in _BUILDS)
     ]
     assert not missing, f"hazards predicted HANG without hang_where: {missing}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/PID/fd")
+def test_faulthandler_dump_never_signals_a_process_without_the_handler(tmp_path):
+    """A Python process that forks runs sitecustomize's at-fork hook in the child, which makes
+    the child's faulthandler file; the child then execs a program that is not Python (or one
+    without sitecustomize). The file exists, but nothing in the process holds it open: SIGUSR1
+    would kill it (its default action) and let the rest of a hung tree run on."""
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        (tmp_path / f"faulthandler-{proc.pid}.txt").write_text("")  # as the at-fork hook left it
+        assert ev.faulthandler_dump(proc.pid, tmp_path, timeout=2.0) == ""
+        assert proc.poll() is None, f"the dump request killed it (status {proc.returncode})"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/PID/fd")
+def test_faulthandler_dump_still_asks_a_process_with_the_handler(tmp_path):
+    """The same request goes to a Python process that registered the handler on its file."""
+    import subprocess
+
+    code = (
+        "import faulthandler, os, signal, sys\n"
+        f"fh = open(os.path.join({str(tmp_path)!r}, f'faulthandler-{{os.getpid()}}.txt'), 'w')\n"
+        "faulthandler.register(signal.SIGUSR1, file=fh, all_threads=True, chain=False)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        text = ev.faulthandler_dump(proc.pid, tmp_path)
+        assert "most recent call first" in text, text
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -485,6 +485,11 @@ def faulthandler_dump(pid: int, evidence_dir: str | os.PathLike, timeout: float 
     path = Path(evidence_dir) / f"faulthandler-{pid}.txt"
     if not path.exists():
         return ""  # no handler registered: SIGUSR1 would kill it rather than dump
+    if _holds_open(pid, path) is False:
+        # The file is not this process image's: a Python parent's at-fork hook made it before
+        # the child exec'd something that is not Python (or runs without sitecustomize), or an
+        # earlier process had the pid. Its SIGUSR1 is not handled: asking would kill it.
+        return ""
     before = path.stat().st_size
     try:
         os.kill(pid, signal.SIGUSR1)
@@ -514,6 +519,26 @@ def faulthandler_dump(pid: int, evidence_dir: str | os.PathLike, timeout: float 
         except psutil.Error:
             break
     return path.read_text("utf-8", "replace")
+
+
+def _holds_open(pid: int, path: Path) -> bool | None:
+    """Whether ``pid`` has ``path`` open (None: cannot tell here). sitecustomize keeps its
+    faulthandler file open for the life of the process image; Python opens files close-on-exec,
+    so a process that exec'd since holds it no more."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        want = os.stat(path)
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            st = os.stat(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    return False
 
 
 def faulthandler_files(evidence_dir: str | os.PathLike) -> dict[str, str]:

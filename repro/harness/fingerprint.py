@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,25 @@ def cache_dir() -> Path:
     return Path(__file__).resolve().parents[2] / ".repro-cache"
 
 
+def _run(cmd: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with stdout and stderr captured, in a session of its own whose
+    processes are all killed on a timeout or an interruption: an interpreter that is a wrapper
+    script running python as its child (no exec) leaves no hung python behind."""
+    with subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _torch_origin(python: str) -> str:
     if os.path.realpath(python) == os.path.realpath(sys.executable):
         import importlib.util
@@ -139,9 +159,7 @@ def _torch_origin(python: str) -> str:
         return spec.origin if spec and spec.origin else ""
     code = "import importlib.util as u; s = u.find_spec('torch'); print(s.origin if s and s.origin else '')"
     try:
-        out = subprocess.run(
-            [python, "-c", code], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
+        out = _run([python, "-c", code], PROBE_TIMEOUT_S, text=True)
     except subprocess.TimeoutExpired:
         raise FingerprintError(f"could not fingerprint {python}: no answer in {PROBE_TIMEOUT_S:g}s") from None
     except OSError as exc:
@@ -189,15 +207,13 @@ def get_fingerprint(
     from repro.harness.runner import PROJECT_ROOT, child_env
 
     try:
-        proc = subprocess.run(
+        proc = _run(
             [python, "-m", "repro", "env", "--json", "--here"],
-            capture_output=True,
+            timeout,
             text=True,
             errors="replace",
-            timeout=timeout,
             env=child_env(),
             cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         raise FingerprintError(
