@@ -1128,3 +1128,73 @@ def test_a_call_with_a_nan_or_inf_timeout_is_refused_before_it_sends(silent_serv
         with pytest.raises(TimeoutError):
             c.ping(timeout=0)  # 0: no wait at all (the request goes, the answer is not waited for)
     assert transport._ms(INF) == transport._ms(1e12) == 2**31 - 1  # a wait past poll's range polls again
+
+
+def test_a_call_waiting_behind_another_on_the_same_client_keeps_its_timeout(silent_server):
+    """Calls on one client take turns on its connection. A call that found another one under way
+    waited for it without a limit: with the first call's timeout at 60 s, a ping(timeout=0.3)
+    from a second thread hung for the full 60 s. Its timeout covers the wait for its turn too."""
+    path, key, accepted = silent_server
+    c = InferenceClient(path, authkey=key, timeout=60, as_numpy=True)
+    try:
+        t1, out1 = _call_in_thread(lambda: c.infer(np.zeros((1, 8), np.float32)))  # never answered
+        _wait_until(lambda: accepted and accepted[0].poll(0), 10, "the first request reached the server")
+        t0 = time.monotonic()
+        t2, out2 = _call_in_thread(lambda: c.ping(timeout=0.3))
+        t2.join(5)
+        assert not t2.is_alive(), "a call with a 0.3 s timeout still waits 5 s later"
+        assert len(out2) == 1 and isinstance(out2[0], TimeoutError) and time.monotonic() - t0 < 3, out2
+        assert c._broken is None  # nothing of it was sent: the connection is still usable
+    finally:
+        c.close()
+        t1.join(10)
+        t2.join(10)
+
+
+def test_two_threads_closing_one_client_never_shut_down_a_descriptor_it_no_longer_owns(silent_server, monkeypatch):
+    """close() read the descriptor number, shut it down, then closed it under the call lock. A
+    second close() in another thread (a watchdog, and the owner's ``with`` block ending) could
+    read the same number, lose the processor, and shut the number down after the first close()
+    had closed it: by then it may be another connection's (the next socket opened takes the
+    lowest free number). Now one close() at a time: the second finds the connection closed."""
+    from splitlearn.serving import client as client_mod
+
+    path, key, accepted = silent_server
+    c = InferenceClient(path, authkey=key, timeout=10, as_numpy=True)
+    fd = c._conn.fileno()
+    real_shutdown = client_mod.transport.shutdown_fd
+    first_in, go, a_progress = threading.Event(), threading.Event(), threading.Event()
+    stale: list = []
+
+    def shutdown_fd(n):
+        if not first_in.is_set():  # the first close(): paused between reading the number and using it
+            first_in.set()
+            assert go.wait(10)
+        stale.append(c._conn.closed)  # the number is no longer the client's
+        real_shutdown(n)
+
+    class Watched:  # the lock a fixed close() holds: the second close() waiting on it is progress
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            if threading.current_thread() is not first:
+                a_progress.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    monkeypatch.setattr(client_mod.transport, "shutdown_fd", shutdown_fd)
+    c._close_lock = Watched()
+    first = threading.Thread(target=c.close, daemon=True)
+    first.start()
+    assert first_in.wait(10)
+    second = threading.Thread(target=lambda: (c.close(), a_progress.set()), daemon=True)
+    second.start()
+    assert a_progress.wait(10)  # the second close() finished, or waits for the first
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    assert c._conn.closed and stale == [False], f"a shutdown of descriptor {fd} after it was closed: {stale}"

@@ -382,3 +382,40 @@ def test_steps_past_the_models_positions_are_refused(server):
         c.close_session(sid)
     with pytest.raises(ValueError, match="max_cache_tokens"):
         TrunkServer({"gpt2": {"import": "x:Y"}}, max_cache_tokens=0)
+
+
+def test_malformed_model_names_and_steps_are_client_errors_not_internal_errors():
+    """A model name that is not a string (a list, a dict: unhashable) or a step that is not a
+    number raised TypeError/ValueError inside the handler, and the client got internal_error
+    with Python's message, as if the server had a bug. They are the peer's errors: unknown_model,
+    bad_input; the connection keeps working and the counts hold. In process: the connection's
+    reader (serve_conn) on one end of a socket pair, the frames written to the other."""
+    from splitlearn.serving import transport
+    from splitlearn.serving.server import _Conn
+    from splitlearn.serving.trunk_server import TrunkWorker, _Session
+
+    w = TrunkWorker({"authkey": "00", "max_frame": 1 << 20, "max_sessions": 4, "send_timeout": 5.0}, None)
+    w.torch, w.device = torch, torch.device("cpu")
+    w.models, w.locks, w.info = {"m": None}, {"m": threading.Lock()}, {"m": {"hidden_size": 4, "dtype": "float32"}}
+    w.sessions = {1: {"s": _Session("m")}}
+    sent = []
+    w.send = lambda c, frame: sent.append(frame) or True
+    ours, peer = socket.socketpair()
+    c = _Conn(transport.Channel(ours.detach()), 1)
+    h = [torch.zeros(1, 1, 4)]
+    frames = [wire.Frame(wire.MsgType.OPEN_SESSION, 1, {"model": ["m"]}), wire.Frame(wire.MsgType.TRUNK, 2, {"model": {"m": 1}}, h)]
+    for i, step in enumerate(["one", None, [1], "XXXXXX"]):  # the last becomes Infinity, which JSON parses
+        frames.append(wire.Frame(wire.MsgType.TRUNK, 3 + i, {"session": "s", "step": step}, h))
+    frames.append(wire.Frame(wire.MsgType.LIST_MODELS, 7))  # still served
+    with transport.Channel(peer.detach()) as p:
+        for f in frames:
+            p.send_bytes(wire.encode(f).replace(b'"XXXXXX"', b"Infinity"))  # as long: the meta length holds
+    try:
+        w.serve_conn(c)  # to the peer's EOF
+    finally:
+        c.conn.close()
+    got = [(f.request_id, f.meta.get("error")) for f in sent]
+    assert got == [(1, "unknown_model"), (2, "unknown_model")] + [(3 + i, "bad_input") for i in range(4)] + [(7, None)], [f.meta for f in sent]
+    assert all("step" in f.meta["message"] for f in sent[2:6]), [f.meta["message"] for f in sent[2:6]]
+    st = w.snapshot()  # five TRUNK requests, each answered with an error; OPEN_SESSION's is a frame error
+    assert (st["requests"], st["errors"], st["frame_errors"]) == (5, 5, 1), st

@@ -88,6 +88,7 @@ class InferenceClient:
         self.as_numpy = as_numpy
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()  # one close() at a time
         self._conn = transport.connect(address, authkey=authkey, timeout=connect_timeout)
         self._broken: str | None = None
 
@@ -137,13 +138,17 @@ class InferenceClient:
         timeout = self.timeout if timeout is None else transport.check_timeout("timeout", timeout, zero_ok=True)
         if self.wait not in WAIT_MODES:
             raise ValueError(f"wait must be one of {', '.join(WAIT_MODES)}, got {self.wait!r}")
-        with self._lock:
+        # calls take turns on the connection: the wait for this one's turn counts in its timeout
+        t_start = time.monotonic()
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"no turn on the connection within {timeout:.3g}s: another call on this client held it throughout")
+        try:
             if self._broken:
                 raise ServerUnavailable(f"connection unusable: {self._broken}")
             frame.request_id = next(self._ids)
             data = wire.encode(frame, max_frame=self.max_frame)  # a WireError here leaves the connection intact
             t_sent = time.monotonic()
-            t_end = t_sent + timeout
+            t_end = t_start + timeout
             try:
                 try:
                     self._conn.send_bytes(data, deadline=t_end)
@@ -188,6 +193,8 @@ class InferenceClient:
             except transport.UnreadFrame as exc:  # its body was not read: the stream is out of step
                 self._broken = str(exc)
                 raise
+        finally:
+            self._lock.release()
         if reply.type == wire.MsgType.ERROR:
             raise ServerError(str(reply.meta.get("error", "error")), str(reply.meta.get("message", "")))
         return reply
@@ -216,13 +223,16 @@ class InferenceClient:
         """Close the connection; a call waiting on it in another thread ends at once with
         ``ServerUnavailable`` (it is woken first: closing alone would leave it waiting, and its
         descriptor number free for another connection to take)."""
-        conn = self._conn
-        try:
-            transport.shutdown_fd(conn.fileno())
-        except OSError:  # closed already
-            return
-        with self._lock:
-            conn.close()
+        # one at a time: a second close() that read the descriptor number while the first closed
+        # it would shut that number down afterwards, when it may be another connection's
+        with self._close_lock:
+            conn = self._conn
+            try:
+                transport.shutdown_fd(conn.fileno())
+            except OSError:  # closed already
+                return
+            with self._lock:
+                conn.close()
 
     def __enter__(self) -> InferenceClient:
         return self

@@ -204,7 +204,7 @@ class TrunkWorker(ConnServer):
             self.send(c, wire.Frame(T.MODELS, rid, {"models": self.info}))
         elif f.type == T.OPEN_SESSION:
             name = f.meta.get("model")
-            if name not in self.models:
+            if not isinstance(name, str) or name not in self.models:  # a list or dict is no name (and unhashable)
                 return self.reply_error(c, rid, "unknown_model", f"no model {wire.clip(name)} here (models: {', '.join(sorted(self.models))})", request=False)
             with self.sessions_lock:
                 mine = self.sessions.setdefault(c.cid, {})
@@ -238,7 +238,7 @@ class TrunkWorker(ConnServer):
             name = session.model
         else:
             name = f.meta.get("model")
-            if name not in self.models:
+            if not isinstance(name, str) or name not in self.models:  # a list or dict is no name (and unhashable)
                 return self.reply_error(c, rid, "unknown_model", f"no model {wire.clip(name)} here (models: {', '.join(sorted(self.models))})")
         info = self.info[name]
         if not 1 <= len(f.tensors) <= 3:
@@ -253,7 +253,12 @@ class TrunkWorker(ConnServer):
         if hidden.dim() != 3 or hidden.shape[0] < 1 or hidden.shape[1] < 1 or (info["hidden_size"] and hidden.shape[2] != info["hidden_size"]):
             return self.reply_error(c, rid, "bad_input", f"hidden_states shape {list(hidden.shape)}, model {name!r} takes [batch, seq, {info['hidden_size']}]")
         b, q = int(hidden.shape[0]), int(hidden.shape[1])
-        step = int(f.meta.get("step", 0)) if session is not None else 0
+        step = 0
+        if session is not None:
+            try:
+                step = int(f.meta.get("step", 0))
+            except (TypeError, ValueError, OverflowError):  # null, a list, "one", Infinity, NaN
+                return self.reply_error(c, rid, "bad_input", f"step {wire.clip(f.meta.get('step'))}: need an integer")
         past = 0
         if session is not None and step > 0:
             if session.cache is None or step != session.step + 1 or b != session.batch:
