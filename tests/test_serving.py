@@ -925,13 +925,15 @@ def _request(w, c, rid, x):
     w.on_frame(c, wire.Frame(wire.MsgType.REQUEST, rid, tensors=[x]))
 
 
-def test_outputs_that_cannot_be_split_among_batched_requests_are_bad_output():
+def test_outputs_that_cannot_be_split_among_batched_requests_go_again_one_by_one():
     """Requests batched together, and a model whose output has no row per sample (or is no
-    tensor): each caller gets bad_output saying why, not a model_error from inside split."""
+    tensor): never a model_error from inside split. The batch goes again one request at a time:
+    an output with no batch rows is answered as the model returned it (as for a lone request),
+    one that is no tensor is bad_output to each caller, saying why."""
     from splitlearn.serving.demo_models import OutputKindNet
     from splitlearn.serving.server import _Conn
 
-    for kind, match in [(5, "cannot be split among the 2 requests"), (3, "returned dict, not a tensor")]:
+    for kind, match in [(5, None), (3, "returned dict, not a tensor")]:
         w, sent = _worker(OutputKindNet())
         a, b = _Conn(None, 1), _Conn(None, 2)
         _request(w, a, 1, torch.full((1, 3), float(kind)))
@@ -940,8 +942,47 @@ def test_outputs_that_cannot_be_split_among_batched_requests_are_bad_output():
         w.batch_loop()  # both requests waited in the queue: one batch of two
         assert sorted(cid for cid, _ in sent) == [1, 2]
         for _, f in sent:
-            assert f.type == wire.MsgType.ERROR and f.meta["error"] == "bad_output" and match in f.meta["message"], f.meta
-        assert w.snapshot()["max_batch"] == 2
+            if match is None:
+                assert f.type == wire.MsgType.RESPONSE, f.meta
+            else:
+                assert f.type == wire.MsgType.ERROR and f.meta["error"] == "bad_output" and match in f.meta["message"], f.meta
+        st = w.snapshot()
+        assert st["max_batch"] == 2 and st["batch_retries"] == 1, st
+
+
+class _FailsOnNegative(torch.nn.Module):
+    """Doubles its input; raises on a negative value (a request the model cannot take, like a
+    token id its embedding lacks)."""
+
+    def forward(self, x):
+        if bool((x < 0).any()):
+            raise ValueError("negative input")
+        return x * 2
+
+
+def test_a_request_that_fails_the_model_fails_alone_not_its_whole_batch():
+    """One request the model raises on, batched with others from other clients: before, every
+    request of the batch got its model_error; now the batch goes again one request at a time
+    and only that request's caller gets the error."""
+    from splitlearn.serving.server import _Conn
+
+    w, sent = _worker(_FailsOnNegative())
+    conns = [_Conn(None, i) for i in (1, 2, 3)]
+    xs = [torch.ones(1, 2), -torch.ones(2, 2), torch.full((3, 2), 3.0)]
+    for rid, (c, x) in enumerate(zip(conns, xs), 1):
+        _request(w, c, rid, x)
+    w.begin_stop()
+    w.batch_loop()  # all three waited in the queue: one batch of three
+    by_conn = {cid: f for cid, f in sent}
+    assert sorted(by_conn) == [1, 2, 3]
+    assert by_conn[2].type == wire.MsgType.ERROR and by_conn[2].meta["error"] == "model_error"
+    assert "negative input" in by_conn[2].meta["message"]
+    for cid, x in ((1, xs[0]), (3, xs[2])):
+        f = by_conn[cid]
+        assert f.type == wire.MsgType.RESPONSE and f.request_id == cid and torch.equal(f.tensors[0], x * 2), f
+    st = w.snapshot()
+    assert (st["batches"], st["max_batch"], st["batch_retries"]) == (1, 3, 1), st
+    assert (st["requests"], st["responses"], st["errors"], st["undeliverable"]) == (3, 2, 1, 0), st
 
 
 def test_every_request_is_counted_once_however_it_ends():

@@ -21,7 +21,9 @@ The seed-002 fix done for real:
   its own connection; the server keeps serving everyone else. So does an answer that cannot be
   sent: ``bad_output`` for a model output the wire cannot carry (not a tensor, sparse, on the
   meta device, or without the batch's rows when several requests share a forward),
-  ``response_too_large`` past ``max_frame``;
+  ``response_too_large`` past ``max_frame``. A batch whose model call fails (``model_error``,
+  ``bad_output``) goes again one request at a time, so only the requests that fail alone get
+  the error, not the others batched with them (stat ``batch_retries``);
 * every request is counted once in the stats: ``requests == responses + errors +
   undeliverable`` (error answers to anything else count in ``frame_errors``);
 * answers never block the batch loop: what a client's socket does not take at once waits in
@@ -704,6 +706,7 @@ class _Stats:
         self.auth_failures = 0
         self.bad_frames = 0
         self.undeliverable = 0
+        self.batch_retries = 0  # batches that failed and went again one request at a time
         self.slow_clients_dropped = 0
         self.connections_refused = 0
         self.accept_errors = 0
@@ -733,6 +736,7 @@ class _Stats:
                 "auth_failures": self.auth_failures,
                 "bad_frames": self.bad_frames,
                 "undeliverable": self.undeliverable,
+                "batch_retries": self.batch_retries,
                 "slow_clients_dropped": self.slow_clients_dropped,
                 "connections_refused": self.connections_refused,
                 "handshakes_cut": cut,
@@ -1308,8 +1312,25 @@ class _InferenceWorker(ConnServer):
             batch.append(item)
         return batch
 
-    def batch_loop(self) -> None:
+    def _forward(self, reqs: list[_Req]) -> tuple[list | None, str | None, str]:
+        """One model call on ``reqs`` stacked along the batch dimension: (each output split
+        per request, None, "") or (None, what went wrong, its error code)."""
         torch = self.torch
+        try:
+            x = reqs[0].x if len(reqs) == 1 else torch.cat([r.x for r in reqs])
+            with torch.inference_mode():
+                y = self.model(x.to(self.device, non_blocking=False))
+            outs = list(y) if isinstance(y, (tuple, list)) else [y]
+            bad = self._bad_output(outs, x, len(reqs))
+            if bad is not None:
+                return None, bad, "bad_output"
+            if len(reqs) == 1:
+                return [[o] for o in outs], None, ""
+            return [o.split([int(r.x.shape[0]) for r in reqs]) for o in outs], None, ""
+        except Exception as exc:  # noqa: BLE001 - report to the callers, keep serving
+            return None, f"{type(exc).__name__}: {exc}", "model_error"
+
+    def batch_loop(self) -> None:
         while True:
             batch = self.collect()
             if batch is None:
@@ -1334,24 +1355,20 @@ class _InferenceWorker(ConnServer):
                     by_kind.setdefault((r.x.dtype, tuple(r.x.shape[1:])), []).append(r)
                 groups = list(by_kind.values())
             model_s = 0.0
-            for reqs in groups:
-                try:
-                    tm = time.monotonic()
-                    x = reqs[0].x if len(reqs) == 1 else torch.cat([r.x for r in reqs])
-                    with torch.inference_mode():
-                        y = self.model(x.to(self.device, non_blocking=False))
-                    outs = list(y) if isinstance(y, (tuple, list)) else [y]
-                    bad = self._bad_output(outs, x, len(reqs))
-                    if bad is None:
-                        if len(reqs) == 1:
-                            parts = [[o] for o in outs]
-                        else:
-                            parts = [o.split([int(r.x.shape[0]) for r in reqs]) for o in outs]
-                    model_s += time.monotonic() - tm
-                except Exception as exc:  # noqa: BLE001 - report to the callers, keep serving
-                    bad, code = f"{type(exc).__name__}: {exc}", "model_error"
-                else:
-                    code = "bad_output"
+            pending = list(groups)
+            while pending:
+                reqs = pending.pop(0)
+                tm = time.monotonic()
+                parts, bad, code = self._forward(reqs)
+                model_s += time.monotonic() - tm
+                if bad is not None and len(reqs) > 1:
+                    # one request can fail a batch (a token id the embedding lacks): the others
+                    # must not get its error, so each goes again alone and only the failing
+                    # ones are answered with it
+                    with self.stats.lock:
+                        self.stats.batch_retries += 1
+                    pending[:0] = [[r] for r in reqs]
+                    continue
                 if bad is not None:
                     for r in reqs:
                         self._done(r)
