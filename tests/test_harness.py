@@ -576,6 +576,16 @@ def test_child_environment_is_controlled(monkeypatch):
     assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(runner.SITE_DIR), str(runner.PROJECT_ROOT)]
 
 
+def test_child_pythonpath_keeps_the_variants_own_after_the_harness_entries(monkeypatch):
+    """A PYTHONPATH set by the variant (or run_script's env) was replaced by the caller's."""
+    monkeypatch.setenv("PYTHONPATH", "/callers")
+    head = [str(runner.SITE_DIR), str(runner.PROJECT_ROOT)]
+    assert runner.child_env()["PYTHONPATH"].split(os.pathsep) == [*head, "/callers"]
+    assert runner.child_env({"PYTHONPATH": "/mine:/more"})["PYTHONPATH"].split(os.pathsep) == [*head, "/mine", "/more"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert runner.child_env()["PYTHONPATH"].split(os.pathsep) == head
+
+
 def test_hang_at_interpreter_shutdown_is_named():
     r = run("shutdown_hang")
     assert_hang(r, processes=1)

@@ -969,7 +969,7 @@ def test_a_request_that_fails_the_model_fails_alone_not_its_whole_batch():
     w, sent = _worker(_FailsOnNegative())
     conns = [_Conn(None, i) for i in (1, 2, 3)]
     xs = [torch.ones(1, 2), -torch.ones(2, 2), torch.full((3, 2), 3.0)]
-    for rid, (c, x) in enumerate(zip(conns, xs), 1):
+    for rid, (c, x) in enumerate(zip(conns, xs, strict=True), 1):
         _request(w, c, rid, x)
     w.begin_stop()
     w.batch_loop()  # all three waited in the queue: one batch of three

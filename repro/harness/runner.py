@@ -168,8 +168,10 @@ def child_env(
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     path = [str(SITE_DIR), str(PROJECT_ROOT)]
-    if os.environ.get("PYTHONPATH"):
-        path.append(os.environ["PYTHONPATH"])
+    # the variant's (or script's) own PYTHONPATH, else the caller's, after the harness's two
+    user_path = (extra or {}).get("PYTHONPATH", os.environ.get("PYTHONPATH"))
+    if user_path:
+        path.append(str(user_path))
     env["PYTHONPATH"] = os.pathsep.join(path)
     if token:
         env["SPLITREPRO_RUN_TOKEN"] = token
