@@ -286,23 +286,25 @@ class AsyncModelManager:
             ph.waits_for = self._abandoned_of(model_id)
             self._entries[model_id] = ph
             self._failures.pop(model_id, None)
-        log.info(
-            "placeholder for %r (generation %d) inserted in %.3f ms; estimate %.1f MiB",
-            model_id,
-            ph.generation,
-            (time.perf_counter() - t_lock) * 1e3,
-            estimate / 2**20,
-        )
 
         t0 = time.perf_counter()
-        limit = (
-            timeout
-            if timeout is not None
-            else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
-        )
-        loop = asyncio.get_running_loop()
-        deadline = None if limit is None else loop.time() + limit
+        # From here on the placeholder is in the table: everything that can raise (a time limit
+        # that is not a number included) runs inside the try, so that _abandon removes it.
         try:
+            log.info(
+                "placeholder for %r (generation %d) inserted in %.3f ms; estimate %.1f MiB",
+                model_id,
+                ph.generation,
+                (time.perf_counter() - t_lock) * 1e3,
+                estimate / 2**20,
+            )
+            limit = (
+                timeout
+                if timeout is not None
+                else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
+            )
+            loop = asyncio.get_running_loop()
+            deadline = None if limit is None else loop.time() + limit
             ph.aborted = loop.create_future()
             if ph.waits_for is not None:
                 await self._wait_for_abandoned(ph, limit)

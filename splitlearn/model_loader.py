@@ -418,7 +418,9 @@ class ModelLoader:
             return self._estimate_split(config, path)
         if config.model_type == "huggingface" and path.is_dir():
             return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(huggingface_weight_files(path), config.dtype))
-        return int(FULL_LOAD_PEAK_FACTOR * sum(_file_size(f) for f in weight_files(path)))
+        # the pytorch path (a state-dict file): a whole-model load like the others, so a dtype
+        # that widens the weights counts at its converted size
+        return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(weight_files(path), config.dtype))
 
     @staticmethod
     def _estimate_split(config: ModelConfig, path: Path) -> int:
@@ -588,7 +590,9 @@ class ModelLoader:
 
         g = torch.Generator().manual_seed(0)
         if config.model_type == "pytorch":
-            return torch.randn(*config.warmup_input_shape, generator=g).to(config.device)  # type: ignore[misc]
+            # in the dtype the load converted the model to (float32, torch's default, otherwise)
+            x = torch.randn(*config.warmup_input_shape, generator=g)  # type: ignore[misc]
+            return x.to(config.device, _dtype(config.dtype) or x.dtype)
         mcfg = getattr(model, "config", None)
         if config.model_type == "huggingface" or config.component == "bottom":
             vocab = int(getattr(mcfg, "vocab_size", 0) or 0)

@@ -326,6 +326,27 @@ def test_failed_load_leaves_failure_record_and_retry_works(ckpt):
     run(main())
 
 
+@pytest.mark.parametrize("bad", ["5", [1.0]], ids=["str", "list"])
+def test_error_right_after_the_placeholder_is_inserted_removes_it(ckpt, bad):
+    """A time limit that is not a number fails once the placeholder is in the table: the
+    placeholder must still be removed (load_model's promise: in every failing case it is gone),
+    or every later load of the id is refused as a duplicate and get_model says "still loading"."""
+    path, _ = ckpt
+
+    async def main():
+        async with AsyncModelManager() as mgr:
+            with pytest.raises(TypeError):
+                await mgr.load_model(cfg(path), timeout=bad)
+            assert mgr.status("m")["status"] == "failed", mgr.status("m")
+            with pytest.raises(ModelNotFoundError, match="its last load failed: TypeError"):
+                await mgr.get_model("m")
+            managed = await mgr.load_model(cfg(path))
+            assert managed.generation == 2 and mgr.status("m")["status"] == "ready"
+            assert mgr.stats()["workers_running"] == 0
+
+    run(main())
+
+
 @pytest.mark.parametrize("how", ["load_timeout", "timeout_arg", "default_timeout"])
 def test_timeout_removes_placeholder_and_stops_the_worker(ckpt, how):
     path, _ = ckpt

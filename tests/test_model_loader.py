@@ -284,6 +284,23 @@ def test_warmup_with_wrong_shape_is_a_load_error(linear):
         ModelLoader().load_from_config(lin_cfg(st, warmup=True, warmup_input_shape=[4, 5]))
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_warmup_of_a_converted_pytorch_model_uses_its_dtype(linear, dtype):
+    """dtype + warmup is a valid config: the sample input must be in the dtype the load
+    converted the model to, not float32 (the warmup would fail on every such load)."""
+    _, st, _ = linear
+    calls = []
+
+    class Recording(ModelLoader):
+        def warmup(self, model, config, cancel_event=None):
+            model.register_forward_hook(lambda m, i, o: calls.append(i[0].dtype))
+            return super().warmup(model, config, cancel_event)
+
+    model = Recording().load_from_config(lin_cfg(st, dtype=dtype, warmup=True, warmup_input_shape=[2, 6]))
+    assert model.weight.dtype == getattr(torch, dtype)
+    assert calls == [getattr(torch, dtype)] * 2
+
+
 def test_cancel_before_start_and_during_warmup(linear):
     _, st, _ = linear
     ev = threading.Event()
@@ -367,6 +384,25 @@ def test_memory_estimate(linear):
     size = sum(f.stat().st_size for f in tiny.glob("*.safetensors"))
     assert loader.estimate_memory(ModelConfig("x", "huggingface", tiny)) == 2 * size
     assert param_bytes(lin) == (18 + 3) * 4
+
+
+def test_pytorch_estimate_counts_the_weights_in_the_dtype_they_are_converted_to(tmp_path):
+    """estimate_memory's contract for whole-model loads: with a dtype, the weights count at the
+    larger of their size on disk and their converted size. A float32 state dict loaded as
+    float64 holds twice its file's tensor bytes."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    st = tmp_path / "lin64.safetensors"
+    save_file(lin.state_dict(), str(st))
+    tensor_bytes = sum(t.numel() * t.element_size() for t in lin.state_dict().values())
+    cfg = ModelConfig("x", "pytorch", str(st), model_class="torch.nn:Linear",
+                      model_kwargs={"in_features": 64, "out_features": 64})
+    loader = ModelLoader()
+    assert loader.estimate_memory(cfg) == 2 * st.stat().st_size  # unchanged without a dtype
+    cfg.dtype = "float64"
+    assert loader.estimate_memory(cfg) == 2 * (2 * tensor_bytes)
+    cfg.dtype = "bfloat16"  # narrowing: the file as read is the larger figure
+    assert loader.estimate_memory(cfg) == 2 * st.stat().st_size
 
 
 def _state_bytes(module):

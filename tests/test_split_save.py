@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
 from fixtures.reference import split_parts  # noqa: E402
-from splitlearn import ConfigMismatch, CorruptWeights, ModelNotFound  # noqa: E402
+from splitlearn import ConfigMismatch, CorruptWeights, ModelNotFound, SplitLearnError  # noqa: E402
 from splitlearn.models.base import SplitPart  # noqa: E402
 from splitlearn.models.registry import ModelRegistry  # noqa: E402
 
@@ -66,3 +66,33 @@ def test_missing_and_corrupt_saved_parts(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CorruptWeights, match="model.safetensors"):
         trunk_cls.from_saved(d)
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        FileNotFoundError("No such file or directory"),  # how safetensors 0.8 reports EACCES / EMFILE
+        PermissionError(13, "Permission denied"),
+        MemoryError("cannot allocate"),
+    ],
+    ids=["safetensors-open-error", "EACCES", "allocation"],
+)
+def test_saved_part_that_cannot_be_read_is_a_load_error_not_corrupt_weights(tmp_path, monkeypatch, raised):
+    """As for checkpoints (ShardLoader, the factory's traditional path): a saved part whose file
+    cannot be opened or whose tensors cannot be allocated is a ModelLoadError with the cause
+    chained; CorruptWeights is kept for a file safetensors rejects (see the test above)."""
+    import safetensors
+
+    from splitlearn.errors import ModelLoadError
+
+    d = split_parts("qwen2", 1, 3)[1].save_pretrained(tmp_path / "trunk")
+
+    def refuse(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    with pytest.raises(SplitLearnError) as info:
+        ModelRegistry.get_model_class("qwen2", "trunk").from_saved(d)
+    assert type(info.value) is ModelLoadError, repr(info.value)
+    assert "model.safetensors" in str(info.value)
+    assert info.value.__cause__ is not None

@@ -34,6 +34,7 @@ from splitlearn.errors import (
     ConfigMismatch,
     CorruptWeights,
     InvalidSplitPoints,
+    ModelLoadError,
     ModelNotFound,
     SplitLearnError,
 )
@@ -393,8 +394,10 @@ class SplitPart(nn.Module):
     def from_saved(cls, directory: str | os.PathLike) -> SplitPart:
         """Load a part written by :meth:`save_pretrained`. On the base class, the family and part
         are read from ``split_config.json``."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from transformers import AutoConfig
+
+        from splitlearn.loading import _unreadable
 
         directory = Path(directory)
         meta_path = directory / SPLIT_META_FILE
@@ -424,8 +427,13 @@ class SplitPart(nn.Module):
         try:
             with safe_open(str(weights), framework="pt", device="cpu") as fh:
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # safetensors raises its own error types
+        except SafetensorError as exc:  # the file's contents: truncated, malformed header...
             raise CorruptWeights(f"cannot read {weights}: {type(exc).__name__}: {exc}") from exc
+        except OSError as exc:  # the file cannot be opened or read: nothing known to be wrong with it
+            error = _unreadable(weights, exc, "cannot read")
+            raise error from error.__cause__
+        except Exception as exc:  # allocation, mostly: not the file's fault either
+            raise ModelLoadError(f"cannot load {weights}: {type(exc).__name__}: {exc}") from exc
         part.load_tensors(tensors, source=str(weights))
         return part.eval()
 
