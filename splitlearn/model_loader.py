@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 import os
 import threading
 import time
@@ -222,9 +223,12 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 add(f"{name} must be an integer >= 1, got {v!r}")
         if self.load_timeout is not None and (
-            not isinstance(self.load_timeout, (int, float)) or isinstance(self.load_timeout, bool) or self.load_timeout <= 0
+            not isinstance(self.load_timeout, (int, float))
+            or isinstance(self.load_timeout, bool)
+            or not math.isfinite(self.load_timeout)  # NaN passed "<= 0" and timed out at once
+            or self.load_timeout <= 0
         ):
-            add(f"load_timeout must be None or a positive number of seconds, got {self.load_timeout!r}")
+            add(f"load_timeout must be None or a positive finite number of seconds, got {self.load_timeout!r}")
         if self.memory_estimate_bytes is not None and (
             not isinstance(self.memory_estimate_bytes, int) or self.memory_estimate_bytes < 0
         ):

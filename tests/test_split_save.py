@@ -96,3 +96,31 @@ def test_saved_part_that_cannot_be_read_is_a_load_error_not_corrupt_weights(tmp_
     assert type(info.value) is ModelLoadError, repr(info.value)
     assert "model.safetensors" in str(info.value)
     assert info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: "{not json", "JSONDecodeError"),
+        (lambda m: "[]", "expected a JSON object"),
+        (lambda m: {**m, "format_version": 99}, "format_version 99"),
+        (lambda m: {k: v for k, v in m.items() if k != "start_layer"}, "'start_layer' must be an integer"),
+        (lambda m: {**m, "end_layer": "3"}, "'end_layer' must be an integer"),
+        (lambda m: {**m, "family": None}, "'family' must be a string"),
+    ],
+    ids=["not-json", "not-an-object", "newer-format", "field-missing", "field-not-int", "family-not-str"],
+)
+def test_a_malformed_split_config_is_a_load_error_naming_the_file(tmp_path, edit, match):
+    """It was a bare JSONDecodeError, KeyError or TypeError from deep in from_saved."""
+    import json
+
+    from splitlearn.errors import ModelLoadError
+
+    d = split_parts("qwen2", 1, 3)[1].save_pretrained(tmp_path / "trunk")
+    meta_path = d / "split_config.json"
+    new = edit(json.loads(meta_path.read_text()))
+    meta_path.write_text(new if isinstance(new, str) else json.dumps(new))
+    for cls in (SplitPart, ModelRegistry.get_model_class("qwen2", "trunk")):
+        with pytest.raises(ModelLoadError, match=match) as info:
+            cls.from_saved(d)
+        assert "split_config.json" in str(info.value)

@@ -84,6 +84,29 @@ def positions_from_mask(attention_mask: torch.Tensor, query_length: int) -> torc
     return positions[:, -query_length:]
 
 
+def _read_split_meta(path: Path) -> dict[str, Any]:
+    """``split_config.json`` of a saved part, checked: a file that is not JSON, lacks a field,
+    or was written by a newer format is a ModelLoadError naming the file (it was a bare
+    JSONDecodeError or KeyError)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: format_version {version!r}; this splitlearn reads {FORMAT_VERSION} and older")
+    for key in ("family", "part"):
+        if not isinstance(meta.get(key), str):
+            raise ModelLoadError(f"{path}: {key!r} must be a string, got {meta.get(key)!r}")
+    for key in ("num_hidden_layers", "start_layer", "end_layer"):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ModelLoadError(f"{path}: {key!r} must be an integer, got {v!r}")
+    return meta
+
+
 def _num_layers(config: Any) -> int:
     return int(config.num_hidden_layers)
 
@@ -405,7 +428,7 @@ class SplitPart(nn.Module):
             raise ModelNotFound(f"saved part directory {directory} does not exist")
         if not meta_path.is_file():
             raise ModelNotFound(f"{directory} holds no {SPLIT_META_FILE}: not a saved split part")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = _read_split_meta(meta_path)
         target = cls
         if not cls.part:
             from splitlearn.models.registry import ModelRegistry
@@ -416,11 +439,11 @@ class SplitPart(nn.Module):
                 f"{directory} holds a {meta.get('family')} {meta.get('part')} part, not a {cls.family} {cls.part}"
             )
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        if _num_layers(config) != int(meta["num_hidden_layers"]):
+        if _num_layers(config) != meta["num_hidden_layers"]:
             raise ConfigMismatch(
                 f"{directory}: config.json declares {_num_layers(config)} layers, split_config.json {meta['num_hidden_layers']}"
             )
-        part = target.empty(config, int(meta["start_layer"]), int(meta["end_layer"]))
+        part = target.empty(config, meta["start_layer"], meta["end_layer"])
         weights = directory / PART_WEIGHTS_FILE
         if not weights.is_file():
             raise ModelNotFound(f"{directory} holds no {PART_WEIGHTS_FILE}")
