@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -22,13 +21,6 @@ def _items(n):
 
 def _double(batch):
     return [row * 2 for row in batch]
-
-
-def _no_children_left():
-    me = psutil.Process()
-    kids = [c for c in me.children(recursive=True) if "multiprocessing" not in " ".join(c.cmdline())]
-    gone, alive = psutil.wait_procs(kids, timeout=10)
-    assert not alive, f"children left: {[p.pid for p in alive]}"
 
 
 def _threads_end(pipe, timeout=10.0):
@@ -220,9 +212,21 @@ assert len(pipe.worker_pids) == 2, pipe.worker_pids
 for t in pipe.threads:
     t.join(10)
 assert not [t.name for t in pipe.threads if t.is_alive()]
-kids = [c for c in psutil.Process().children(recursive=True) if "multiprocessing" not in " ".join(c.cmdline())]
+# every process below this one is gone but multiprocessing's own helpers (the forkserver, the
+# resource tracker: children with a command line of their own). Not by "multiprocessing" in the
+# command line: a forked worker has this program's, which says multiprocessing_context, and a
+# forkserver's worker has the forkserver's
+me = psutil.Process()
+helpers = {c.pid for c in me.children() if c.cmdline() != me.cmdline() and "multiprocessing" in " ".join(c.cmdline())}
+kids = [c for c in me.children(recursive=True) if c.pid not in helpers]
 gone, alive = psutil.wait_procs(kids, timeout=10)
-assert not alive, f"children left: {[p.pid for p in alive]}"
+assert not alive, f"children left: {[(p.pid, p.ppid()) for p in alive]}"
+def running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+assert not [pid for pid in pipe.worker_pids if running(pid)], f"workers left: {pipe.worker_pids}"
 print("threads at each fork:", json.dumps(threads_at_fork))
 """
 
