@@ -87,23 +87,33 @@ def test_loading_memory_worker_peak_is_its_own_not_its_parents():
     assert int(out.stdout) < 300 << 10, f"the child's peak is {int(out.stdout) >> 10} MiB: its parent's"
 
 
-@pytest.mark.parametrize("stall", ["computing", "off_cpu"])
-def test_heartbeat_tells_a_stall_spent_computing_from_one_spent_off_the_cpu(stall):
+@pytest.mark.parametrize("stall", ["gc_other_thread", "loop_computes", "off_cpu"])
+def test_heartbeat_tells_where_a_stall_was_spent(stall):
     """manager_lock:cold_real counts a stall as its hazard only when the process computed through
-    it (a thread holding the GIL); a stall spent waiting (descheduled, or a blocking call) shows
-    a low CPU share."""
+    it; the heartbeat also says whether the loop's own thread did (or waited for the GIL while
+    another thread held it) and how much of the stall was the cyclic collector, and where."""
     import asyncio
+    import gc
+    import threading
     import time
 
     from repro.scenarios._manager_common import Heartbeat
+
+    junk = [[i] for i in range(2_000_000)] if stall == "gc_other_thread" else None  # ~0.1 s a full collection
 
     async def main() -> Heartbeat:
         hb = Heartbeat(0.005)
         hb.start()
         await asyncio.sleep(0.05)
-        end = time.perf_counter() + 0.3
-        if stall == "computing":
-            while time.perf_counter() < end:  # the loop's thread busy: what a GIL-holding import does to it
+        if stall == "gc_other_thread":
+            # what the seed blames: a full collection in the loading thread, which holds the GIL
+            # throughout, so the loop's thread can only wait
+            t = threading.Thread(target=gc.collect)
+            t.start()
+            await asyncio.get_running_loop().run_in_executor(None, t.join)
+        elif stall == "loop_computes":
+            end = time.perf_counter() + 0.3
+            while time.perf_counter() < end:  # the loop's own thread busy
                 pass
         else:
             time.sleep(0.3)  # the loop's thread blocked and off the CPU
@@ -112,10 +122,46 @@ def test_heartbeat_tells_a_stall_spent_computing_from_one_spent_off_the_cpu(stal
         return hb
 
     hb = asyncio.run(main())
+    del junk
+    assert hb._on_gc not in gc.callbacks  # stop() unhooks it
     summary = hb.summary()
-    assert summary["heartbeat_max_gap_ms"] >= 290
+    gap = summary["heartbeat_max_gap_ms"]
     share = summary["heartbeat_max_gap_cpu_share"]
-    if stall == "computing":
-        assert share >= 0.5, summary  # the threshold cold_real uses
+    loop_share = summary["heartbeat_max_gap_loop_cpu_share"]
+    if stall == "gc_other_thread":
+        assert gap >= 50, summary
+        assert summary["heartbeat_max_gap_gc_ms"] >= 0.5 * gap, summary
+        assert summary["heartbeat_max_gap_gc_max_generation"] == 2, summary
+        assert summary["heartbeat_max_gap_gc_on_loop_ms"] == 0, summary
+        assert loop_share < 0.2 and share >= 2 * loop_share + 0.3, summary
+    elif stall == "loop_computes":
+        assert gap >= 290, summary
+        assert share >= 0.5 and loop_share >= 0.5, summary  # 0.5: the threshold cold_real uses
+        assert summary["heartbeat_max_gap_gc_ms"] < 0.5 * gap, summary
     else:
-        assert share < 0.2, summary
+        assert gap >= 290, summary
+        assert share < 0.2 and loop_share < 0.2, summary
+
+
+def test_heartbeat_times_a_collection_on_the_loop_thread():
+    import asyncio
+    import gc
+
+    from repro.scenarios._manager_common import Heartbeat
+
+    junk = [[i] for i in range(1_000_000)]
+
+    async def main() -> Heartbeat:
+        hb = Heartbeat(0.005)
+        hb.start()
+        await asyncio.sleep(0.03)
+        gc.collect()
+        await asyncio.sleep(0.03)
+        await hb.stop()
+        return hb
+
+    hb = asyncio.run(main())
+    del junk
+    full = [(b - a, on_loop) for a, b, gen, on_loop in hb.collections if gen == 2]
+    assert len(full) == 1 and full[0][0] > 0 and full[0][1] is True, hb.collections
+    assert hb.summary()["heartbeat_gc_n"] == len(hb.collections)

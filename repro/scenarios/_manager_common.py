@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import statistics
 import threading
@@ -249,49 +250,114 @@ class Heartbeat:
     """A task on the loop that ticks every ``interval`` s and keeps the gaps between ticks.
 
     With each gap it keeps the CPU time the whole process used during it (``time.process_time``,
-    every thread): a loop stalled because another thread of this process holds the GIL and
-    computes shows about one CPU-second per second; a loop stalled because the process was not
-    scheduled (other processes on the cores), or waits in a blocking call, shows little."""
+    every thread) and the part of it the loop's own thread used (``time.thread_time``): a loop
+    stalled because another thread of this process holds the GIL and computes shows about one
+    CPU-second per second for the process and little for the loop thread; a loop that computes
+    itself (a collection or an import run on the loop thread) shows it on the loop thread; a
+    loop stalled because the process was not scheduled (other processes on the cores), or waits
+    in a blocking call, shows little for either.
+
+    While it runs it also times every cyclic garbage collection (``gc.callbacks``: start, end,
+    generation, whether it ran on the loop's thread), so a stall can be set against the
+    collections inside it -- the seed's diagnosis of the first-load stalls names the collector.
+    """
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.gaps: list[float] = []
+        self.ends: list[float] = []
         self.cpu: list[float] = []
+        self.loop_cpu: list[float] = []
+        # (start, end, generation, on the loop thread) of each collection while the task runs
+        self.collections: list[tuple[float, float, int, bool]] = []
+        self._gc_started: dict[int, tuple[float, int]] = {}
+        self._loop_thread: int | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        # called by the collector in whichever thread collects, with the GIL held
+        tid = threading.get_ident()
+        if phase == "start":
+            self._gc_started[tid] = (time.perf_counter(), int(info.get("generation", -1)))
+        elif tid in self._gc_started:
+            t0, gen = self._gc_started.pop(tid)
+            self.collections.append((t0, time.perf_counter(), gen, tid == self._loop_thread))
+
     def start(self) -> None:
+        self._loop_thread = threading.get_ident()
+        gc.callbacks.append(self._on_gc)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
 
     async def _run(self) -> None:
-        last, last_cpu = time.perf_counter(), time.process_time()
+        last, last_cpu, last_loop = time.perf_counter(), time.process_time(), time.thread_time()
         while not self._stop.is_set():
             await asyncio.sleep(self.interval)
-            now, now_cpu = time.perf_counter(), time.process_time()
+            now, now_cpu, now_loop = time.perf_counter(), time.process_time(), time.thread_time()
             self.gaps.append(now - last)
+            self.ends.append(now)
             self.cpu.append(now_cpu - last_cpu)
-            last, last_cpu = now, now_cpu
+            self.loop_cpu.append(now_loop - last_loop)
+            last, last_cpu, last_loop = now, now_cpu, now_loop
 
     def reset(self) -> None:
         self.gaps.clear()
+        self.ends.clear()
         self.cpu.clear()
+        self.loop_cpu.clear()
+        self.collections.clear()
+
+    def _longest(self) -> int | None:
+        if not self.gaps:
+            return None
+        return max(range(len(self.gaps)), key=self.gaps.__getitem__)
 
     def max_gap_cpu_share(self) -> float | None:
         """Process CPU seconds per wall second during the longest gap (None before any tick)."""
-        if not self.gaps:
-            return None
-        i = max(range(len(self.gaps)), key=self.gaps.__getitem__)
-        return round(self.cpu[i] / self.gaps[i], 3) if self.gaps[i] > 0 else None
+        i = self._longest()
+        return round(self.cpu[i] / self.gaps[i], 3) if i is not None and self.gaps[i] > 0 else None
+
+    def max_gap_loop_cpu_share(self) -> float | None:
+        """The loop thread's own CPU seconds per wall second during the longest gap."""
+        i = self._longest()
+        return round(self.loop_cpu[i] / self.gaps[i], 3) if i is not None and self.gaps[i] > 0 else None
+
+    def max_gap_collections(self) -> dict[str, Any]:
+        """The collections that overlapped the longest gap: their time inside it, the highest
+        generation, and how much of that time ran on the loop's own thread."""
+        i = self._longest()
+        if i is None:
+            return {"ms": 0.0, "n": 0, "max_generation": None, "on_loop_ms": 0.0}
+        end = self.ends[i]
+        start = end - self.gaps[i]
+        inside = [(max(a, start), min(b, end), gen, on_loop) for a, b, gen, on_loop in self.collections]
+        inside = [c for c in inside if c[1] > c[0]]
+        return {
+            "ms": round(sum(b - a for a, b, _, _ in inside) * 1e3, 3),
+            "n": len(inside),
+            "max_generation": max((gen for _, _, gen, _ in inside), default=None),
+            "on_loop_ms": round(sum(b - a for a, b, _, on_loop in inside if on_loop) * 1e3, 3),
+        }
 
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             await self._task
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def summary(self, prefix: str = "heartbeat") -> dict[str, Any]:
         g = sorted(self.gaps) or [0.0]
+        in_gap = self.max_gap_collections()
         return {
             f"{prefix}_max_gap_cpu_share": self.max_gap_cpu_share(),
+            f"{prefix}_max_gap_loop_cpu_share": self.max_gap_loop_cpu_share(),
+            f"{prefix}_max_gap_gc_ms": in_gap["ms"],
+            f"{prefix}_max_gap_gc_n": in_gap["n"],
+            f"{prefix}_max_gap_gc_max_generation": in_gap["max_generation"],
+            f"{prefix}_max_gap_gc_on_loop_ms": in_gap["on_loop_ms"],
+            f"{prefix}_gc_n": len(self.collections),
+            f"{prefix}_gc_ms": round(sum(b - a for a, b, _, _ in self.collections) * 1e3, 3),
             f"{prefix}_ticks": len(self.gaps),
             f"{prefix}_interval_ms": round(self.interval * 1e3, 3),
             f"{prefix}_max_gap_ms": round(g[-1] * 1e3, 3),

@@ -26,7 +26,11 @@ latency < ``gap_limit_ms``; missing either is the hazards' symptom (``ctx.sympto
   Its symptom is the loop stall alone: the process must be on a CPU through the longest stall
   (``heartbeat_max_gap_cpu_share``, process CPU-seconds per second, >= 0.5; a stall spent waiting
   for a core is contention, an ERROR), and a slow client request without such a stall is only
-  observed (its forward shares the cores with the loading thread).
+  observed (its forward shares the cores with the loading thread). The heartbeat also records,
+  for the longest stall, the loop thread's own CPU share (low: it waited for the GIL while
+  another thread held it; high: the loop's thread did the work itself) and the cyclic
+  collections inside it (``gc.callbacks``: time, generation, thread), which tests the seed's
+  "the collector holds the GIL" diagnosis without deciding the verdict.
 * load ``placeholder_real``: the same load after a tiny model of the family went through the same
   path at startup (a rehearsal before serving) and ``gc.freeze()`` ended startup. Recorded as a
   figure against the limit, not a verdict: 15-40 ms on a quiet machine, 66-580 ms when the
@@ -236,6 +240,17 @@ def manager_lock(ctx) -> None:
         )
         return
     share = figures["heartbeat_max_gap_cpu_share"]
+    if workload == "real":
+        # evidence on the seed's diagnosis, not a verdict: who ran during the longest stall, and
+        # how much of it was the cyclic collector
+        ctx.observe(
+            f"longest stall {figures['heartbeat_max_gap_ms']} ms: process {share} CPU-s/s, of which the loop's "
+            f"thread {figures['heartbeat_max_gap_loop_cpu_share']}; {figures['heartbeat_max_gap_gc_n']} "
+            f"collection(s) in it for {figures['heartbeat_max_gap_gc_ms']} ms (highest generation "
+            f"{figures['heartbeat_max_gap_gc_max_generation']}, {figures['heartbeat_max_gap_gc_on_loop_ms']} ms "
+            f"on the loop's thread); {figures['heartbeat_gc_n']} collections, {figures['heartbeat_gc_ms']} ms "
+            "in all during the load"
+        )
     if workload == "real" and figures["heartbeat_max_gap_ms"] >= limit_ms:
         # the claim is that the loading thread holds the GIL (imports, the collector): the process
         # computes through the stall. A stall it spent mostly off the CPUs is other processes'
