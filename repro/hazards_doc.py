@@ -296,6 +296,14 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         if info.get("finding"):
             out.append(f"**Finding: {info.get('verdict', '')}.** {info['finding']}")
             out.append("")
+        if info.get("history"):
+            # the runs and experiments behind the finding: kept, but folded away
+            out.append("<details><summary>The measurements behind it, run by run</summary>")
+            out.append("")
+            out.append(info["history"])
+            out.append("")
+            out.append("</details>")
+            out.append("")
         if not names:
             out.append("No scenario names this claim: untested.")
             out.append("")

@@ -280,6 +280,12 @@ def test_hazards_verdicts(two_cells, tmp_path, monkeypatch):
     assert "| py3.11-mkl | mixed (1 for, 1 against) | ✘ against: `fork:fork` PASS — hangs (`HANG`)<br>✔ for: `fork:spawn` PASS" in text
     assert f"**Finding: {finding}.**" in text
     assert "No scenario names this claim: untested." in text  # e.g. 000-mutex-harmless here
+    # a claim's history (the runs behind its finding) follows the finding, folded
+    monkeypatch.setitem(hazards_doc.CLAIMS["002-fork-deadlock"], "history", "Run of 2026-11-23: 1.2 s.")
+    text = hazards_doc.render(merged, {"002-fork-deadlock": ["fork"], "002-cuda-fork": ["cuda"]})
+    after = text.split(f"**Finding: {finding}.**", 1)[1]
+    assert after.index("<details><summary>") < after.index("Run of 2026-11-23: 1.2 s.") < after.index("</details>")
+    assert after.index("</details>") < after.index("Scenarios: `fork`.")
 
 
 def test_claim_checks_give_a_verdict_per_cell(two_cells):
