@@ -320,52 +320,15 @@ def test_client_without_authkey_is_rejected(demo):
         c.close()
 
 
-def _served_after_a_failed_handshake(address, how: str) -> list:
-    """What a server gives a peer that failed to authenticate and asks anyway: it got the
-    challenge wrong (``wrong_key``) or sent requests where the answer to the challenge belongs
-    (``no_answer``), read the server's ``#FAILURE#``, and sent STATS and PING. [] when the server
-    closed the connection without serving it; else the frames it answered, and a note if it kept
-    the connection open. (The client's HandshakeError in the tests above proves nothing about the
-    server: CPython's deliver_challenge sends #FAILURE# whatever the server does next.)"""
-    from multiprocessing import AuthenticationError
-    from multiprocessing.connection import answer_challenge
-
-    from splitlearn.serving import transport
-
-    asks = [wire.Frame(wire.MsgType.STATS, 1), wire.Frame(wire.MsgType.PING, 2)]
-    ch = transport.connect(address, authkey=None, timeout=10)  # raw: no handshake of its own
-    try:
-        if how == "wrong_key":
-            with pytest.raises(AuthenticationError):
-                answer_challenge(ch, b"not the key")  # reads the server's #FAILURE#
-        else:
-            assert ch.recv_bytes().startswith(b"#CHALLENGE#")
-            asks.insert(0, wire.Frame(wire.MsgType.PING, 9))  # taken for the answer to the challenge
-        try:
-            for frame in asks:
-                transport.send_frame(ch, frame)
-        except ServerUnavailable:
-            pass  # the server closed the connection already
-        if how == "no_answer":
-            assert ch.recv_bytes() == b"#FAILURE#"
-        served: list = []
-        try:
-            while True:  # until the server closes the connection
-                served.append(transport.recv_frame(ch, timeout=10))
-        except ServerUnavailable:
-            return served
-        except TimeoutError:  # neither closed nor answered any more: kept open for the peer
-            return [*served, "still open 10 s later"]
-    finally:
-        ch.close()
-
-
 @pytest.mark.parametrize("how", ["wrong_key", "no_answer"])
 def test_a_peer_that_fails_authentication_is_never_served(demo, how):
     srv, _ = demo
     with srv.client() as c:
         failures = c.stats()["auth_failures"]
-    served = _served_after_a_failed_handshake(srv.address, how)
+    from fixtures.peers import served_after_a_failed_handshake
+
+    asks = [wire.Frame(wire.MsgType.STATS, 1), wire.Frame(wire.MsgType.PING, 2)]
+    served = served_after_a_failed_handshake(srv.address, how, asks)
     assert served == [], f"served after a failed handshake: {[getattr(f, 'meta', f) for f in served]}"
     with srv.client() as c:
         assert c.stats()["auth_failures"] == failures + 1

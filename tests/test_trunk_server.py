@@ -168,39 +168,12 @@ def test_a_peer_that_fails_authentication_is_never_served(server, how):
     """The client's HandshakeError above comes from CPython's deliver_challenge, which tells the
     client it failed whatever the server does next: a peer without the key that ignores the
     #FAILURE# and asks anyway (STATS, LIST_MODELS, PING) must find the connection closed."""
-    from multiprocessing import AuthenticationError
-    from multiprocessing.connection import answer_challenge
-
-    from splitlearn.serving import transport
+    from fixtures.peers import served_after_a_failed_handshake
 
     with server.client() as ok:
         failures = ok.stats()["auth_failures"]
     asks = [wire.Frame(wire.MsgType.STATS, 1), wire.Frame(wire.MsgType.LIST_MODELS, 2), wire.Frame(wire.MsgType.PING, 3)]
-    ch = transport.connect(server.address, authkey=None, timeout=10)  # raw: no handshake of its own
-    served = []
-    try:
-        if how == "wrong_key":
-            with pytest.raises(AuthenticationError):
-                answer_challenge(ch, b"wrong" * 8)  # reads the server's #FAILURE#
-        else:
-            assert ch.recv_bytes().startswith(b"#CHALLENGE#")
-            asks.insert(0, wire.Frame(wire.MsgType.PING, 9))  # taken for the answer to the challenge
-        try:
-            for frame in asks:
-                transport.send_frame(ch, frame)
-        except ServerUnavailable:
-            pass  # the server closed the connection already
-        if how == "no_answer":
-            assert ch.recv_bytes() == b"#FAILURE#"
-        try:
-            while True:  # until the server closes the connection
-                served.append(transport.recv_frame(ch, timeout=10))
-        except ServerUnavailable:
-            pass
-        except TimeoutError:  # neither closed nor answered any more: kept open for the peer
-            served.append("still open 10 s later")
-    finally:
-        ch.close()
+    served = served_after_a_failed_handshake(server.address, how, asks)
     assert served == [], f"served after a failed handshake: {[getattr(f, 'meta', f) for f in served]}"
     with server.client() as ok:
         assert ok.stats()["auth_failures"] == failures + 1
