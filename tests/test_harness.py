@@ -498,6 +498,37 @@ def _signals_as_from_a_terminal() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+def test_an_interruption_inside_popen_still_kills_the_tree(tmp_path, monkeypatch):
+    """Ctrl-C arriving while Popen still runs in the parent (the child forked and exec'd, Popen
+    not yet returned: under load, test_interrupted_run_leaves_nothing_behind hit it about once in
+    15 runs) loses the Popen object; the root and its tree were left running."""
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_interrupted(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        raise KeyboardInterrupt  # as the signal handler would, before Popen returns
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen_then_interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_script(PROGRAMS / "long_sleep.py", timeout=GENEROUS, fingerprint=False)
+        monkeypatch.undo()
+        assert len(started) == 1
+        root = started[0]
+        try:
+            status = psutil.Process(root.pid).status()
+        except psutil.NoSuchProcess:
+            status = None  # killed and reaped
+        assert status is None, f"the root outlived the harness ({status})"
+    finally:
+        for p in started:  # fail, but leave nothing running
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p.pid, 0)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_interrupted_run_leaves_nothing_behind(tmp_path, sig):
     """Ctrl-C (SIGINT), SIGTERM (``timeout``, a CI cancel) or SIGHUP (a closed terminal) in the

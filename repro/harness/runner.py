@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from repro.harness import evidence as ev
 from repro.harness.spec import Build, Outcome, Scenario, Together, Variant, pattern_label
 from repro.harness.verdict import HangDetector, proc_readable
@@ -453,9 +455,12 @@ def _run(
                 *_after_dashdash(child_args),
             ]
             # The try opens before the start: an interruption (Ctrl-C, SIGTERM through the CLI)
-            # at any point after Popen returns still kills the tree.
+            # at any point after Popen returns still kills the tree. One that comes while Popen
+            # still runs (after the fork: it waits for the exec) loses the Popen object, but the
+            # root is then a new child of this process leading a session of its own.
             proc: subprocess.Popen | None = None
             tree: ev.Tree | None = None
+            children_before = _child_pids()
             try:
                 with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
                     proc = subprocess.Popen(
@@ -499,6 +504,8 @@ def _run(
                 # bug: never leave the tree behind
                 if proc is not None:
                     (tree or ev.Tree(proc.pid, token)).kill_all(proc)
+                else:
+                    _kill_unowned_roots(_child_pids() - children_before, token)
                 raise
     except KeyboardInterrupt:
         # the user stopped it (also while waiting for the run lock): no verdict, so no evidence
@@ -527,6 +534,27 @@ def _run(
     else:
         (run_dir / "verdict.json").write_text(result.to_json())
     return result
+
+
+def _child_pids() -> set[int]:
+    try:
+        return {c.pid for c in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def _kill_unowned_roots(pids: set[int], token: str) -> None:
+    """Kill and reap the trees of children started by an interrupted Popen (its object lost):
+    those of ``pids`` that lead a session of their own (``start_new_session``), as a root does."""
+    for pid in pids:
+        try:
+            if os.getsid(pid) != pid:
+                continue  # not a root of ours: a child started some other way
+        except OSError:
+            continue
+        ev.Tree(pid, token).kill_all()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # no Popen owns it: reap it here
 
 
 def _remove_scratch(path: Path, shown: int = 20) -> list[str]:
