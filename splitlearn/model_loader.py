@@ -377,6 +377,13 @@ def _full_load_bytes(files: Sequence[Path], dtype: str | None) -> int:
     return max(on_disk, converted)
 
 
+def _default_dtype_name() -> str:
+    """The dtype a module built without one holds its floating parameters in."""
+    import torch
+
+    return str(torch.get_default_dtype()).replace("torch.", "")
+
+
 def _dtype(name: str | None) -> Any:
     import torch
 
@@ -397,7 +404,9 @@ class ModelLoader:
         """Bytes of host memory a load of ``config`` may need at its peak, or
         ``config.memory_estimate_bytes`` when given. Counts only what the chosen path reads:
 
-        * ``pytorch``: ``FULL_LOAD_PEAK_FACTOR`` x the state-dict file;
+        * ``pytorch``: ``FULL_LOAD_PEAK_FACTOR`` x the state-dict file, its floating tensors
+          counted in torch's default dtype when no ``dtype`` is given (the module is built in it
+          and the file's tensors copied in: a float16 file fills float32 parameters);
         * ``huggingface``: ``FULL_LOAD_PEAK_FACTOR`` x the files ``from_pretrained`` will read
           (safetensors when present, else the .bin; see :func:`huggingface_weight_files`);
         * split families, traditional path: ``FULL_LOAD_PEAK_FACTOR`` x the safetensors
@@ -423,8 +432,10 @@ class ModelLoader:
         if config.model_type == "huggingface" and path.is_dir():
             return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(huggingface_weight_files(path), config.dtype))
         # the pytorch path (a state-dict file): a whole-model load like the others, so a dtype
-        # that widens the weights counts at its converted size
-        return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(weight_files(path), config.dtype))
+        # that widens the weights counts at its converted size. Without one, the module is built
+        # in torch's default dtype and load_state_dict copies the file's tensors into it: a
+        # float16 file fills float32 parameters, twice its size
+        return int(FULL_LOAD_PEAK_FACTOR * _full_load_bytes(weight_files(path), config.dtype or _default_dtype_name()))
 
     @staticmethod
     def _estimate_split(config: ModelConfig, path: Path) -> int:

@@ -407,6 +407,23 @@ def test_pytorch_estimate_counts_the_weights_in_the_dtype_they_are_converted_to(
     assert loader.estimate_memory(cfg) == 2 * st.stat().st_size
 
 
+def test_pytorch_estimate_without_a_dtype_counts_the_weights_at_the_modules_dtype(tmp_path):
+    """Without a dtype the module is built in torch's default dtype (float32) and the file's
+    tensors are copied into it: a float16 state dict fills parameters twice its size. The
+    estimate counts that (it counted the file's float16 bytes), and the load confirms it."""
+    torch.manual_seed(0)
+    half = {k: v.half() for k, v in torch.nn.Linear(64, 64).state_dict().items()}
+    st = tmp_path / "lin64-f16.safetensors"
+    save_file(half, str(st))
+    cfg = ModelConfig("x", "pytorch", str(st), model_class="torch.nn:Linear",
+                      model_kwargs={"in_features": 64, "out_features": 64})
+    model = ModelLoader().load_from_config(cfg)
+    held = _state_bytes(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert held == 2 * sum(t.numel() * t.element_size() for t in half.values())
+    assert ModelLoader().estimate_memory(cfg) == 2 * held  # FULL_LOAD_PEAK_FACTOR x what it holds
+
+
 def _state_bytes(module):
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
