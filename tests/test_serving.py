@@ -1062,6 +1062,35 @@ def test_an_answer_that_finds_no_writer_thread_drops_that_client_without_raising
         peer.close()
 
 
+def test_an_answer_that_cannot_even_be_an_error_shuts_the_connection_under_its_send_lock(monkeypatch):
+    """With a max_frame too small for even the error answer, the connection is given up; its
+    descriptor was shut down without the send lock, under which the reader closes it: closed
+    meanwhile, that number may already be another client's connection. Now under the lock."""
+    import socket
+
+    from splitlearn.serving import server, transport
+    from splitlearn.serving.server import ConnServer, _Conn
+
+    srv = ConnServer({"authkey": "00", "max_frame": 16}, None)
+    ours, peer = socket.socketpair()
+    c = _Conn(transport.Channel(ours.detach()), 1)
+    held = []
+    real = transport.shutdown_fd
+
+    def shutdown_fd(fd):
+        held.append(c.send_lock.locked())
+        real(fd)
+
+    monkeypatch.setattr(server.transport, "shutdown_fd", shutdown_fd)
+    try:
+        assert srv.send(c, wire.Frame(wire.MsgType.PONG, 1, {"pad": "x" * 100})) is False
+        assert held == [True] and not c.alive
+        assert peer.recv(1) == b""  # shut down: the peer reads EOF
+    finally:
+        c.conn.close()
+        peer.close()
+
+
 def test_an_answer_read_whole_but_undecodable_leaves_the_connection_usable():
     """An as_numpy client that gets a bfloat16 answer: the frame was read whole, so the stream is
     in step, yet the client marked the connection broken on any WireError and every later call

@@ -1008,7 +1008,8 @@ class ConnServer:
         if not c.alive:
             return False
         if data is None:  # not even an error answer fits in max_frame: the caller cannot be told
-            self._lost(c)
+            with c.send_lock:  # the reader closes the descriptor under this lock: never shut a reused one
+                self._lost(c)
             return False
         msg = transport.frame_header(len(data)) + data  # the Channel framing, in one buffer
         with c.send_lock:
@@ -1072,7 +1073,9 @@ class ConnServer:
                     self._lost(c)
 
     def _lost(self, c: _Conn) -> None:
-        """Mark ``c`` dead and wake its reader (with EOF), which then drops it."""
+        """Mark ``c`` dead and wake its reader (with EOF), which then drops it. Call it holding
+        ``c.send_lock``: the reader closes the descriptor under that lock, and a descriptor
+        closed meanwhile may already number another client's connection."""
         c.alive = False
         if not c.conn.closed:
             transport.shutdown_fd(c.conn.fileno())
