@@ -365,6 +365,12 @@ class Pipeline:
         for t in self.threads:
             t.join(join_timeout)
         self.stuck_threads = [t.name for t in self.threads if t.is_alive()]
+        if self.num_workers and self.threads[1].is_alive():
+            # the stage thread shuts its DataLoader's workers down as it ends; stuck (inside
+            # model_fn, or waiting on a worker) it may never end: do it here, or they run on
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if self.num_workers:
             q_in.cancel_join_thread()
             q_in.close()
@@ -372,8 +378,7 @@ class Pipeline:
             stalls = [e for e in errors if isinstance(e, StageStalled)]
             raise (stalls[0] if stalls else errors[0])
         if not finished:
-            oldest = min(stages.values(), key=lambda s: s.last_progress if s.state != "done" else float("inf"))
-            raise PipelineError(f"pipeline did not finish within {timeout:.1f}s: {oldest.describe()}; counts {_counts(stages)}")
+            raise PipelineError(f"pipeline did not finish within {timeout:.1f}s: {_culprit(stages).describe()}; counts {_counts(stages)}")
         ids = sorted(seen)
         counts = _counts(stages)
         dup = sorted(i for i, n in Counter(seen).items() if n > 1)
@@ -388,6 +393,25 @@ class Pipeline:
             counts=counts,
             outputs=sorted(outputs, key=lambda p: p[0]),
         )
+
+
+_WAITING = frozenset({"idle", "read", "done"})  # states of a stage that waits for its input (or has finished)
+
+
+def _culprit(stages: dict[str, StageState]) -> StageState:
+    """The stage that holds a pipeline up: of the stages doing something (a forward, a consumer
+    call, a put), the one longest without progress; one blocked putting into a queue waits for
+    the stage downstream of it. A stage waiting for input is only its victim (the consumer
+    waits from the start). When every stage waits, the one longest without progress."""
+    order = list(stages)
+    busy = [s for s in stages.values() if s.state not in _WAITING]
+    if not busy:
+        live = [s for s in stages.values() if s.state != "done"] or list(stages.values())
+        return min(live, key=lambda s: s.last_progress)
+    st = min(busy, key=lambda s: s.last_progress)
+    while st.state.startswith("put:") and order.index(st.name) + 1 < len(order):
+        st = stages[order[order.index(st.name) + 1]]
+    return st
 
 
 def _counts(stages: dict[str, StageState]) -> dict[str, int]:

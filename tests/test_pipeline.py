@@ -127,8 +127,10 @@ def test_overall_timeout_names_a_stage():
 
     # queue large enough that the producer never blocks: only the overall timeout fires
     pipe = Pipeline(stalls, batch_size=1, queue_size=64, put_timeout=60)
-    with pytest.raises(PipelineError, match="did not finish within 1.0s"):
+    with pytest.raises(PipelineError, match="did not finish within 1.0s") as info:
         pipe.run(_items(4), timeout=1.0, join_timeout=0.5)
+    # the stage stuck in its forward, not the consumer that has waited for it from the start
+    assert "stage 'model' in 'forward'" in str(info.value), str(info.value)
     gate.set()
     _threads_end(pipe)
 
@@ -246,3 +248,48 @@ def test_drain_through_worker_processes(method):
         names = json.loads(forks[0].split(":", 1)[1])
         assert len(names) == 2, names  # one fork per worker
         assert all(n == ["MainThread"] for n in names), f"threads alive when a worker was forked: {names}"
+
+
+_STUCK_STAGE_PROGRAM = r"""
+import sys, threading
+import psutil, torch
+from splitlearn.pipeline import Pipeline, PipelineError
+
+gate = threading.Event()
+def stuck(batch):
+    gate.wait()
+    return [row * 2 for row in batch]
+
+pipe = Pipeline(stuck, batch_size=2, queue_size=64, put_timeout=60, num_workers=2, multiprocessing_context="fork")
+try:
+    pipe.run([torch.tensor([i]) for i in range(8)], timeout=3, join_timeout=0.5)
+except PipelineError as exc:
+    print("raised:", exc)
+else:
+    sys.exit("no error")
+assert pipe.stuck_threads == ["pipeline-model"], pipe.stuck_threads
+assert len(pipe.worker_pids) == 2, pipe.worker_pids
+procs = []
+for pid in pipe.worker_pids:
+    try:
+        procs.append(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        pass
+gone, alive = psutil.wait_procs(procs, timeout=10)
+left = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+gate.set()
+for t in pipe.threads:
+    t.join(10)
+assert not [t.name for t in pipe.threads if t.is_alive()]
+assert not left, f"workers still running after run() returned: {left}"
+print("ok")
+"""
+
+
+def test_a_stage_stuck_in_model_fn_leaves_no_worker_process_running():
+    """run() gives up on a stage stuck inside model_fn (listed in stuck_threads); the stage's
+    DataLoader workers used to be shut down only by that thread, so they kept running until it
+    came back, if ever. run() now shuts them down itself before it raises."""
+    out = subprocess.run([sys.executable, "-c", _STUCK_STAGE_PROGRAM], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok"), out.stdout
