@@ -435,3 +435,108 @@ def test_malformed_model_names_and_steps_are_client_errors_not_internal_errors()
     assert all("step" in f.meta["message"] for f in sent[2:6]), [f.meta["message"] for f in sent[2:6]]
     st = w.snapshot()  # five TRUNK requests, each answered with an error; OPEN_SESSION's is a frame error
     assert (st["requests"], st["errors"], st["frame_errors"]) == (5, 5, 1), st
+
+
+def test_every_sessions_cache_together_is_bounded_by_max_cache_bytes():
+    """max_cache_tokens bounds one session's cache; sessions were bounded only in number per
+    connection, so enough of them (on enough connections) could fill the server's memory. All
+    caches together are now bounded by max_cache_bytes: a step past it gets cache_full and
+    changes nothing; a closed session, a failed step and a gone connection give their bytes
+    back. In process, with a stand-in trunk whose cache is a real tensor of 8 bytes a token
+    (and one that cannot say its bytes per token beforehand: counted from what it left)."""
+    from types import SimpleNamespace
+
+    from splitlearn.serving.server import _Conn
+    from splitlearn.serving.trunk_server import TrunkWorker
+
+    class Trunk(torch.nn.Module):  # the cache: [batch, positions, 2] float32 = 8 bytes a token
+        def forward(self, hidden, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+            if hidden.shape[2] == 5:
+                raise RuntimeError("five is right out")
+            new = torch.zeros(hidden.shape[0], hidden.shape[1], 2)
+            cache = new if past_key_values is None else torch.cat([past_key_values[0], new], dim=1)
+            return SimpleNamespace(hidden_states=hidden, past_key_values=(cache,))
+
+    for known in (8, None):
+        w = TrunkWorker({"authkey": "00", "max_frame": 1 << 20, "max_sessions": 4, "max_cache_bytes": 80}, None)
+        w.torch, w.device = torch, torch.device("cpu")
+        w.models, w.locks = {"m": Trunk()}, {"m": threading.Lock()}
+        w.info = {"m": {"hidden_size": None, "dtype": "float32", "max_positions": 100, "kv_bytes_per_token": known}}
+        sent = []
+        w.send = lambda c, frame, sent=sent: sent.append(frame) or True
+        w._send_encoded = lambda c, data, sent=sent: sent.append(wire.decode(data)) or True
+        c, d = _Conn(None, 1), _Conn(None, 2)
+        opened = []
+        for conn in (c, c, d):
+            w.on_frame(conn, wire.Frame(wire.MsgType.OPEN_SESSION, 1, {"model": "m"}))
+            opened.append(sent.pop().meta["session"])
+        s, t, u = opened
+
+        def step(conn, session, n, q, width=4, w=w, sent=sent):
+            w.on_frame(conn, wire.Frame(wire.MsgType.TRUNK, 9, {"session": session, "step": n}, [torch.zeros(1, q, width)]))
+            return sent.pop().meta.get("error")
+
+        assert step(c, s, 0, 6) is None and w.cache_bytes == 48
+        if known is None:  # a first step is counted only from what it left: it may pass the bound
+            assert step(d, u, 0, 6) is None and w.cache_bytes == 96
+            assert step(d, u, 1, 1) == "cache_full" and w.sessions[2][u].cache_len == 6  # 7 more tokens' worth: refused
+            w.on_frame(d, wire.Frame(wire.MsgType.CLOSE_SESSION, 1, {"session": u}))
+            sent.pop()
+            assert w.cache_bytes == 48
+        else:
+            assert step(d, u, 0, 5) == "cache_full" and w.cache_bytes == 48  # 48 + 40 > 80: refused, nothing counted
+            assert w.sessions[2][u].cache is None
+            assert step(c, s, 1, 1) is None and w.cache_bytes == 56  # its own session grows: 7 tokens
+            assert step(c, t, 0, 4) == "cache_full"  # another session of the same connection: 56 + 32 > 80
+            assert step(c, t, 0, 3) is None and w.cache_bytes == 80  # exactly at the bound
+            assert step(c, t, 0, 3, width=5) == "model_error" and w.cache_bytes == 56  # a failed step drops its cache
+            assert step(d, u, 0, 3) is None and w.cache_bytes == 80
+            w.on_disconnect(d)  # its connection gone: its sessions' bytes back
+            assert w.cache_bytes == 56
+            w.on_frame(c, wire.Frame(wire.MsgType.CLOSE_SESSION, 1, {"session": s}))
+            sent.pop()
+            assert w.cache_bytes == 0
+        st = w.snapshot()
+        assert st["max_cache_bytes"] == 80 and st["cache_bytes"] == w.cache_bytes and st["cache_full"] >= 1
+
+
+def test_the_kv_bytes_per_token_are_measured_at_load_and_bound_a_real_server():
+    """End to end with the tiny GPT-2 trunk: the server measures its KV bytes per token (what a
+    one-token forward's cache holds, as a local trunk's), counts each session's cache at that,
+    and refuses a step past max_cache_bytes with cache_full while other sessions go on."""
+    family, (s1, s2) = "gpt2", SPLITS["gpt2"]
+    _, trunk, _ = split_parts(family, s1, s2)
+    with torch.inference_mode():
+        from splitlearn.serving.trunk_server import cache_nbytes
+
+        per_token = cache_nbytes(trunk(torch.zeros(1, 1, 64), use_cache=True).past_key_values)
+        five = cache_nbytes(trunk(torch.zeros(1, 5, 64), use_cache=True).past_key_values)
+    assert per_token and five == 5 * per_token
+    models = {family: {"model_type": family, "path": str(tiny_model_dir(family)), "split_points": [s1, s2]}}
+    srv = TrunkServer(models, start_timeout=180, max_cache_bytes=10 * per_token)
+    srv.start()
+    try:
+        with srv.client(timeout=30) as a, srv.client(timeout=30) as b:
+            assert a.list_models()[family]["kv_bytes_per_token"] == per_token
+            sa, sb = a.open_session(family), b.open_session(family)
+            a.forward(torch.randn(1, 6, 64), session=sa, step=0)
+            with pytest.raises(ServerError, match="max_cache_bytes") as e:
+                b.forward(torch.randn(1, 6, 64), session=sb, step=0)
+            assert e.value.code == "cache_full"
+            a.forward(torch.randn(1, 1, 64), torch.ones(1, 7, dtype=torch.long), session=sa, step=1)
+            st = a.stats()
+            assert (st["cache_bytes"], st["max_cache_bytes"], st["cache_full"]) == (7 * per_token, 10 * per_token, 1), st
+            a.close_session(sa)
+            b.forward(torch.randn(1, 6, 64), session=sb, step=0)  # room again
+            assert b.stats()["cache_bytes"] == 6 * per_token
+    finally:
+        srv.close()
+
+
+def test_max_cache_bytes_defaults_to_a_quarter_of_the_devices_memory(server):
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with server.client() as c:
+        assert c.stats()["max_cache_bytes"] == ram // 4
+    for bad in (0, -1, "lots", True):
+        with pytest.raises(ValueError, match="max_cache_bytes"):
+            TrunkServer({"gpt2": {"import": "x:Y"}}, max_cache_bytes=bad)

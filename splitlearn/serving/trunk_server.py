@@ -18,7 +18,12 @@ the bottom's hidden states; the server runs its trunk and sends the trunk's hidd
   (``max_position_embeddings`` / ``n_positions`` of its config, or ``max_positions`` in an
   import spec), or a session's cache past ``max_cache_tokens`` (batch x cached positions), gets
   a ``bad_input`` error and leaves the cache as it was; so does a stateless forward longer
-  than the model's positions;
+  than the model's positions. All sessions' caches together are bounded by
+  ``max_cache_bytes`` (by default a quarter of the serving device's memory): a step that would
+  take them past it gets ``cache_full`` and leaves its cache as it was (close sessions, or try
+  again when others have closed). A step is checked before it runs from the model's KV bytes
+  per token, measured at load with a one-token forward, and counted after it from the cache
+  it left;
 * tensors travel in :mod:`splitlearn.serving.wire` frames (dtype + shape header, raw bytes, a
   maximum frame size): no pickle anywhere;
 * a bad frame, wrong dtype or shape, unknown model or session gets an error frame on its own
@@ -76,14 +81,24 @@ class TrunkServer(ManagedServer):
         device: str = "cpu",
         max_sessions: int = 64,
         max_cache_tokens: int | None = None,
+        max_cache_bytes: int | str | None = "auto",
         **kw: Any,
     ) -> None:
         """``max_cache_tokens``: the most tokens (batch x positions) one session's KV cache may
-        hold; ``None``: no bound but the model's positions."""
+        hold; ``None``: no bound but the model's positions. ``max_cache_bytes``: the most bytes
+        the KV caches of every session of every connection may hold together; ``"auto"`` (the
+        default): a quarter of the serving device's memory (its RAM for ``cpu``), worked out in
+        the server process and reported as ``max_cache_bytes`` in ``stats()``; ``None``: no
+        bound."""
         super().__init__(**kw)
         if max_cache_tokens is not None and int(max_cache_tokens) < 1:
             raise ValueError("max_cache_tokens must be >= 1 (or None)")
         self.max_cache_tokens = None if max_cache_tokens is None else int(max_cache_tokens)
+        if max_cache_bytes is not None and max_cache_bytes != "auto":
+            if isinstance(max_cache_bytes, (bool, str)) or int(max_cache_bytes) < 1:
+                raise ValueError(f"max_cache_bytes must be a number of bytes >= 1, 'auto' or None, not {max_cache_bytes!r}")
+            max_cache_bytes = int(max_cache_bytes)
+        self.max_cache_bytes = max_cache_bytes
         if not models:
             raise ValueError("a trunk server needs at least one model")
         self.models = {str(n): _validate_spec(str(n), s) for n, s in models.items()}
@@ -100,6 +115,7 @@ class TrunkServer(ManagedServer):
             device=self.device,
             max_sessions=self.max_sessions,
             max_cache_tokens=self.max_cache_tokens,
+            max_cache_bytes=self.max_cache_bytes,
         )
         return cfg
 
@@ -127,6 +143,50 @@ class _Session:
     cache_len: int = 0
     step: int = -1
     batch: int = 0
+    cache_bytes: int = 0  # counted in the server's cache_bytes
+
+
+def cache_nbytes(cache: Any) -> int | None:
+    """Bytes of the tensors of a KV cache: a transformers ``Cache`` (its ``layers``' keys and
+    values, or the older ``key_cache``/``value_cache`` lists) or nested tuples of tensors.
+    ``None`` when no tensor is found in it."""
+    import torch
+
+    seen: set[int] = set()
+    found = [0, False]
+
+    def walk(x: Any, depth: int) -> None:
+        if depth > 6 or x is None:
+            return
+        if isinstance(x, torch.Tensor):
+            found[1] = True
+            if id(x) not in seen:
+                seen.add(id(x))
+                found[0] += x.numel() * x.element_size()
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y, depth + 1)
+        elif isinstance(getattr(x, "layers", None), (list, tuple)):
+            walk(x.layers, depth + 1)
+        elif isinstance(getattr(x, "key_cache", None), list):
+            walk([x.key_cache, getattr(x, "value_cache", None)], depth + 1)
+        elif isinstance(getattr(x, "keys", None), torch.Tensor) or isinstance(getattr(x, "values", None), torch.Tensor):
+            walk([x.keys, x.values], depth + 1)
+
+    walk(cache, 0)
+    return found[0] if found[1] else None
+
+
+def device_memory_bytes(torch: Any, device: Any) -> int | None:
+    """Total memory of ``device``: the GPU's for ``cuda``, else this machine's RAM."""
+    import os
+
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
 
 
 class TrunkWorker(ConnServer):
@@ -142,6 +202,9 @@ class TrunkWorker(ConnServer):
         self.sessions_lock = threading.Lock()
         self.max_sessions = int(cfg["max_sessions"])
         self.max_cache_tokens = cfg.get("max_cache_tokens")
+        self.max_cache_bytes = cfg.get("max_cache_bytes")  # "auto" until load() works it out
+        self.cache_bytes = 0  # every session's cache, counted under sessions_lock
+        self.cache_full = 0  # steps refused for max_cache_bytes
         self.forwards = 0
 
     def load(self) -> None:
@@ -170,7 +233,30 @@ class TrunkWorker(ConnServer):
                 "layers": [getattr(trunk, "start_layer", None), getattr(trunk, "end_layer", None)],
                 "family": getattr(trunk, "family", None) or spec.get("model_type"),
             }
+            self.info[name]["kv_bytes_per_token"] = self._kv_bytes_per_token(name, trunk, p)
         self.device = torch.device(self.cfg["device"])
+        if self.max_cache_bytes == "auto":
+            total = device_memory_bytes(torch, self.device)
+            self.max_cache_bytes = total // 4 if total else None
+
+    def _kv_bytes_per_token(self, name: str, trunk: Any, p: Any) -> int | None:
+        """The bytes one token adds to a session's cache of this model: the cache a one-token
+        forward leaves. ``None`` when the model cannot say (no hidden size, no cache, the
+        forward fails): its steps are then counted after they run, from the cache they left."""
+        torch = self.torch
+        hidden = self.info[name]["hidden_size"]
+        if not hidden or p is None:
+            return None
+        try:
+            with torch.inference_mode():
+                out = trunk(torch.zeros(1, 1, hidden, dtype=p.dtype, device=p.device), use_cache=True)
+            n = cache_nbytes(getattr(out, "past_key_values", None))
+        except Exception as exc:  # noqa: BLE001 - an import-spec model may take no cache: counted after each step
+            import sys
+
+            print(f"[{self.name}] model {name!r}: no KV bytes per token from a one-token forward ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            return None
+        return n or None
 
     def listen(self) -> None:
         from splitlearn.serving import transport
@@ -187,6 +273,9 @@ class TrunkWorker(ConnServer):
         s = self.stats.snapshot(self.open_conns(), 0, self.gate)
         with self.sessions_lock:
             s["sessions_open"] = sum(len(v) for v in self.sessions.values())
+            s["cache_bytes"] = self.cache_bytes
+            s["cache_full"] = self.cache_full
+        s["max_cache_bytes"] = self.max_cache_bytes
         with self.stats.lock:
             s["forwards"] = self.forwards
         s["models"] = sorted(self.models)
@@ -194,7 +283,9 @@ class TrunkWorker(ConnServer):
 
     def on_disconnect(self, c: _Conn) -> None:
         with self.sessions_lock:
-            self.sessions.pop(c.cid, None)  # frees the caches
+            gone = self.sessions.pop(c.cid, None)  # frees the caches
+            if gone:
+                self.cache_bytes -= sum(s.cache_bytes for s in gone.values())
 
     # -- requests ---------------------------------------------------------------------------------
     def on_frame(self, c: _Conn, f: wire.Frame) -> None:
@@ -216,6 +307,8 @@ class TrunkWorker(ConnServer):
         elif f.type == T.CLOSE_SESSION:
             with self.sessions_lock:
                 gone = self.sessions.get(c.cid, {}).pop(str(f.meta.get("session")), None)
+                if gone is not None:
+                    self.cache_bytes -= gone.cache_bytes
             if gone is None:
                 return self.reply_error(c, rid, "unknown_session", f"no open session {wire.clip(f.meta.get('session'))} on this connection", request=False)
             self.send(c, wire.Frame(T.SESSION, rid, {"session": f.meta.get("session"), "closed": True}))
@@ -285,6 +378,14 @@ class TrunkWorker(ConnServer):
         if pos is not None:
             if pos.dtype != torch.int64 or tuple(pos.shape) != (b, q):
                 return self.reply_error(c, rid, "bad_input", f"position_ids {wire.describe(pos)}: need int64[{b}, {q}]")
+        if session is not None and not self._reserve(session, b * (past + q), name):
+            return self.reply_error(
+                c,
+                rid,
+                "cache_full",
+                f"the sessions' KV caches would pass max_cache_bytes={self.max_cache_bytes} "
+                f"({self.cache_bytes} bytes held); close sessions, or try again when others have",
+            )
         model = self.models[name]
         dev = self.device
         try:
@@ -303,6 +404,7 @@ class TrunkWorker(ConnServer):
                 # step and part does not. Dropped, so that the next step is refused (bad_step)
                 # instead of run on it: the generation starts again at step 0
                 session.cache, session.cache_len, session.step = None, 0, -1
+                self._account(session, 0)
                 reset = "; the session's cache was dropped: start again at step 0"
             return self.reply_error(c, rid, "model_error", f"{type(exc).__name__}: {exc}{reset}")
         meta: dict[str, Any] = {}
@@ -311,8 +413,35 @@ class TrunkWorker(ConnServer):
             session.cache_len = past + q
             session.step = step
             session.batch = b
+            held = cache_nbytes(session.cache)
+            if held is not None:  # what the cache holds now, in place of what was reserved
+                self._account(session, held)
             meta["cache_len"] = session.cache_len
         with self.stats.lock:  # connections run in threads of their own
             self.forwards += 1
         hs = out.hidden_states if hasattr(out, "hidden_states") else out
         self.answer(c, wire.Frame(wire.MsgType.RESPONSE, rid, meta, [hs]))  # counts how it ended
+
+    def _account(self, session: _Session, nbytes: int) -> None:
+        """Count ``nbytes`` for ``session``'s cache in place of what it had."""
+        with self.sessions_lock:
+            self.cache_bytes += nbytes - session.cache_bytes
+            session.cache_bytes = nbytes
+
+    def _reserve(self, session: _Session, tokens: int, name: str) -> bool:
+        """Count, before a step runs, the cache it will leave ``session`` (``tokens`` = batch x
+        positions, at the model's KV bytes per token, or at what this session's cache has held
+        per token so far when the model could not say); False, counting nothing, when that
+        would take every session's caches past ``max_cache_bytes``."""
+        per_token = self.info[name].get("kv_bytes_per_token")
+        if not per_token and session.cache_len and session.batch:
+            per_token = session.cache_bytes / (session.batch * session.cache_len)
+        need = int(tokens * (per_token or 0))
+        with self.sessions_lock:
+            grow = need - session.cache_bytes
+            if self.max_cache_bytes is not None and grow > 0 and self.cache_bytes + grow > self.max_cache_bytes:
+                self.cache_full += 1
+                return False
+            self.cache_bytes += grow
+            session.cache_bytes = need
+        return True
