@@ -692,3 +692,23 @@ def test_faulthandler_dump_still_asks_a_process_with_the_handler(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_termination_after_a_verdict_says_how_the_root_really_ended():
+    """After a HANG or TIMEOUT verdict the stacks are taken, then the tree is killed. A root that
+    ended in between (a hang at shutdown that let go) exited with its own status, yet the
+    evidence said "killed by the harness (SIGKILL)" beside exit_code 0. The description now
+    follows the exit status."""
+    import signal
+
+    from repro.harness.runner import _termination
+
+    killed = _termination(-signal.SIGKILL, {}, "HANG", [])
+    assert killed["kind"] == "killed-by-harness" and "SIGKILL" in killed["description"]
+    assert _termination(None, {}, "TIMEOUT", [])["kind"] == "killed-by-harness"
+    own = _termination(0, {"status": "pass"}, "HANG", [])
+    assert own["kind"] == "exited-after-verdict" and own["code"] == 0
+    assert "exited 0 on its own after the HANG verdict" in own["description"]
+    other = _termination(-signal.SIGTERM, {}, "TIMEOUT", [])
+    assert other["kind"] == "signal-after-verdict" and other["signal"] == "SIGTERM"
+    assert "SIGKILL" not in other["signal"]

@@ -808,6 +808,21 @@ def _outcome_from_exit(rc: int | None, child: dict[str, Any]) -> str:
 def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, signatures: list[str]) -> dict[str, Any]:
     status = child.get("status", "missing")
     if verdict:
+        # the kill comes after the stacks are taken: a root that ended meanwhile (the hang was
+        # at interpreter shutdown and let go, or something else killed it) has its own status
+        if rc is not None and rc >= 0:
+            return {
+                "kind": "exited-after-verdict",
+                "code": rc,
+                "description": f"exited {rc} on its own after the {verdict} verdict, before the harness's SIGKILL (the rest of its tree was killed)",
+            }
+        if rc is not None and rc != -signal.SIGKILL:
+            name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+            return {
+                "kind": "signal-after-verdict",
+                "signal": name,
+                "description": f"killed by {name} after the {verdict} verdict, before the harness's SIGKILL",
+            }
         return {
             "kind": "killed-by-harness",
             "signal": "SIGKILL",
