@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from repro import figures as _figures
-from repro.cli import positive_float, usage_error
+from repro.cli import output_file, positive_float, usage_error
 from repro.harness.report import read_json, write_atomic
 from repro.matrix import stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "splitrepro.bench/1"
+DEFAULT_JSON = "results/bench.json"
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -199,23 +200,33 @@ def time_suite(timeout: float) -> dict[str, Any]:
     """The whole suite once as CI runs it (README: ``python -m pytest -n 2``), timed from outside."""
     args = ["-n", "2", "-q", "-p", "no:cacheprovider"]
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", *args],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
-    return {
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", *args],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        proc = None
+    record = {
         "wall_seconds": round(time.monotonic() - t0, 1),
         "command": " ".join(["python -m pytest", *args]),
-        "exitstatus": proc.returncode,
-        "summary": tail[0] if tail else "",
         "source": "measured by this run",
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
+    if proc is None:  # no wall time to give; the benchmark's own runs are kept all the same
+        return {
+            **record,
+            "exitstatus": None,
+            "summary": f"stopped after {timeout:g} s",
+            "timed_out": True,
+            "timeout": timeout,
+        }
+    tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
+    return {**record, "exitstatus": proc.returncode, "summary": tail[0] if tail else ""}
 
 
 # -- running -------------------------------------------------------------------------------------------
@@ -342,10 +353,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("## The test suite")
         out.append("")
         command = f"`{suite['command']}`" if suite.get("command") else "the test suite"
-        out.append(
-            f"Wall time of {command}: {suite.get('wall_seconds')} s on {m.get('cpus')} CPUs "
-            f"(exit status {suite.get('exitstatus')}; {suite.get('source')}, {suite.get('date')})."
-        )
+        if suite.get("timed_out"):
+            out.append(
+                f"{command} did not finish within {suite.get('timeout'):g} s on {m.get('cpus')} CPUs "
+                f"(stopped there; {suite.get('source')}, {suite.get('date')}): no wall time."
+            )
+        else:
+            out.append(
+                f"Wall time of {command}: {suite.get('wall_seconds')} s on {m.get('cpus')} CPUs "
+                f"(exit status {suite.get('exitstatus')}; {suite.get('source')}, {suite.get('date')})."
+            )
         out.append("")
     cellfig = report.get("cell_figures")
     if cellfig and cellfig.get("rows"):
@@ -384,9 +401,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def read_bench(path: Path) -> dict[str, Any]:
+    """A bench JSON written by :func:`main`; anything else is a ValueError naming the file."""
+    report = read_json(path)
+    cases = report.get("cases") if isinstance(report, dict) else None
+    if not isinstance(cases, list) or not all(
+        isinstance(rec, dict) and isinstance(rec.get("runs"), list) and "scenario" in rec and "variant" in rec
+        for rec in cases
+    ):
+        raise ValueError(f"{path}: not a bench JSON (no 'cases' with their 'runs')")
+    return report
+
+
 def rerender(path: Path, markdown: str | None) -> int:
     """Summarise the stored runs of a bench JSON again (current figure rules) and re-render."""
-    report = read_json(path)
+    report = read_bench(path)
     for rec in report["cases"]:
         rec["figures"] = summarise(rec["runs"], rec["scenario"], rec.get("kind"))
     report["missed"] = missed_targets(report)
@@ -405,14 +434,21 @@ def rerender(path: Path, markdown: str | None) -> int:
     return 0
 
 
+def _output(text: str) -> str:
+    """A file to write, checked before any run (:func:`repro.cli.output_file`); '' writes none."""
+    return output_file(text) if text else text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m repro bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", metavar="NAME[:VARIANT]", help="scenarios (default: every load variant)")
     ap.add_argument("--repeat", type=int, default=3, help="measured repetitions per variant (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up runs per variant (default 1)")
     ap.add_argument("--timeout", type=positive_float, default=None, help="per-run deadline (default: the scenario's)")
-    ap.add_argument("--json", dest="json_out", default="results/bench.json")
-    ap.add_argument("--markdown", default=None, help="write the table here too (e.g. docs/BENCHMARKS.md)")
+    ap.add_argument(
+        "--json", dest="json_out", type=_output, default=None, help=f"write the runs here (default {DEFAULT_JSON})"
+    )
+    ap.add_argument("--markdown", type=_output, default=None, help="write the table here too (e.g. docs/BENCHMARKS.md)")
     ap.add_argument("--suite", action="store_true", help="also time the test suite as CI runs it (python -m pytest -n 2)")
     ap.add_argument("--suite-timeout", type=positive_float, default=3600.0)
     ap.add_argument("--list", action="store_true", help="list what would run and exit")
@@ -425,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         if not Path(args.render).is_file():
             ap.error(f"--render: not a file: {args.render}")
+        try:
+            read_bench(Path(args.render))
+        except ValueError as exc:
+            ap.error(f"--render: {exc}")
         return rerender(Path(args.render), args.markdown)
     if args.repeat < 1 or args.warmup < 0:
         ap.error("--repeat must be >= 1 and --warmup >= 0")
@@ -437,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         for sc, v in cases:
             print(f"{sc.name}:{v.name}")
         return 0
+    if args.json_out is None:  # the default, checked only where it will be written
+        try:
+            args.json_out = output_file(DEFAULT_JSON)
+        except argparse.ArgumentTypeError as exc:
+            ap.error(f"argument --json: {exc}")
     if not cases:
         print("no load scenarios in the catalogue", file=sys.stderr)
         return 2

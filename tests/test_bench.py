@@ -212,3 +212,74 @@ def test_a_figure_reads_as_judged(value, target, text):
     assert fmt_value(value, "x", target) == text
     if target:
         assert meets(float(text.rstrip("x").replace(",", "")), target) == meets(value, target)
+
+
+def _fake_bench(monkeypatch, tmp_path):
+    """bench.main without running anything: a fingerprint, no matrix cell, and a run() that
+    records that it was called and hands back one passing record."""
+    from repro.harness import fingerprint
+
+    monkeypatch.setattr(fingerprint, "get_fingerprint", lambda *a, **k: {"python": "3.11.7", "build": "bundled", "cuda": False})
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    calls = []
+
+    def fake_run(cases, **kw):
+        calls.append(cases)
+        runs = [{"outcome": "PASS", "ok": True, "seconds": 1.0, "metrics": {"overhead_ratio": 1.0}}]
+        return [
+            {"scenario": sc.name, "variant": v.name, "kind": v.kind, "warmups": [], "runs": runs, "outcomes": ["PASS"],
+             "all_ok": True, "figures": bench.summarise(runs), "run_seconds": {"median": 1.0}}
+            for sc, v in cases
+        ]  # fmt: skip
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    return calls
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+def test_output_that_cannot_be_written_is_refused_before_the_runs(option, tmp_path, monkeypatch, capsys):
+    """--json or --markdown naming a directory is a usage error found before the benchmark runs,
+    not a traceback once an hour of runs is over (with their figures lost)."""
+    calls = _fake_bench(monkeypatch, tmp_path)
+    (tmp_path / "out").mkdir()
+    argv = ["ipc_transports:4k", "--json", str(tmp_path / "b.json"), option, str(tmp_path / "out")]
+    try:
+        rc = bench.main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a directory" in err, err
+    assert calls == [], "the runs went ahead"
+
+
+def test_a_suite_that_overruns_its_time_limit_keeps_the_benchmark(tmp_path, monkeypatch, capsys):
+    """--suite with a suite slower than --suite-timeout: the figures of the runs are still written,
+    and the report says the suite did not finish within its limit (no wall time for it)."""
+    _fake_bench(monkeypatch, tmp_path)
+
+    real_run = bench.subprocess.run
+
+    def too_slow(cmd, *args, **kw):
+        if cmd[1:3] == ["-m", "pytest"]:
+            raise bench.subprocess.TimeoutExpired(cmd, kw["timeout"])
+        return real_run(cmd, *args, **kw)
+
+    monkeypatch.setattr(bench.subprocess, "run", too_slow)
+    out, md = tmp_path / "b.json", tmp_path / "B.md"
+    assert bench.main(["ipc_transports:4k", "--suite", "--suite-timeout", "5", "--json", str(out), "--markdown", str(md)]) == 0
+    report = json.loads(out.read_text())
+    assert [c["variant"] for c in report["cases"]] == ["4k"]
+    assert report["suite"]["exitstatus"] is None and report["suite"]["timed_out"] is True
+    assert "did not finish within 5 s" in md.read_text()
+
+
+@pytest.mark.parametrize("content", ["not json at all", '{"results": []}', '{"cases": 3}', "[1, 2]"])
+def test_render_of_a_file_that_is_not_a_bench_json_is_a_usage_error(content, tmp_path, capsys):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--render", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert "--render:" in err and str(path) in err, err
+    assert path.read_text() == content  # left as it was

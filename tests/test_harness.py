@@ -430,6 +430,9 @@ def test_bench_on_an_interpreter_without_a_fingerprint_is_a_usage_error(tmp_path
         (["env", "--python", "no-such-python-3.99"], "no executable interpreter"),
         (["report", "{missing}"], "No such file"),
         (["report", "{notjson}"], "not JSON"),
+        (["report", "{nulljson}"], "not a splitrepro result file"),
+        (["report", "{nullresults}"], "not a splitrepro result file"),
+        (["report", "{partial}"], "not a splitrepro result file"),
         (["bench", "--timeout", "0", "--list"], "--timeout: must be a positive number"),
         (["bench", "--render", "{missing}"], "--render: not a file"),
         (["matrix", "{missing}", "-o", "{out}"], "no such cell file or directory"),
@@ -458,6 +461,9 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys, monkey
     from repro.harness import fingerprint
 
     (tmp_path / "notjson.json").write_text("this is not json")
+    (tmp_path / "null.json").write_text("null")
+    (tmp_path / "nullresults.json").write_text('{"results": null}')
+    (tmp_path / "partial.json").write_text('{"outcome": "PASS", "seconds": 1.0}')  # no scenario, kind...
     (tmp_path / "empty").mkdir()
     real = sys.executable
     pythons = {  # -S: no site-packages, so no torch; the project still comes through PYTHONPATH
@@ -474,6 +480,9 @@ def test_cli_bad_arguments_are_usage_errors(argv, says, tmp_path, capsys, monkey
         "ok": str(PROGRAMS / "ok.py"),
         "missing": str(tmp_path / "missing.json"),
         "notjson": str(tmp_path / "notjson.json"),
+        "nulljson": str(tmp_path / "null.json"),
+        "nullresults": str(tmp_path / "nullresults.json"),
+        "partial": str(tmp_path / "partial.json"),
         "empty": str(tmp_path / "empty"),
         "out": str(tmp_path / "report"),
         **{name: str(tmp_path / name) for name in pythons},

@@ -36,15 +36,25 @@ def write_atomic(path: str | Path, text: str) -> Path:
 
 def load_results(paths: Iterable[str | Path]) -> list[Result]:
     """Results from JSON files holding one result, a list, or ``{"results": [...]}``."""
+    import dataclasses
+
     from repro.harness.runner import Result
 
+    # what every result holds: the fields of Result without a default, outcome first
+    required = ["outcome"] + [
+        f.name for f in dataclasses.fields(Result)
+        if f.name != "outcome" and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     out: list[Result] = []
     for path in paths:
         data = read_json(path)
         items = data.get("results", [data]) if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: not a splitrepro result file (no result, list or 'results' list)")
         for item in items:
-            if not isinstance(item, dict) or "outcome" not in item:
-                raise ValueError(f"{path}: not a splitrepro result file (no 'outcome')")
+            missing = [k for k in required if k not in item] if isinstance(item, dict) else ["outcome"]
+            if missing:
+                raise ValueError(f"{path}: not a splitrepro result file (no {', '.join(map(repr, missing))})")
             out.append(Result.from_dict(item))
     return out
 
