@@ -20,14 +20,17 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,24 +203,34 @@ def time_suite(timeout: float) -> dict[str, Any]:
     """The whole suite once as CI runs it (README: ``python -m pytest -n 2``), timed from outside."""
     args = ["-n", "2", "-q", "-p", "no:cacheprovider"]
     t0 = time.monotonic()
+    # a session of its own, killed whole: pytest's xdist workers (and the scenarios they run)
+    # must not outlive a timeout or an interruption of the benchmark
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    timed_out = False
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", *args],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc = None
+        timed_out = True
+    finally:
+        if proc.returncode is None:  # timed out, or interrupted (KeyboardInterrupt goes on up)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     record = {
         "wall_seconds": round(time.monotonic() - t0, 1),
         "command": " ".join(["python -m pytest", *args]),
         "source": "measured by this run",
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
-    if proc is None:  # no wall time to give; the benchmark's own runs are kept all the same
+    if timed_out:  # no wall time to give; the benchmark's own runs are kept all the same
         return {
             **record,
             "exitstatus": None,
@@ -225,20 +238,29 @@ def time_suite(timeout: float) -> dict[str, Any]:
             "timed_out": True,
             "timeout": timeout,
         }
-    tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
+    tail = [line for line in stdout.splitlines() if line.strip()][-1:]
     return {**record, "exitstatus": proc.returncode, "summary": tail[0] if tail else ""}
 
 
 # -- running -------------------------------------------------------------------------------------------
 def run(
-    cases: list[tuple[Any, Any]], *, repeat: int, warmup: int, timeout: float | None, log=print
+    cases: list[tuple[Any, Any]],
+    *,
+    repeat: int,
+    warmup: int,
+    timeout: float | None,
+    log=print,
+    checkpoint: Callable[[list[dict[str, Any]], int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Every case ``warmup + repeat`` times, round-robin. ``checkpoint(records, done, total)``
+    is called after each run with the records so far (summarised), so that an interrupted
+    benchmark keeps what it measured."""
     from repro.harness.fingerprint import get_fingerprint
     from repro.harness.runner import run_variant
     from repro.harness.spec import Build
 
     fp = get_fingerprint(sys.executable)
-    records = [{"scenario": sc.name, "variant": v.name, "kind": v.kind, "warmups": [], "runs": []} for sc, v in cases]
+    records: list[dict[str, Any]] = [{"scenario": sc.name, "variant": v.name, "kind": v.kind, "warmups": [], "runs": []} for sc, v in cases]
     total = (warmup + repeat) * len(cases)
     done = 0
     for rep in range(warmup + repeat):
@@ -256,6 +278,13 @@ def run(
                 entry["summary"] = res.summary()
             (rec["warmups"] if rep < warmup else rec["runs"]).append(entry)
             log(f"[{done}/{total}] {sc.name}:{v.name} {phase}: {res.outcome} in {res.seconds:.1f}s")
+            if checkpoint is not None and done < total:
+                checkpoint(summarise_records(records), done, total)
+    return summarise_records(records)
+
+
+def summarise_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each record's outcomes, figures and median run time from its runs (in place)."""
     for rec in records:
         rec["outcomes"] = sorted({r["outcome"] for r in rec["runs"]})
         rec["all_ok"] = all(r["ok"] for r in rec["runs"])
@@ -286,6 +315,13 @@ def missed_targets(report: dict[str, Any]) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     m, fp = report["machine"], report["fingerprint"]
     out = ["# Benchmarks", ""]
+    partial = report.get("partial")
+    if partial:
+        out.append(
+            f"**Interrupted: {partial.get('runs_done')} of {partial.get('runs_total')} runs** "
+            "(warm-ups included); a figure below stands on the repetitions it got."
+        )
+        out.append("")
     out.append(
         f"Measured {report['date']} with `{report['command']}`: {report['repeat']} repetitions after "
         f"{report['warmup']} warm-up per variant, round-robin, one fresh interpreter per run, one run at a time (the harness's serial lock). "
@@ -497,29 +533,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     load_before = machine_info().get("loadavg_1m")
     t0 = time.monotonic()
-    records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout)
     pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
-    suite = time_suite(args.suite_timeout) if args.suite else suite_from_cell(pyver, str(fp.get("build") or "bundled"))
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "command": "python -m repro bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "repeat": args.repeat,
-        "warmup": args.warmup,
-        "wall_seconds": round(time.monotonic() - t0, 1),
-        "machine": {**machine_info(), "loadavg_1m_before": load_before},
-        "fingerprint": {k: v for k, v in fp.items() if k not in ("parallel_info", "threadpools", "executable")},
-        "cases": records,
-        "skipped": skipped,
-        "suite": suite,
-    }
-    report["cell_figures"] = cell_key_figures(pyver, str(fp.get("build") or "bundled"))
-    report["missed"] = missed_targets(report)
+    build = str(fp.get("build") or "bundled")
+
+    def report_of(records: list[dict[str, Any]], suite: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "schema": SCHEMA,
+            "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "command": "python -m repro bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "repeat": args.repeat,
+            "warmup": args.warmup,
+            "wall_seconds": round(time.monotonic() - t0, 1),
+            "machine": {**machine_info(), "loadavg_1m_before": load_before},
+            "fingerprint": {k: v for k, v in fp.items() if k not in ("parallel_info", "threadpools", "executable")},
+            "cases": records,
+            "skipped": skipped,
+            "suite": suite,
+            "cell_figures": cell_key_figures(pyver, build),
+        }
+        if partial is not None:
+            report["partial"] = partial
+        report["missed"] = missed_targets(report)
+        return report
+
+    # while it runs, what it measured so far is kept beside the JSON (``--render`` reads it)
+    partial_path = Path((args.json_out or DEFAULT_JSON) + ".partial")
+
+    def checkpoint(records: list[dict[str, Any]], done: int, total: int) -> None:
+        state = {"runs_done": done, "runs_total": total}
+        write_atomic(partial_path, json.dumps(report_of(records, None, state), indent=1, sort_keys=True, default=str) + "\n")
+
+    try:
+        records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout, checkpoint=checkpoint)
+        suite = time_suite(args.suite_timeout) if args.suite else suite_from_cell(pyver, build)
+    except KeyboardInterrupt:
+        kept = f": what ran is in {partial_path} (python -m repro bench --render {partial_path})" if partial_path.exists() else ""
+        print(f"\npython -m repro bench: interrupted{kept}", file=sys.stderr)
+        return 130
+    report = report_of(records, suite)
     text = render_markdown(report)
     if args.json_out:
         write_atomic(args.json_out, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     if args.markdown:
         write_atomic(args.markdown, text)
+    partial_path.unlink(missing_ok=True)
     print(text)
     return 1 if any(not rec["all_ok"] for rec in records) else 0
 

@@ -86,9 +86,10 @@ def interpreter(text: str) -> str:
 
 def output_file(text: str) -> str:
     """A file to write (its missing folders made on writing): not a directory, and not under a
-    file or where this user cannot write, so that the run is not over before it is found out."""
+    file or where this user cannot write, so that the run is not over before it is found out.
+    Not ``-``: only :func:`output_or_stdout` options write to standard output."""
     if text == "-":
-        return text
+        raise argparse.ArgumentTypeError("'-' (standard output) is not taken here: name a file")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"is a directory: {text!r}")
@@ -100,6 +101,11 @@ def output_file(text: str) -> str:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write in {str(folder)!r} (for {text!r})")
     return text
+
+
+def output_or_stdout(text: str) -> str:
+    """:func:`output_file`, or ``-`` for standard output."""
+    return text if text == "-" else output_file(text)
 
 
 def _catalogue():
@@ -421,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Markdown report from result JSON files")
     p.add_argument("results", nargs="+")
-    p.add_argument("-o", "--output", default="-", type=output_file)
+    p.add_argument("-o", "--output", default="-", type=output_or_stdout, help="the Markdown file (default -: standard output)")
     p.add_argument("--title", default="splitrepro results")
     p.set_defaults(handler=cmd_report)
 

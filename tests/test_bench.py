@@ -4,6 +4,7 @@ tiny load scenario through the harness (fresh processes, warm-up discarded, roun
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -254,23 +255,80 @@ def test_output_that_cannot_be_written_is_refused_before_the_runs(option, tmp_pa
 
 def test_a_suite_that_overruns_its_time_limit_keeps_the_benchmark(tmp_path, monkeypatch, capsys):
     """--suite with a suite slower than --suite-timeout: the figures of the runs are still written,
-    and the report says the suite did not finish within its limit (no wall time for it)."""
+    and the report says the suite did not finish within its limit (no wall time for it). The
+    suite's whole process group is killed: a process it started (as xdist starts workers) does
+    not outlive the timeout. The suite here is a stand-in that starts a sleeper and sleeps."""
+    import psutil
+
     _fake_bench(monkeypatch, tmp_path)
+    pidfile = tmp_path / "grandchild.pid"
+    stand_in = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(120)\n"
+    )
+    real_popen = bench.subprocess.Popen
 
-    real_run = bench.subprocess.run
+    def popen(cmd, *args, **kw):  # the suite's command only (platform calls Popen too)
+        if list(cmd[1:3]) == ["-m", "pytest"]:
+            cmd = [sys.executable, "-c", stand_in]
+        return real_popen(cmd, *args, **kw)
 
-    def too_slow(cmd, *args, **kw):
-        if cmd[1:3] == ["-m", "pytest"]:
-            raise bench.subprocess.TimeoutExpired(cmd, kw["timeout"])
-        return real_run(cmd, *args, **kw)
-
-    monkeypatch.setattr(bench.subprocess, "run", too_slow)
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
     out, md = tmp_path / "b.json", tmp_path / "B.md"
     assert bench.main(["ipc_transports:4k", "--suite", "--suite-timeout", "5", "--json", str(out), "--markdown", str(md)]) == 0
     report = json.loads(out.read_text())
     assert [c["variant"] for c in report["cases"]] == ["4k"]
     assert report["suite"]["exitstatus"] is None and report["suite"]["timed_out"] is True
     assert "did not finish within 5 s" in md.read_text()
+    grandchild = int(pidfile.read_text())
+    try:
+        status = psutil.Process(grandchild).status()
+    except psutil.NoSuchProcess:
+        status = None
+    assert status in (None, psutil.STATUS_ZOMBIE), f"the suite's child {grandchild} outlived the timeout ({status})"
+
+
+def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after an hour of runs kept nothing: the JSON was written only at the end. Every run
+    now updates <json>.partial, a bench JSON marked partial that --render reads; a finished
+    benchmark removes it."""
+    from repro.harness import fingerprint, runner
+
+    monkeypatch.setattr(fingerprint, "get_fingerprint", lambda *a, **k: {"python": "3.11.7", "build": "bundled", "cuda": False})
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    calls = []
+
+    class Done:
+        outcome, ok, seconds = "PASS", True, 1.0
+
+        def __init__(self, n):
+            self.metrics = {"overhead_ratio": 1.0 + n / 100}
+
+    def run_variant(sc, v, **kw):
+        calls.append(v.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return Done(len(calls))
+
+    monkeypatch.setattr(runner, "run_variant", run_variant)
+    out = tmp_path / "b.json"
+    partial = tmp_path / "b.json.partial"
+    assert bench.main(["ipc_transports:4k", "--repeat", "2", "--warmup", "1", "--json", str(out)]) == 130
+    assert "interrupted: what ran is in" in capsys.readouterr().err
+    assert not out.exists() and partial.exists()
+    kept = json.loads(partial.read_text())
+    assert kept["partial"] == {"runs_done": 2, "runs_total": 3}
+    [case] = kept["cases"]
+    assert (len(case["warmups"]), len(case["runs"])) == (1, 1) and case["figures"]
+    md = tmp_path / "partial.md"
+    assert bench.main(["--render", str(partial), "--markdown", str(md)]) == 0
+    assert "Interrupted: 2 of 3 runs" in md.read_text()
+    calls.clear()  # a run to its end leaves no partial file behind
+    monkeypatch.setattr(runner, "run_variant", lambda sc, v, **kw: Done(0))
+    assert bench.main(["ipc_transports:4k", "--repeat", "2", "--warmup", "1", "--json", str(out)]) == 0
+    assert out.exists() and not partial.exists()
 
 
 @pytest.mark.parametrize("content", ["not json at all", '{"results": []}', '{"cases": 3}', "[1, 2]"])

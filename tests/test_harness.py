@@ -399,6 +399,9 @@ def test_cli_script_exit_status_follows_expectation(tmp_path):
     text = (tmp_path / "r.md").read_text()
     assert "| scenario | variant | kind | expected | observed | ok | seconds | key metrics |" in text
     assert "sys_exit.py" in text and "**FAIL**" in text
+    to_stdout = subprocess.run([sys.executable, "-m", "repro", "report", str(tmp_path / "r.json"), "-o", "-"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert to_stdout.returncode == 0 and to_stdout.stdout == text, to_stdout.stderr
 
 
 def test_bench_on_an_interpreter_without_a_fingerprint_is_a_usage_error(tmp_path, capsys, monkeypatch):
@@ -431,6 +434,7 @@ def test_bench_on_an_interpreter_without_a_fingerprint_is_a_usage_error(tmp_path
         (["report", "{missing}"], "No such file"),
         (["report", "{notjson}"], "not JSON"),
         (["report", "{nulljson}"], "not a splitrepro result file"),
+        (["script", "{ok}", "--json", "-"], "'-' (standard output) is not taken here"),  # made a file named -
         (["report", "{nullresults}"], "not a splitrepro result file"),
         (["report", "{partial}"], "not a splitrepro result file"),
         (["bench", "--timeout", "0", "--list"], "--timeout: must be a positive number"),
