@@ -105,6 +105,17 @@ def _machine() -> dict[str, Any]:
         return {"error": repr(exc)}
 
 
+def _stopped_early_file(path: Path) -> str:
+    """Why the cell file at ``path`` is from a run that stopped early, or '' (finished, or not
+    readable as a cell file: kept, as a finished one is)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return ""
+    run = data.get("pytest") if isinstance(data, dict) else None
+    return stopped_early(run) if isinstance(run, dict) else ""
+
+
 class CellRecorder:
     def __init__(self, config: pytest.Config, path: Path) -> None:
         self.config = config
@@ -357,10 +368,13 @@ class CellRecorder:
         note = ""
         stopped = stopped_early(data["pytest"])
         if stopped and path.exists():
-            # a run that stopped early (Ctrl-C, -x, nothing collected...) must not replace a
-            # finished one: it goes beside it, under a name the report does not read (*.json)
-            path = path.with_name(path.name + (".interrupted" if exitstatus == pytest.ExitCode.INTERRUPTED else ".incomplete"))
-            note = f" ({stopped}: the earlier results are kept)"
+            if _stopped_early_file(path):  # no finished results to keep: the newer partial run replaces it
+                note = f" ({stopped}; it replaces an earlier run that stopped early too)"
+            else:
+                # a run that stopped early (Ctrl-C, -x, nothing collected...) must not replace a
+                # finished one: it goes beside it, under a name the report does not read (*.json)
+                path = path.with_name(path.name + (".interrupted" if exitstatus == pytest.ExitCode.INTERRUPTED else ".incomplete"))
+                note = f" ({stopped}: the earlier results are kept)"
         write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         line = f"splitrepro: cell {cell}: {len(self.results)} scenario results, {len(self.skipped)} skipped -> {path}{note}"

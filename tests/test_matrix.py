@@ -463,6 +463,23 @@ def test_a_run_stopped_early_keeps_the_finished_results(tmp_path, monkeypatch, a
     assert "earlier results are kept" in proc.stdout + proc.stderr
 
 
+def test_a_run_stopped_early_replaces_an_earlier_run_that_stopped_early(tmp_path, monkeypatch):
+    """Beside a finished file a stopped run goes aside; an older file that is itself from a run
+    that stopped early holds nothing finished to keep: the newer run replaces it (before, every
+    later stopped run went beside it, and the oldest partial run stayed the cell's file)."""
+    (tmp_path / "test_stop.py").write_text("def test_a():\n    assert False\n\ndef test_b():\n    pass\n")
+    out = tmp_path / "cells"
+    out.mkdir()
+    older = {"cell": "demo", "results": [], "pytest": {"exitstatus": 2, "collected": 9, "tests": {"passed": 1}}}
+    (out / "demo.json").write_text(json.dumps(older))
+    proc = _run_cell_pytest(tmp_path, out, "test_stop.py", monkeypatch, "-x")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [p.name for p in out.iterdir()] == ["demo.json"]
+    data = json.loads((out / "demo.json").read_text())
+    assert data["pytest"]["collected"] == 2 and matrix.incomplete(data)
+    assert "replaces an earlier run that stopped early too" in proc.stdout + proc.stderr
+
+
 def test_an_incomplete_cell_is_flagged_not_clean(tmp_path):
     """A cell whose pytest stopped midway, ran fewer tests than it collected, or lost a scenario
     item's result is named incomplete in the report, and --strict fails on it."""
