@@ -79,15 +79,10 @@ class ModelFactory:
 
     @staticmethod
     def load_config(model_type: str, model_name_or_path: Any) -> Any:
-        from transformers import AutoConfig
-
-        from splitlearn.loading import resolve_model_dir
+        from splitlearn.loading import read_config, resolve_model_dir
 
         directory = resolve_model_dir(model_name_or_path)
-        try:
-            config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        except Exception as exc:
-            raise ConfigMismatch(f"cannot read the config of {directory}: {type(exc).__name__}: {exc}") from exc
+        config = read_config(directory)
         declared = getattr(config, "model_type", None)
         if declared != model_type:
             raise ConfigMismatch(
@@ -124,10 +119,12 @@ class ModelFactory:
         if not ModelRegistry.is_registered(model_type):
             ModelRegistry.get_model_class(model_type, "bottom")  # raises UnknownModelType listing known ones
         model_type = model_type.lower()
-        wanted = tuple(parts)
-        unknown = [p for p in wanted if p not in PARTS]
-        if unknown or not wanted:
-            raise InvalidPart(f"parts must be a non-empty subset of {PARTS}, got {wanted!r}")
+        requested = tuple(parts)
+        unknown = [p for p in requested if p not in PARTS]
+        if unknown or not requested:
+            raise InvalidPart(f"parts must be a non-empty subset of {PARTS}, got {requested!r}")
+        # built, and untied (the storage policy), in bottom, trunk, top order whatever the order asked
+        wanted = tuple(p for p in PARTS if p in requested)
 
         from splitlearn.loading import ShardLoader
 
@@ -270,6 +267,7 @@ def _own_storage(built: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
+    import torch
     from transformers import AutoModelForCausalLM
 
     try:
@@ -286,6 +284,8 @@ def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
         # a file that cannot be opened or read (permissions, descriptors, I/O): nothing is known
         # to be wrong with the weights themselves, so not CorruptWeights
         raise ModelLoadError(f"transformers could not read {model_dir}: {type(exc).__name__}: {exc}") from exc
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # allocation: not the weights' fault either
+        raise ModelLoadError(f"out of memory loading {model_dir}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise CorruptWeights(f"transformers could not load {model_dir}: {type(exc).__name__}: {exc}") from exc
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head.")]

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from splitlearn.errors import CorruptWeights, MissingShard, ModelLoadError, ModelNotFound
+from splitlearn.errors import ConfigMismatch, CorruptWeights, MissingShard, ModelLoadError, ModelNotFound
 
 log = logging.getLogger("splitlearn.loading")
 
@@ -43,6 +43,24 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if not (directory / "config.json").is_file():
         raise ModelNotFound(f"model directory {directory} has no config.json")
     return directory
+
+
+def read_config(directory: str | os.PathLike) -> Any:
+    """The transformers config in ``directory/config.json`` (imports transformers).
+
+    A config that cannot be parsed or built is :class:`ConfigMismatch`; a file the OS will not
+    let be read (permissions, descriptors, I/O: an ``OSError`` with an errno) is
+    :class:`~splitlearn.model_loader.ModelLoadError`, with nothing known to be wrong with it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except OSError as exc:
+        # transformers' own OSErrors (a file that is not JSON...) carry no errno
+        error_class = ModelLoadError if exc.errno is not None else ConfigMismatch
+        raise error_class(f"cannot read the config of {directory}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise ConfigMismatch(f"cannot read the config of {directory}: {type(exc).__name__}: {exc}") from exc
 
 
 _MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
@@ -147,8 +165,16 @@ class ShardLoader:
     # ------------------------------------------------------------------ index
     def _read_index(self, index_path: Path) -> dict[str, str]:
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            text = index_path.read_text(encoding="utf-8")
+        except OSError as exc:  # cannot be opened or read: nothing is known to be wrong with it
+            raise ModelLoadError(
+                f"cannot read {index_path}: {type(exc).__name__}: [Errno {exc.errno}] {exc.strerror or exc}"
+            ) from exc
+        except ValueError as exc:  # not UTF-8
+            raise CorruptWeights(f"cannot read {index_path}: {exc}") from exc
+        try:
+            index = json.loads(text)
+        except ValueError as exc:
             raise CorruptWeights(f"cannot read {index_path}: {exc}") from exc
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
@@ -305,6 +331,7 @@ __all__ = [
     "ShardLoader",
     "LazyStateDict",
     "resolve_model_dir",
+    "read_config",
     "read_safetensors_header",
     "SAFE_WEIGHTS_NAME",
     "SAFE_WEIGHTS_INDEX_NAME",

@@ -217,3 +217,25 @@ def test_traditional_path_tells_unreadable_files_from_corrupt_ones(monkeypatch, 
         ModelFactory.create_split_models("gpt2", tiny_model_dir("gpt2"), 1, 3, low_memory=False)
     assert type(info.value).__name__ == expected
     assert info.value.__cause__ is raised
+
+
+@pytest.mark.parametrize("kind", ["MemoryError", "torch.OutOfMemoryError"])
+def test_traditional_path_out_of_memory_is_a_load_error_not_corrupt_weights(monkeypatch, kind):
+    """Running out of memory while transformers loads the full model says nothing about the
+    weights: ModelLoadError with the cause chained, as the incremental path reports it."""
+    import torch
+    import transformers
+
+    from splitlearn.errors import ModelLoadError
+
+    error_class = MemoryError if kind == "MemoryError" else torch.OutOfMemoryError
+    raised = error_class("cannot allocate 1099511627776 bytes")
+
+    def refuse(*_a, **_k):
+        raise raised
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(SplitLearnError) as info:
+        ModelFactory.create_split_models("gpt2", tiny_model_dir("gpt2"), 1, 3, low_memory=False)
+    assert type(info.value) is ModelLoadError, repr(info.value)
+    assert info.value.__cause__ is raised

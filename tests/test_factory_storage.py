@@ -166,3 +166,14 @@ def test_a_part_built_alone_copies_nothing(low_memory, dtype):
     assert top.load_info["own_copies"] == []
     bottom, _, top = build("gemma", low_memory, dtype, parts=("bottom", "top"))
     assert shared_between_parts([bottom, top]) == []
+
+
+@PATHS
+def test_the_copy_goes_to_the_later_part_whatever_order_the_parts_are_asked_in(low_memory):
+    """The storage policy unties in bottom, trunk, top order: asked for ("top", "bottom"), the
+    top still gets the copy and the bottom keeps the checkpoint's embedding."""
+    bottom, _, top = build("gpt2", low_memory, None, parts=("top", "bottom"))
+    assert shared_between_parts([bottom, top]) == []
+    assert bottom.load_info["own_copies"] == []
+    assert top.load_info["own_copies"] == ["lm_head.weight"]
+    assert ModelFactory.last_load_info()["own_copies"] == {"bottom": [], "top": ["lm_head.weight"]}

@@ -210,3 +210,40 @@ def test_unreadable_shard_reported_by_the_factory_as_such(tmp_path, request):
         for p in paths:
             p.chmod(0o644)
 
+
+
+def test_unreadable_index_is_a_load_error_not_corrupt_weights(tmp_path, request):
+    """An index json that cannot be opened says nothing about the checkpoint's contents: a
+    ModelLoadError with the OS error chained, as for a shard (a malformed index stays corrupt)."""
+    model = copy_model(tmp_path)
+    index_path = model / "model.safetensors.index.json"
+    index_path.chmod(0)
+    try:
+        if os.access(index_path, os.R_OK):
+            return rerun_without_dac_override(request)
+        with pytest.raises(ModelLoadError, match=r"index\.json.*Permission denied") as info:
+            ShardLoader(model)
+        assert not isinstance(info.value, CorruptWeights)
+        assert isinstance(info.value.__cause__, PermissionError)
+    finally:
+        index_path.chmod(0o644)
+
+
+def test_unreadable_config_is_a_load_error_not_a_config_mismatch(tmp_path, request):
+    """A config.json the process may not read is not a config that disagrees with the weights."""
+    pytest.importorskip("torch")
+    from splitlearn import ModelFactory
+    from splitlearn.errors import ConfigMismatch
+
+    model = copy_model(tmp_path)
+    config_path = model / "config.json"
+    config_path.chmod(0)
+    try:
+        if os.access(config_path, os.R_OK):
+            return rerun_without_dac_override(request)
+        with pytest.raises(ModelLoadError, match=r"Permission denied.*config\.json") as info:
+            ModelFactory.create_split_models("gpt2", str(model), 1, 3, parts=("trunk",))
+        assert not isinstance(info.value, ConfigMismatch)
+        assert isinstance(info.value.__cause__, PermissionError)
+    finally:
+        config_path.chmod(0o644)

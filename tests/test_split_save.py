@@ -124,3 +124,21 @@ def test_a_malformed_split_config_is_a_load_error_naming_the_file(tmp_path, edit
         with pytest.raises(ModelLoadError, match=match) as info:
             cls.from_saved(d)
         assert "split_config.json" in str(info.value)
+
+
+def test_a_saved_part_without_a_readable_config_is_a_split_error_naming_it(tmp_path):
+    """config.json gone is ModelNotFound, as for the other two files; one that is not JSON is a
+    ConfigMismatch, as the factory reports it; neither is a bare transformers error."""
+    d = split_parts("qwen2", 1, 3)[1].save_pretrained(tmp_path / "trunk")
+    config_path = d / "config.json"
+    text = config_path.read_text()
+    config_path.unlink()
+    for cls in (SplitPart, ModelRegistry.get_model_class("qwen2", "trunk")):
+        with pytest.raises(ModelNotFound, match="config.json"):
+            cls.from_saved(d)
+    config_path.write_text(text[: len(text) // 2])
+    for cls in (SplitPart, ModelRegistry.get_model_class("qwen2", "trunk")):
+        with pytest.raises(ConfigMismatch, match="config"):
+            cls.from_saved(d)
+    config_path.write_text(text)
+    assert type(SplitPart.from_saved(d)).__name__ == "Qwen2TrunkModel"

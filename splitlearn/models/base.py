@@ -418,9 +418,8 @@ class SplitPart(nn.Module):
         """Load a part written by :meth:`save_pretrained`. On the base class, the family and part
         are read from ``split_config.json``."""
         from safetensors import SafetensorError, safe_open
-        from transformers import AutoConfig
 
-        from splitlearn.loading import _unreadable
+        from splitlearn.loading import _unreadable, read_config
 
         directory = Path(directory)
         meta_path = directory / SPLIT_META_FILE
@@ -438,7 +437,9 @@ class SplitPart(nn.Module):
             raise ConfigMismatch(
                 f"{directory} holds a {meta.get('family')} {meta.get('part')} part, not a {cls.family} {cls.part}"
             )
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        if not (directory / "config.json").is_file():
+            raise ModelNotFound(f"{directory} holds no config.json")
+        config = read_config(directory)
         if _num_layers(config) != meta["num_hidden_layers"]:
             raise ConfigMismatch(
                 f"{directory}: config.json declares {_num_layers(config)} layers, split_config.json {meta['num_hidden_layers']}"
