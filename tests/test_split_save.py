@@ -142,3 +142,41 @@ def test_a_saved_part_without_a_readable_config_is_a_split_error_naming_it(tmp_p
             cls.from_saved(d)
     config_path.write_text(text)
     assert type(SplitPart.from_saved(d)).__name__ == "Qwen2TrunkModel"
+
+
+_SAVE_OVER_PROGRAM = r"""
+import os, sys, torch
+from fixtures.reference import split_parts
+from splitlearn.models.base import SplitPart
+
+d = sys.argv[1]
+_, trunk, top = split_parts("gpt2", 1, 3)
+trunk.save_pretrained(d)
+loaded = SplitPart.from_saved(d)  # its weights map d/model.safetensors
+before = {k: v.clone() for k, v in loaded.state_dict().items()}
+top.save_pretrained(d)  # another, smaller part saved over it
+assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items()), "the loaded part's weights changed"
+again = SplitPart.from_saved(d)
+assert again.part == "top" and all(torch.equal(v, top.state_dict()[k]) for k, v in again.state_dict().items())
+assert sorted(os.listdir(d)) == ["config.json", "model.safetensors", "split_config.json"], os.listdir(d)
+print("ok")
+"""
+
+
+def test_saving_over_the_directory_a_part_was_loaded_from_leaves_that_part_whole(tmp_path):
+    """A part loaded by from_saved maps its weights file (a file truncated under it kills the
+    process with SIGBUS at its next read: checked by hand). Saving another, smaller part over the
+    same directory is safe because safetensors' save_file writes a new file (a new inode) instead
+    of rewriting the old one in place; this guards that, for the workflow "load, train, save
+    back". In a fresh interpreter: a SIGBUS must not take pytest down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _SAVE_OVER_PROGRAM, str(tmp_path / "part")],
+        cwd=root, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    assert out.stdout.strip().endswith("ok")
