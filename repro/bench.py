@@ -558,18 +558,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # while it runs, what it measured so far is kept beside the JSON (``--render`` reads it)
     partial_path = Path((args.json_out or DEFAULT_JSON) + ".partial")
+    if partial_path.exists():  # an earlier interrupted benchmark's: kept under its own date
+        stamp = _dt.datetime.fromtimestamp(partial_path.stat().st_mtime).strftime("%Y%m%dT%H%M%S")
+        older = partial_path.with_name(f"{partial_path.name}.{stamp}")
+        partial_path.replace(older)
+        print(f"an earlier interrupted benchmark's runs: {older}")
+    checkpointed = []
 
     def checkpoint(records: list[dict[str, Any]], done: int, total: int) -> None:
         state = {"runs_done": done, "runs_total": total}
         write_atomic(partial_path, json.dumps(report_of(records, None, state), indent=1, sort_keys=True, default=str) + "\n")
+        checkpointed.append(done)
 
     try:
         records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout, checkpoint=checkpoint)
         suite = time_suite(args.suite_timeout) if args.suite else suite_from_cell(pyver, build)
-    except KeyboardInterrupt:
-        kept = f": what ran is in {partial_path} (python -m repro bench --render {partial_path})" if partial_path.exists() else ""
-        print(f"\npython -m repro bench: interrupted{kept}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP through the CLI (repro.cli.Stopped)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        kept = f": what ran is in {partial_path} (python -m repro bench --render {partial_path})" if checkpointed else ""
+        print(f"\npython -m repro bench: interrupted{by}{kept}", file=sys.stderr)
+        return 128 + signum
     report = report_of(records, suite)
     text = render_markdown(report)
     if args.json_out:

@@ -325,10 +325,23 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
     md = tmp_path / "partial.md"
     assert bench.main(["--render", str(partial), "--markdown", str(md)]) == 0
     assert "Interrupted: 2 of 3 runs" in md.read_text()
-    calls.clear()  # a run to its end leaves no partial file behind
+    # stopped by SIGTERM (the CLI raises repro.cli.Stopped) before its first run ended: 128 + 15,
+    # and the earlier partial file is kept under its date, not claimed as this run's
+    from repro.cli import Stopped
+
+    def stopped(sc, v, **kw):
+        raise Stopped(15)
+
+    monkeypatch.setattr(runner, "run_variant", stopped)
+    assert bench.main(["ipc_transports:4k", "--repeat", "2", "--warmup", "1", "--json", str(out)]) == 143
+    captured = capsys.readouterr()
+    assert "interrupted by SIGTERM" in captured.err and "what ran is in" not in captured.err, captured.err
+    (older,) = tmp_path.glob("b.json.partial.*")
+    assert json.loads(older.read_text()) == kept and str(older) in captured.out
+    assert not partial.exists()
     monkeypatch.setattr(runner, "run_variant", lambda sc, v, **kw: Done(0))
     assert bench.main(["ipc_transports:4k", "--repeat", "2", "--warmup", "1", "--json", str(out)]) == 0
-    assert out.exists() and not partial.exists()
+    assert out.exists() and not partial.exists()  # a run to its end leaves no partial file behind
 
 
 @pytest.mark.parametrize("content", ["not json at all", '{"results": []}', '{"cases": 3}', "[1, 2]"])
