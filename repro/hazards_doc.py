@@ -16,7 +16,8 @@ cell files. The verdict of a claim in a cell is read off its scenarios' variants
 * a claim with no scenario, or none run in a cell, is "not tested" there -- never a pass.
 
 On top of that, each claim's ``checks`` (see :mod:`repro.claims`) give a verdict on the claim
-itself per cell: holds, refuted, mixed or not tested (:func:`claim_verdict`); that is what the
+itself per cell: holds, refuted, mixed, not tested, or observed only where its checks only observe
+(:func:`claim_verdict`); that is what the
 summary table shows.
 
 Nothing here imports torch.
@@ -248,7 +249,8 @@ def render(merged: Mapping[str, Any], scenarios_by_claim: Mapping[str, list[str]
         "Each claim is one of the seeds' hypotheses. Its *checks* (`repro/claims.py`) name the variants that "
         "bear on it and what their outcome or figure means for it; a build's column says whether the claim "
         "*holds* there (every check supports it), is *refuted* (every check counts against it), is *mixed*, "
-        "or was *not tested*. ⚠ marks an outcome of the claim's scenarios that the build's prediction did not "
+        "or was *not tested*; *observed only* where its checks only record what happened (no check for or "
+        "against). ⚠ marks an outcome of the claim's scenarios that the build's prediction did not "
         "allow. Below each claim, every check's result per build, then the scenarios' own outcomes (a hazard "
         "*reproduces* when its hazard variant showed its symptom: a FAIL only from the checked symptom, a HANG "
         "only where the variant says it hangs, else the run is an ERROR, which counts for nothing; a TIMEOUT or a "
