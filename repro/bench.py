@@ -278,7 +278,7 @@ def run(
                 entry["summary"] = res.summary()
             (rec["warmups"] if rep < warmup else rec["runs"]).append(entry)
             log(f"[{done}/{total}] {sc.name}:{v.name} {phase}: {res.outcome} in {res.seconds:.1f}s")
-            if checkpoint is not None and done < total:
+            if checkpoint is not None:  # the last run too: --suite may still be interrupted
                 checkpoint(summarise_records(records), done, total)
     return summarise_records(records)
 

@@ -289,6 +289,7 @@ class Pipeline:
             if self.keep_outputs:
                 outputs.append((seq, out))
             st.items_out += 1
+            st.progress("read")  # waiting for the next one: not busy (see _culprit)
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, items: Iterable, *, timeout: float = 300.0, join_timeout: float = 10.0) -> PipelineResult:

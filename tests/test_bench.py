@@ -344,6 +344,34 @@ def test_an_interrupted_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, 
     assert out.exists() and not partial.exists()  # a run to its end leaves no partial file behind
 
 
+def test_an_interrupted_suite_timing_keeps_every_run_of_the_benchmark(tmp_path, monkeypatch, capsys):
+    """--suite times the test suite after the runs (up to --suite-timeout, an hour by default).
+    The .partial file was written after every run but the last, so a Ctrl-C while the suite ran
+    lost the last run, and with a single run (repeat 1, no warm-up) kept nothing at all."""
+    from repro.harness import fingerprint, runner
+
+    monkeypatch.setattr(fingerprint, "get_fingerprint", lambda *a, **k: {"python": "3.11.7", "build": "bundled", "cuda": False})
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+
+    class Done:
+        outcome, ok, seconds, metrics = "PASS", True, 1.0, {"overhead_ratio": 1.0}
+
+    def interrupted_suite(timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_variant", lambda sc, v, **kw: Done())
+    monkeypatch.setattr(bench, "time_suite", interrupted_suite)
+    out = tmp_path / "b.json"
+    partial = tmp_path / "b.json.partial"
+    assert bench.main(["ipc_transports:4k", "--repeat", "1", "--warmup", "0", "--suite", "--json", str(out)]) == 130
+    assert "what ran is in" in capsys.readouterr().err
+    assert not out.exists() and partial.exists()
+    kept = json.loads(partial.read_text())
+    assert kept["partial"] == {"runs_done": 1, "runs_total": 1}
+    [case] = kept["cases"]
+    assert len(case["runs"]) == 1 and case["figures"]
+
+
 @pytest.mark.parametrize("content", ["not json at all", '{"results": []}', '{"cases": 3}', "[1, 2]"])
 def test_render_of_a_file_that_is_not_a_bench_json_is_a_usage_error(content, tmp_path, capsys):
     path = tmp_path / "x.json"

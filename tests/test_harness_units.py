@@ -712,3 +712,19 @@ def test_the_termination_after_a_verdict_says_how_the_root_really_ended():
     other = _termination(-signal.SIGTERM, {}, "TIMEOUT", [])
     assert other["kind"] == "signal-after-verdict" and other["signal"] == "SIGTERM"
     assert "SIGKILL" not in other["signal"]
+
+
+def test_the_termination_after_a_verdict_names_a_realtime_signal_without_raising():
+    """A realtime signal between SIGRTMIN and SIGRTMAX is a valid signal number but no member of
+    signal.Signals: naming it by Signals(n) raised ValueError inside the run (after a HANG
+    verdict, the harness's traceback instead of a result). The verdict-less path says
+    'signal n' for such numbers; so does the one after a verdict."""
+    import signal
+
+    from repro.harness.runner import _termination
+
+    n = signal.SIGRTMIN + 3
+    assert n in signal.valid_signals() and n not in {s.value for s in signal.Signals}
+    after = _termination(-n, {}, "HANG", [])
+    assert after["kind"] == "signal-after-verdict" and after["signal"] == f"signal {n}", after
+    assert _termination(-n, {}, None, [])["signal"] == f"signal {n}"

@@ -135,6 +135,41 @@ def test_overall_timeout_names_a_stage():
     _threads_end(pipe)
 
 
+def test_overall_timeout_names_the_stuck_stage_after_the_consumer_has_consumed():
+    """Once the consumer has taken an item and waits for the next, it is waiting, not busy. It
+    used to keep the state 'consume' while it waited, so a stage that got stuck in a forward
+    begun after the consumer's last item lost to the consumer as the culprit. The second batch
+    starts its forward only once the first answer is being consumed: its collate (torch.stack
+    on a tensor subclass, before the stage says 'forward') waits for the consumer's call."""
+    gate = threading.Event()
+    consumed = threading.Event()
+    calls = []
+
+    class SlowToStack(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.stack:
+                consumed.wait(30)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    def second_hangs(batch):
+        calls.append(1)
+        if len(calls) > 1:
+            gate.wait()
+        return [row * 2 for row in batch]
+
+    items = [torch.tensor([0, 0]), torch.tensor([1, 2]).as_subclass(SlowToStack)]
+    pipe = Pipeline(second_hangs, consumer=lambda s, o: consumed.set(), batch_size=1, queue_size=64, put_timeout=60)
+    try:
+        with pytest.raises(PipelineError, match="did not finish within 2.0s") as info:
+            pipe.run(items, timeout=2.0, join_timeout=0.5)
+        assert consumed.is_set() and len(calls) == 2
+        assert "stage 'model' in 'forward'" in str(info.value), str(info.value)
+    finally:
+        gate.set()
+        _threads_end(pipe)
+
+
 def test_second_run_counts_only_its_own_items():
     pipe = Pipeline(_double, batch_size=2, queue_size=2, put_timeout=10, keep_outputs=True)
     first = pipe.run(_items(3), timeout=60)

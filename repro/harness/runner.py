@@ -817,7 +817,10 @@ def _termination(rc: int | None, child: dict[str, Any], verdict: str | None, sig
                 "description": f"exited {rc} on its own after the {verdict} verdict, before the harness's SIGKILL (the rest of its tree was killed)",
             }
         if rc is not None and rc != -signal.SIGKILL:
-            name = signal.Signals(-rc).name if -rc in signal.valid_signals() else f"signal {-rc}"
+            try:  # a realtime signal is a valid number but no member of signal.Signals
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
             return {
                 "kind": "signal-after-verdict",
                 "signal": name,
