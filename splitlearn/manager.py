@@ -52,6 +52,7 @@ import concurrent.futures
 import enum
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -186,6 +187,18 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def _seconds(value: Any, what: str) -> float | None:
+    """``value`` as a time limit: ``None``, or a positive finite number of seconds (NaN, zero or
+    a negative number timed a load out at once; infinity is ``None``'s job)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive finite number of seconds or None, got {value!r}")
+    return value
+
+
 class AsyncModelManager:
     """Load, serve and unload models from one asyncio event loop.
 
@@ -208,7 +221,7 @@ class AsyncModelManager:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.loader = loader if loader is not None else ModelLoader()
-        self.default_timeout = default_timeout
+        self.default_timeout = _seconds(default_timeout, "default_timeout")
         self.check_resources = check_resources
         self.memory_reserve_bytes = int(memory_reserve_bytes)
         self._available_memory = available_memory or _available_memory
@@ -298,10 +311,11 @@ class AsyncModelManager:
                 (time.perf_counter() - t_lock) * 1e3,
                 estimate / 2**20,
             )
-            limit = (
+            limit = _seconds(
                 timeout
                 if timeout is not None
-                else (config.load_timeout if config.load_timeout is not None else self.default_timeout)
+                else (config.load_timeout if config.load_timeout is not None else self.default_timeout),
+                "timeout",
             )
             loop = asyncio.get_running_loop()
             deadline = None if limit is None else loop.time() + limit

@@ -332,18 +332,24 @@ async def _failed_then_reloads(mgr, path, error):
     assert managed.generation == 2 and mgr.status("m")["status"] == "ready"
 
 
-@pytest.mark.parametrize("bad", ["5", [1.0]], ids=["str", "list"])
-def test_error_right_after_the_placeholder_is_inserted_removes_it(ckpt, bad):
-    """A time limit that is not a number fails once the placeholder is in the table: the
-    placeholder must still be removed (load_model's promise: in every failing case it is gone),
-    or every later load of the id is refused as a duplicate and get_model says "still loading"."""
+@pytest.mark.parametrize(
+    "bad,error",
+    [("5", TypeError), ([1.0], TypeError), (float("nan"), ValueError), (0, ValueError), (-1.0, ValueError)],
+    ids=["str", "list", "nan", "zero", "negative"],
+)
+def test_error_right_after_the_placeholder_is_inserted_removes_it(ckpt, bad, error):
+    """A time limit that is not a number, or not a positive finite one (NaN, zero and negative
+    limits timed the load out at once, as if it had been slow), fails once the placeholder is in
+    the table: the placeholder must still be removed (load_model's promise: in every failing
+    case it is gone), or every later load of the id is refused as a duplicate and get_model
+    says "still loading"."""
     path, _ = ckpt
 
     async def main():
         async with AsyncModelManager() as mgr:
-            with pytest.raises(TypeError):
+            with pytest.raises(error, match="timeout must be"):
                 await mgr.load_model(cfg(path), timeout=bad)
-            await _failed_then_reloads(mgr, path, "TypeError")
+            await _failed_then_reloads(mgr, path, error.__name__)
             assert mgr.stats()["workers_running"] == 0
 
     run(main())
@@ -624,3 +630,9 @@ def test_state_machine_matches_a_model(ckpt, ops):
                 assert {r["model_id"]: r["status"] for r in mgr.list_models()} == model
 
     run(main())
+
+
+@pytest.mark.parametrize("bad,error", [("5", TypeError), (float("nan"), ValueError), (0, ValueError), (float("inf"), ValueError)])
+def test_a_default_timeout_that_is_no_time_limit_is_refused(bad, error):
+    with pytest.raises(error, match="default_timeout must be"):
+        AsyncModelManager(default_timeout=bad)

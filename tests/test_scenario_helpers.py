@@ -165,3 +165,24 @@ def test_heartbeat_times_a_collection_on_the_loop_thread():
     full = [(b - a, on_loop) for a, b, gen, on_loop in hb.collections if gen == 2]
     assert len(full) == 1 and full[0][0] > 0 and full[0][1] is True, hb.collections
     assert hb.summary()["heartbeat_gc_n"] == len(hb.collections)
+
+
+def test_a_heartbeat_whose_task_was_cancelled_stops_timing_collections():
+    """stop() awaits the heartbeat's task; a task that was cancelled (or raised) made it raise
+    before it took its gc callback back, and the collector went on calling it."""
+    import asyncio
+    import gc
+
+    from repro.scenarios._manager_common import Heartbeat
+
+    async def main() -> Heartbeat:
+        hb = Heartbeat(0.005)
+        hb.start()
+        await asyncio.sleep(0.02)
+        hb._task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hb.stop()
+        return hb
+
+    hb = asyncio.run(main())
+    assert hb._on_gc not in gc.callbacks

@@ -841,16 +841,22 @@ def test_a_listening_socket_gone_stops_the_server_instead_of_retrying_forever(co
 def test_close_all_survives_a_connection_closed_under_it():
     from splitlearn.serving.server import ConnServer, _Conn
 
+    held = []
+
     class ClosedMeanwhile:  # its reader closed it between close_all's look and its shutdown
         closed = False
 
         def fileno(self):
+            held.append(srv.conns[1].send_lock.locked())
             raise OSError("handle is closed")
 
     srv = ConnServer({"authkey": "00", "max_frame": 1 << 20}, None)
     srv.conns = {1: _Conn(ClosedMeanwhile(), 1)}
     srv.close_all()
     assert not srv.conns[1].alive
+    # looked at under the send lock, under which the reader closes it (a closed descriptor's
+    # number may already be another connection's)
+    assert held == [True]
 
 
 def test_hybrid_wait_unlearns_a_burst_of_late_timers(silent_server):

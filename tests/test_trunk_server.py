@@ -537,6 +537,6 @@ def test_max_cache_bytes_defaults_to_a_quarter_of_the_devices_memory(server):
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     with server.client() as c:
         assert c.stats()["max_cache_bytes"] == ram // 4
-    for bad in (0, -1, "lots", True):
+    for bad in (0, -1, "lots", True, float("inf"), float("nan"), [1]):
         with pytest.raises(ValueError, match="max_cache_bytes"):
             TrunkServer({"gpt2": {"import": "x:Y"}}, max_cache_bytes=bad)

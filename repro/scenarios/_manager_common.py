@@ -341,10 +341,12 @@ class Heartbeat:
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            await self._task
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)
+        try:
+            if self._task is not None:
+                await self._task
+        finally:  # also when the task failed or was cancelled: the collector stops reporting here
+            if self._on_gc in gc.callbacks:
+                gc.callbacks.remove(self._on_gc)
 
     def summary(self, prefix: str = "heartbeat") -> dict[str, Any]:
         g = sorted(self.gaps) or [0.0]

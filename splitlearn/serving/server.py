@@ -1158,11 +1158,11 @@ class ConnServer:
         with self.conns_lock:
             conns = list(self.conns.values())
         for c in conns:
-            c.alive = False
-            try:
-                transport.shutdown_fd(c.conn.fileno())
-            except OSError:  # its reader closed it meanwhile
-                pass
+            with c.send_lock:  # as every _lost: the reader closes the descriptor under this lock
+                try:
+                    self._lost(c)
+                except OSError:  # its reader closed it meanwhile
+                    c.alive = False
 
 
 class _InferenceWorker(ConnServer):

@@ -95,7 +95,11 @@ class TrunkServer(ManagedServer):
             raise ValueError("max_cache_tokens must be >= 1 (or None)")
         self.max_cache_tokens = None if max_cache_tokens is None else int(max_cache_tokens)
         if max_cache_bytes is not None and max_cache_bytes != "auto":
-            if isinstance(max_cache_bytes, (bool, str)) or int(max_cache_bytes) < 1:
+            try:  # inf and NaN are no number of bytes either (int() raises for them)
+                ok = not isinstance(max_cache_bytes, (bool, str)) and int(max_cache_bytes) >= 1
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+            if not ok:
                 raise ValueError(f"max_cache_bytes must be a number of bytes >= 1, 'auto' or None, not {max_cache_bytes!r}")
             max_cache_bytes = int(max_cache_bytes)
         self.max_cache_bytes = max_cache_bytes
