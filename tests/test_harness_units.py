@@ -728,3 +728,22 @@ def test_the_termination_after_a_verdict_names_a_realtime_signal_without_raising
     after = _termination(-n, {}, "HANG", [])
     assert after["kind"] == "signal-after-verdict" and after["signal"] == f"signal {n}", after
     assert _termination(-n, {}, None, [])["signal"] == f"signal {n}"
+
+
+def test_killing_the_tree_leaves_the_roots_exit_status_with_its_popen():
+    """kill_all waited for its victims with psutil, which reaps a child of this process itself;
+    Popen, finding its root already reaped (ECHILD), then said it exited 0, and the evidence of
+    a HANG read 'exited 0 on its own' beside a SIGKILL. The root is now waited for through its
+    Popen. A sleeping root, whole trees of which are killed several times (the old code lost
+    the status in most tries, depending on whether the root was still dying when looked at)."""
+    import signal
+    import subprocess
+
+    codes = []
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        tree = ev.Tree(proc.pid, "no-such-token")
+        tree.pids()  # seen, as the runner's samples see it
+        tree.kill_all(proc)
+        codes.append(proc.returncode)
+    assert codes == [-signal.SIGKILL] * 8, codes

@@ -307,14 +307,21 @@ class Tree:
                     pass
                 except PermissionError:
                     pass
-            # wait for the victims to die (not merely be signalled) before rescanning
+            # wait for the victims to die (not merely be signalled) before rescanning. The root
+            # is waited for through its Popen: psutil's wait reaps a child of ours itself, and
+            # Popen, finding it gone (ECHILD), then says it exited 0 where SIGKILL ended it
+            root = root_popen.pid if root_popen is not None else None
             procs = []
             for pid in victims:
                 try:
-                    procs.append(psutil.Process(pid))
+                    if pid != root:
+                        procs.append(psutil.Process(pid))
                 except psutil.Error:
                     pass
             _wait_dead(procs, timeout=2.0)
+            if root in victims:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    root_popen.wait(timeout=2.0)
         if root_popen is not None:
             try:
                 root_popen.wait(timeout=timeout)
