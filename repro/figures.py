@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ _RESERVED = {"figures", "targets", "key", "key_figure"}
 _SUFFIX_UNITS = (
     ("_req_s", "req/s"),
     ("_rps", "req/s"),
+    ("_mb_per_s", "MB/s"),
     ("_per_s", "/s"),
     ("_ratio", "x"),
     ("_ms", "ms"),
@@ -81,6 +82,19 @@ class Figure:
             "claim": self.claim,
             "claim_ok": self.claim_ok,
         }
+
+
+def percentile(xs: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile of ``xs`` (0-100), interpolated between the two nearest ranks
+    (``q=50``: the median, the mean of the two middle samples of an even count); NaN when
+    ``xs`` is empty."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = min(len(xs) - 1.0, max(0.0, q / 100 * (len(xs) - 1)))
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _number(value: Any) -> float | None:

@@ -382,3 +382,18 @@ def test_render_of_a_file_that_is_not_a_bench_json_is_a_usage_error(content, tmp
     assert exc.value.code == 2 and "Traceback" not in err, err
     assert "--render:" in err and str(path) in err, err
     assert path.read_text() == content  # left as it was
+
+
+@pytest.mark.parametrize(
+    "name, unit",
+    [
+        ("results.same_cpu.4096.unix_connection.throughput_MB_per_s", "MB/s"),
+        ("throughput_msgs_per_s", "/s"),
+        ("throughput_rps", "req/s"),
+        ("incremental_peak_rss_mb", "MB"),
+    ],
+)
+def test_a_figures_unit_is_what_its_name_says(name, unit):
+    from repro.figures import unit_from_name
+
+    assert unit_from_name(name) == unit

@@ -186,3 +186,133 @@ def test_a_heartbeat_whose_task_was_cancelled_stops_timing_collections():
 
     hb = asyncio.run(main())
     assert hb._on_gc not in gc.callbacks
+
+
+# -- the load variants' statistics ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "xs",
+    [[1.0, 2.0, 3.0, 4.0], [3.0, 1.0, 6.0, 2.0, 5.0, 4.0], [float(i) for i in range(300)], [2.0, 1.0, 3.0]],
+)
+def test_the_load_variants_medians_are_medians(xs):
+    """serving_batching's and ipc_transports' percentile helpers give their figures' medians (the
+    figures' medians (the 300 sets of serving_batching's overhead, the blocks of ipc_transports'
+    ratios): with an even count the median lies between the two middle samples, not on one
+    picked by rounding (each module had its own helper that did that)."""
+    import statistics
+
+    from repro.figures import percentile
+    from repro.scenarios import ipc_transports, serving_batching
+
+    assert ipc_transports.percentile is percentile and serving_batching.percentile is percentile
+    assert percentile(xs, 50) == pytest.approx(statistics.median(xs))
+    assert percentile(xs, 0) == min(xs) and percentile(xs, 100) == max(xs)
+
+
+def test_the_manager_scenarios_tail_percentiles_are_not_the_maximum():
+    """The manager scenarios' p95 latency and p99 heartbeat gap are nearest-rank percentiles: of
+    20 latencies the p95 is the 19th smallest, of 100 gaps the p99 the 99th; one rank higher
+    reported the single worst sample under the percentile's name."""
+    from repro.scenarios._manager_common import Heartbeat, latency_summary
+
+    lat = [(float(i), (i + 1) / 1e3) for i in range(20)]  # 1..20 ms
+    s = latency_summary(lat, "x")
+    assert s["x_max_ms"] == 20.0
+    assert s["x_p95_ms"] == 19.0
+    assert latency_summary(lat[:1], "x")["x_p95_ms"] == 1.0
+
+    hb = Heartbeat.__new__(Heartbeat)  # its figures only: no loop, no task
+    hb.interval = 0.005
+    hb.gaps = [(i + 1) / 1e3 for i in range(100)]  # 1..100 ms
+    hb.ends = [sum(hb.gaps[: i + 1]) for i in range(100)]
+    hb.cpu = [0.0] * 100
+    hb.loop_cpu = [0.0] * 100
+    hb.collections = []
+    out = hb.summary()
+    assert out["heartbeat_max_gap_ms"] == 100.0
+    assert out["heartbeat_p99_gap_ms"] == 99.0
+
+
+class _FakeTransport:
+    """An in-process echo with the parent side's interface (name, send, recv)."""
+
+    def __init__(self, name: str, log: list):
+        import collections
+
+        self.name, self._q, self._log = name, collections.deque(), log
+
+    def send(self, msg: bytes) -> None:
+        self._log.append(self.name)
+        self._q.append(msg)
+
+    def recv(self) -> bytes:
+        return self._q.popleft()
+
+
+def test_ipc_throughput_is_measured_side_by_side(monkeypatch):
+    """The Manager's share of the socket's throughput is a ratio: its two rates must come from
+    rounds interleaved across the transports (order rotating), as the latencies do, not from
+    each transport's throughput measured once after the other's, and the fraction is the median
+    of the rounds' ratios."""
+    from repro.scenarios import ipc_transports as ipc
+
+    log: list[str] = []
+    names = ("manager_queue", "mp_queue", "unix_connection")
+    ts = {n: _FakeTransport(n, log) for n in names}
+    # a rate per call that drifts with the call's position: every transport's rates differ by round
+    calls: list[str] = []
+    speed = {"manager_queue": 100.0, "mp_queue": 300.0, "unix_connection": 1000.0}
+
+    def fake_throughput(t, msg, n, window):
+        calls.append(t.name)
+        return speed[t.name] * (1 + 0.1 * len(calls))
+
+    monkeypatch.setattr(ipc, "_throughput", fake_throughput)
+    p = {"warmup": 2, "rounds": 40, "block": 10, "budget_s": 60.0, "window": 4}
+    out, blocks = ipc._measure_all(ts, 64, p)
+    assert all(calls.count(n) >= 3 for n in names), calls
+    # round-robin: between two rounds of one transport, every other transport runs once
+    first = {n: calls.index(n) for n in names}
+    assert max(first.values()) < len(names), calls
+    assert {calls[i] for i in range(len(names))} == set(names)
+    assert calls[: len(names)] != calls[len(names) : 2 * len(names)], "the order does not rotate"
+    rounds = {n: out[n]["throughput_msgs_per_s_rounds"] for n in names}
+    ratios = sorted(a / b for a, b in zip(rounds["manager_queue"], rounds["unix_connection"], strict=True))
+    import statistics
+
+    assert ipc._throughput_fraction(out, "manager_queue", "unix_connection") == round(statistics.median(ratios), 3)
+    assert out["manager_queue"]["throughput_msgs_per_s"] == round(statistics.median(rounds["manager_queue"]), 1)
+
+
+def test_loading_memory_figures_named_mb_are_in_megabytes(monkeypatch):
+    """loading_memory's ``*_mb`` figures are shown in MB (10^6 bytes); the worker divided bytes
+    by 2^20 (and VmHWM's KiB by 1024), so they were MiB read as MB, 5 % short."""
+    import types
+
+    import psutil
+    import torch
+
+    from repro.scenarios import loading_memory as lm
+    from splitlearn.factory import ModelFactory
+
+    class Trunk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(lm.SPLIT[1] - lm.SPLIT[0]))
+            self.config = types.SimpleNamespace(hidden_size=4)
+
+        def forward(self, x):
+            return x
+
+    class Proc:
+        def memory_info(self):
+            return types.SimpleNamespace(rss=300_000_000)
+
+    monkeypatch.setattr(psutil, "Process", Proc)
+    monkeypatch.setattr(ModelFactory, "create_split_models", staticmethod(lambda *a, **k: (None, Trunk(), None)))
+    monkeypatch.setattr(ModelFactory, "last_load_info", staticmethod(lambda: {}))
+    monkeypatch.setattr(lm, "_peak_rss_kib", lambda: 1_000_000)  # 1.024e9 bytes
+    res = lm._worker("incremental", "unused")
+    assert res["rss_imported_mb"] == pytest.approx(300.0)
+    assert res["peak_rss_mb"] == pytest.approx(1024.0)
+    assert res["load_peak_mb"] == pytest.approx(724.0)
+    assert res["load_only_peak_mb"] == pytest.approx(724.0)

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import gc
 import logging
+import math
 import statistics
 import threading
 import time
@@ -363,9 +364,17 @@ class Heartbeat:
             f"{prefix}_ticks": len(self.gaps),
             f"{prefix}_interval_ms": round(self.interval * 1e3, 3),
             f"{prefix}_max_gap_ms": round(g[-1] * 1e3, 3),
-            f"{prefix}_p99_gap_ms": round(g[min(len(g) - 1, int(len(g) * 0.99))] * 1e3, 3),
+            f"{prefix}_p99_gap_ms": round(nearest_rank(g, 99) * 1e3, 3),
             f"{prefix}_p50_gap_ms": round(statistics.median(g) * 1e3, 3),
         }
+
+
+def nearest_rank(sorted_xs: list[float], q: float) -> float:
+    """The ``q``-th percentile of ascending ``sorted_xs`` by nearest rank: the smallest sample
+    with at least ``q`` % of them at or below it (of 20 samples the p95 is the 19th, of 100 the
+    p99 the 99th, not the largest)."""
+    k = math.ceil(q / 100 * len(sorted_xs) - 1e-9)
+    return sorted_xs[min(len(sorted_xs), max(1, k)) - 1]
 
 
 def latency_summary(
@@ -378,7 +387,7 @@ def latency_summary(
     return {
         f"{prefix}_n": len(s),
         f"{prefix}_p50_ms": round(statistics.median(s) * 1e3, 3),
-        f"{prefix}_p95_ms": round(s[min(len(s) - 1, int(len(s) * 0.95))] * 1e3, 3),
+        f"{prefix}_p95_ms": round(nearest_rank(s, 95) * 1e3, 3),
         f"{prefix}_max_ms": round(s[-1] * 1e3, 3),
     }
 

@@ -14,7 +14,10 @@ the echo process sends each back.
   rotating, so a drift in the machine's speed hits them all alike; each ratio is the median
   over blocks of the two transports' block medians;
 * throughput: a window of ``window`` messages in flight (the window keeps pipes and sockets
-  below their buffer size, so neither side blocks on a full buffer), messages per second.
+  below their buffer size, so neither side blocks on a full buffer), messages per second,
+  in ``throughput_rounds`` rounds interleaved across transports like the latency blocks: a
+  transport's rate is its median over the rounds, a ratio of two rates the median of the
+  rounds' ratios.
 
 Placement: on these VMs a ping-pong between two processes on one CPU costs about 15 us and
 between two CPUs about 60 us (waking an idle virtual CPU), so when the scheduler places each
@@ -42,6 +45,7 @@ from __future__ import annotations
 import os
 import time
 
+from repro.figures import percentile
 from repro.harness.spec import load, scenario
 
 TRANSPORTS = (
@@ -230,13 +234,6 @@ class _Transport:
             self._manager.shutdown()
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = min(len(xs) - 1, max(0, int(round(q / 100.0 * (len(xs) - 1)))))
-    return xs[k]
-
 
 def _round_trips(t: _Transport, msg: bytes, n: int) -> list[float]:
     size = len(msg)
@@ -269,7 +266,7 @@ def _throughput(t: _Transport, msg: bytes, n: int, window: int) -> float:
 
 def _measure_all(ts: dict[str, _Transport], size: int, p: dict) -> tuple[dict, dict]:
     """Latency of every transport in interleaved blocks (each block of ``block`` round trips,
-    the order rotating), then throughput of each. Returns per-transport figures and the
+    the order rotating), then throughput in interleaved rounds. Returns per-transport figures and the
     per-block medians (for ratios taken block by block, side by side)."""
     msg = b"\x01" + os.urandom(size - 1)
     for t in ts.values():
@@ -285,27 +282,44 @@ def _measure_all(ts: dict[str, _Transport], size: int, p: dict) -> tuple[dict, d
         for name in names[b % len(names) :] + names[: b % len(names)]:
             xs = _round_trips(ts[name], msg, p["block"])
             lat[name] += xs
-            blocks[name].append(_percentile(xs, 50))
+            blocks[name].append(percentile(xs, 50))
         if time.perf_counter() > t_end:
             break
+    # throughput in rounds interleaved the same way (order rotating): a ratio of two transports'
+    # rates is then taken round by round, side by side (see _throughput_fraction)
+    n_rounds = max(1, int(p.get("throughput_rounds", 5)))
+    # 16 windows or more per round: filling the window stays a small part of a round
+    per_round = max(len(lat[names[0]]) // n_rounds, p["window"] * 16)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(n_rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rates[name].append(_throughput(ts[name], msg, per_round, p["window"]))
     out = {}
     for name in names:
         us = [x * 1e6 for x in lat[name]]
-        rate = _throughput(ts[name], msg, max(len(us), p["window"] * 4), p["window"])
+        rate = percentile(rates[name], 50)
         out[name] = {
             "rounds": len(us),
-            "latency_us_median": round(_percentile(us, 50), 2),
+            "latency_us_median": round(percentile(us, 50), 2),
             "latency_us_mean": round(sum(us) / len(us), 2),
-            "latency_us_p99": round(_percentile(us, 99), 2),
+            "latency_us_p99": round(percentile(us, 99), 2),
             "throughput_msgs_per_s": round(rate, 1),
             "throughput_MB_per_s": round(rate * size / 1e6, 2),
+            "throughput_msgs_per_s_rounds": [round(x, 1) for x in rates[name]],
             "window": p["window"],
         }
     return out, blocks
 
 
+def _throughput_fraction(row: dict[str, dict], num: str, den: str) -> float:
+    """``num``'s throughput over ``den``'s: the median over the interleaved rounds of the two
+    rates measured in the same round."""
+    a, b = row[num]["throughput_msgs_per_s_rounds"], row[den]["throughput_msgs_per_s_rounds"]
+    return round(percentile([x / y for x, y in zip(a, b, strict=True)], 50), 3)
+
+
 def _block_ratio(blocks: dict[str, list[float]], num: str, den: str) -> float:
-    return round(_percentile([a / b for a, b in zip(blocks[num], blocks[den], strict=True)], 50), 2)
+    return round(percentile([a / b for a, b in zip(blocks[num], blocks[den], strict=True)], 50), 2)
 
 
 def _layouts() -> dict[str, tuple[int | None, int | None]]:
@@ -388,9 +402,7 @@ def ipc_transports(ctx):
                     "unix_connection_over_raw_socketpair": _block_ratio(blocks, "unix_connection", "raw_socketpair"),
                     "unix_mp_connection_over_raw_socketpair": _block_ratio(blocks, "unix_mp_connection", "raw_socketpair"),
                     "unix_connection_over_unix_mp_connection": _block_ratio(blocks, "unix_connection", "unix_mp_connection"),
-                    "manager_throughput_fraction_of_unix": round(
-                        row["manager_queue"]["throughput_msgs_per_s"] / row["unix_connection"]["throughput_msgs_per_s"], 3
-                    ),
+                    "manager_throughput_fraction_of_unix": _throughput_fraction(row, "manager_queue", "unix_connection"),
                 }
                 ctx.record(ratios=ratios)
         finally:
@@ -406,7 +418,7 @@ def ipc_transports(ctx):
             f"spawned echo per transport, all open at once, in each CPU layout ({', '.join(layouts)}); latency = ping-pong, "
             f"up to {p['rounds']} round trips per transport after {p['warmup']} warm-up, in blocks of {p['block']} "
             f"interleaved across transports (order rotating); ratios = median over blocks of the two transports' "
-            f"block medians; throughput with {p['window']} in flight; perf_counter; headline = least favourable pinned layout"
+            f"block medians; throughput with {p['window']} in flight, in interleaved rounds (median); perf_counter; headline = least favourable pinned layout"
         ),
         targets={
             "manager_over_socket_10_to_50x": {

@@ -47,7 +47,7 @@ def _peak_rss_kib() -> int:
     """This process's peak RSS: ``VmHWM``, the high-water mark of its own address space. Not
     ``ru_maxrss``: subprocess starts a child by vfork, and exec carries the parent's high-water
     mark into the child's ``ru_maxrss`` (a scenario that had just built the fixture gave an
-    incremental worker its 956 MB peak)."""
+    incremental worker its 956 MiB peak)."""
     with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
@@ -79,14 +79,15 @@ def _worker(mode: str, model_dir: str, dtype_name: str = "") -> dict:
     with torch.no_grad():
         trunk(torch.zeros(1, 8, trunk.config.hidden_size, dtype=next(trunk.parameters()).dtype))
     peak_kib = _peak_rss_kib()
+    mb = 1e6  # the figures are named and shown in MB (VmHWM is in KiB, RSS in bytes)
     return {
         "mode": mode,
-        "rss_start_mb": rss_start / 2**20,
-        "rss_imported_mb": rss_imported / 2**20,
-        "peak_rss_mb": peak_kib / 1024,
-        "load_peak_mb": peak_kib / 1024 - rss_imported / 2**20,
-        "load_only_peak_mb": load_peak_kib / 1024 - rss_imported / 2**20,
-        "rss_after_mb": proc.memory_info().rss / 2**20,
+        "rss_start_mb": rss_start / mb,
+        "rss_imported_mb": rss_imported / mb,
+        "peak_rss_mb": peak_kib * 1024 / mb,
+        "load_peak_mb": (peak_kib * 1024 - rss_imported) / mb,
+        "load_only_peak_mb": (load_peak_kib * 1024 - rss_imported) / mb,
+        "rss_after_mb": proc.memory_info().rss / mb,
         "trunk_params": sum(p.numel() for p in trunk.parameters()),
         "trunk_layers": len(trunk.layers),
         "opened_files": info.get("opened_files"),

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 
+from repro.figures import percentile
 from repro.harness import predict
 from repro.harness.spec import load, scenario
 
@@ -104,10 +105,6 @@ def _delta(before: dict, after: dict) -> dict:
         "queue_wait_ms": per("queue_wait_ms_mean", nr, "batched_requests"),
     }
 
-
-def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))] if xs else float("nan")
 
 
 @scenario(
@@ -214,9 +211,9 @@ def serving_batching(ctx):
                     ratios[k].append(t[k] / t["direct"])
             pairs_after = c.stats()
             hybrid_counts = {k: v - counts_before[k] for k, v in c.wait_counts.items()}
-        direct_ms = 1e3 * _pct(d, 50)
-        overhead = _pct(ratios["block"], 50)
-        overhead_hybrid = _pct(ratios["hybrid"], 50)
+        direct_ms = 1e3 * percentile(d, 50)
+        overhead = percentile(ratios["block"], 50)
+        overhead_hybrid = percentile(ratios["hybrid"], 50)
         # where the overhead goes (means over the sets, from the server's own counters): the
         # model call in the server against the same call here, the hand-off from the
         # connection's reader to the batch loop, and the answer's encoding and send
@@ -228,19 +225,19 @@ def serving_batching(ctx):
             pairs_server_queue_wait_ms_mean=round(srv_pairs["queue_wait_ms"], 4),
         )
         for k, prefix in (("block", ""), ("hybrid", "hybrid_")):
-            ms = 1e3 * _pct(served[k], 50)
+            ms = 1e3 * percentile(served[k], 50)
             ctx.record(
                 **{
                     f"{prefix}server_ms_median": round(ms, 4),
-                    f"{prefix}server_over_direct": round(_pct(ratios[k], 50), 4),
+                    f"{prefix}server_over_direct": round(percentile(ratios[k], 50), 4),
                     f"{prefix}server_over_direct_of_medians": round(ms / direct_ms, 4),
-                    f"{prefix}server_over_direct_iqr": [round(_pct(ratios[k], 25), 4), round(_pct(ratios[k], 75), 4)],
-                    f"{prefix}overhead_ms_median": round(1e3 * _pct([b - a for a, b in zip(d, served[k], strict=True)], 50), 4),
+                    f"{prefix}server_over_direct_iqr": [round(percentile(ratios[k], 25), 4), round(percentile(ratios[k], 75), 4)],
+                    f"{prefix}overhead_ms_median": round(1e3 * percentile([b - a for a, b in zip(d, served[k], strict=True)], 50), 4),
                 }
             )
         ctx.record(
             direct_ms_median=round(direct_ms, 4),
-            ping_after_idle_ms_median=round(1e3 * _pct(pings, 50), 4),
+            ping_after_idle_ms_median=round(1e3 * percentile(pings, 50), 4),
             # CPU time of this process per call: what the hybrid wait's spinning costs
             client_cpu_ms_per_call={k: round(1e3 * sum(v) / len(v), 4) for k, v in cpu.items()},
             hybrid_wait_counts=hybrid_counts,
@@ -248,7 +245,7 @@ def serving_batching(ctx):
         ctx.observe(
             f"direct {direct_ms:.3f} ms; through the server, medians of {len(d)} interleaved sets: "
             f"blocking client {overhead:.3f}x, hybrid wait {overhead_hybrid:.3f}x; a ping to the idle server "
-            f"{1e3 * _pct(pings, 50):.3f} ms; client CPU per call (ms) "
+            f"{1e3 * percentile(pings, 50):.3f} ms; client CPU per call (ms) "
             + ", ".join(f"{k} {1e3 * sum(v) / len(v):.3f}" for k, v in cpu.items())
             + f"; hybrid waits {hybrid_counts}"
         )
@@ -317,10 +314,10 @@ def serving_batching(ctx):
             batches = sum(r["batches"] for r in rs)
             return {
                 "requests": len(lat),
-                "throughput_rps": round(_pct([r["rps"] for r in rs], 50), 1),
+                "throughput_rps": round(percentile([r["rps"] for r in rs], 50), 1),
                 "throughput_rps_rounds": [round(r["rps"], 1) for r in rs],
-                "latency_ms_p50": round(1e3 * _pct(lat, 50), 3),
-                "latency_ms_p99": round(1e3 * _pct(lat, 99), 3),
+                "latency_ms_p50": round(1e3 * percentile(lat, 50), 3),
+                "latency_ms_p99": round(1e3 * percentile(lat, 99), 3),
                 "mean_batch": round(sum(r["responses"] for r in rs) / batches, 3) if batches else 0.0,
                 "batch_ms_mean": round(sum(r["busy"] for r in rs) / batches, 3) if batches else 0.0,
                 "model_ms_mean": round(sum(r["model"] for r in rs) / batches, 3) if batches else 0.0,
@@ -340,7 +337,7 @@ def serving_batching(ctx):
             # each hybrid phase against the blocking phase of the same client count and round
             ctx.record(
                 hybrid_over_block_throughput={
-                    str(n): round(_pct([h["rps"] / b["rps"] for b, h in zip(runs[n], rs, strict=True)], 50), 3)
+                    str(n): round(percentile([h["rps"] / b["rps"] for b, h in zip(runs[n], rs, strict=True)], 50), 3)
                     for n, rs in hybrid_runs.items()
                     if n in runs
                 }
@@ -348,7 +345,7 @@ def serving_batching(ctx):
         speedup4 = None
         if 1 in runs and 4 in runs:
             per_round = [b["rps"] / a["rps"] for a, b in zip(runs[1], runs[4], strict=True)]
-            speedup4 = _pct(per_round, 50)
+            speedup4 = percentile(per_round, 50)
             ctx.record(speedup_4_over_1_rounds=[round(v, 3) for v in per_round])
             b1, b4 = rows["1"]["batch_ms_mean"], rows["4"]["batch_ms_mean"]
             if b1 and b4:
@@ -372,9 +369,9 @@ def serving_batching(ctx):
                     "met": overhead_hybrid <= 1.05,
                 },
                 "4_clients_throughput_ge_2.5x": {
-                    "value": round(speedup4, 3) if speedup4 else None,
+                    "value": round(speedup4, 3) if speedup4 is not None else None,
                     "target": 2.5,
-                    "met": bool(speedup4 and speedup4 >= 2.5),
+                    "met": speedup4 is not None and speedup4 >= 2.5,
                 },
                 "4_clients_mean_batch_ge_3": {
                     "value": rows.get("4", {}).get("mean_batch"),
