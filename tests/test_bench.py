@@ -282,7 +282,10 @@ def test_a_suite_that_overruns_its_time_limit_keeps_the_benchmark(tmp_path, monk
     assert [c["variant"] for c in report["cases"]] == ["4k"]
     assert report["suite"]["exitstatus"] is None and report["suite"]["timed_out"] is True
     assert "did not finish within 5 s" in md.read_text()
+    from repro.harness.evidence import wait_gone
+
     grandchild = int(pidfile.read_text())
+    wait_gone([grandchild], timeout=20)  # killed, it dies within moments (at first it can still read 'running')
     try:
         status = psutil.Process(grandchild).status()
     except psutil.NoSuchProcess:
