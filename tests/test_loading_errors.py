@@ -69,6 +69,20 @@ def rerun_without_dac_override(request) -> None:
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
+def made_unreadable(request, *paths) -> bool:
+    """Mode 000 on ``paths`` until the test ends (a finalizer gives them 0o644 back). False when
+    that does not stop this user from reading them (root): the test has then been run again in
+    a child without the capabilities that allow it (:func:`rerun_without_dac_override`), and
+    the caller returns."""
+    for p in paths:
+        p.chmod(0)
+    request.addfinalizer(lambda: [p.chmod(0o644) for p in paths])
+    if os.access(paths[0], os.R_OK):
+        rerun_without_dac_override(request)
+        return False
+    return True
+
+
 def copy_model(tmp_path, sharded=True):
     dst = tmp_path / ("sharded" if sharded else "single")
     shutil.copytree(tiny_model_dir("gpt2", sharded), dst)
@@ -95,17 +109,12 @@ def test_unreadable_shard_is_a_load_error_not_corrupt_weights(tmp_path, request)
     model = copy_model(tmp_path)
     loader = ShardLoader(model)
     fname, key = a_shard_and_key(loader)
-    path = model / fname
-    path.chmod(0)
-    try:
-        if os.access(path, os.R_OK):
-            return rerun_without_dac_override(request)
-        with pytest.raises(ModelLoadError, match=r"PermissionError.*Permission denied") as info:
-            loader.get_tensor(key)
-        assert not isinstance(info.value, CorruptWeights)
-        assert isinstance(info.value.__cause__, PermissionError)
-    finally:
-        path.chmod(0o644)
+    if not made_unreadable(request, model / fname):
+        return
+    with pytest.raises(ModelLoadError, match=r"PermissionError.*Permission denied") as info:
+        loader.get_tensor(key)
+    assert not isinstance(info.value, CorruptWeights)
+    assert isinstance(info.value.__cause__, PermissionError)
 
 
 _EMFILE_PROGRAM = r"""
@@ -198,35 +207,22 @@ def test_unreadable_shard_reported_by_the_factory_as_such(tmp_path, request):
     from splitlearn import ModelFactory
 
     model = copy_model(tmp_path)
-    paths = sorted(model.glob("*.safetensors"))
-    for p in paths:
-        p.chmod(0)
-    try:
-        if os.access(paths[0], os.R_OK):
-            return rerun_without_dac_override(request)
-        with pytest.raises(ModelLoadError, match="Permission denied"):
-            ModelFactory.create_split_models("gpt2", str(model), 1, 3, low_memory=True, parts=("trunk",))
-    finally:
-        for p in paths:
-            p.chmod(0o644)
-
+    if not made_unreadable(request, *sorted(model.glob("*.safetensors"))):
+        return
+    with pytest.raises(ModelLoadError, match="Permission denied"):
+        ModelFactory.create_split_models("gpt2", str(model), 1, 3, low_memory=True, parts=("trunk",))
 
 
 def test_unreadable_index_is_a_load_error_not_corrupt_weights(tmp_path, request):
     """An index json that cannot be opened says nothing about the checkpoint's contents: a
     ModelLoadError with the OS error chained, as for a shard (a malformed index stays corrupt)."""
     model = copy_model(tmp_path)
-    index_path = model / "model.safetensors.index.json"
-    index_path.chmod(0)
-    try:
-        if os.access(index_path, os.R_OK):
-            return rerun_without_dac_override(request)
-        with pytest.raises(ModelLoadError, match=r"index\.json.*Permission denied") as info:
-            ShardLoader(model)
-        assert not isinstance(info.value, CorruptWeights)
-        assert isinstance(info.value.__cause__, PermissionError)
-    finally:
-        index_path.chmod(0o644)
+    if not made_unreadable(request, model / "model.safetensors.index.json"):
+        return
+    with pytest.raises(ModelLoadError, match=r"index\.json.*Permission denied") as info:
+        ShardLoader(model)
+    assert not isinstance(info.value, CorruptWeights)
+    assert isinstance(info.value.__cause__, PermissionError)
 
 
 def test_unreadable_config_is_a_load_error_not_a_config_mismatch(tmp_path, request):
@@ -236,14 +232,9 @@ def test_unreadable_config_is_a_load_error_not_a_config_mismatch(tmp_path, reque
     from splitlearn.errors import ConfigMismatch
 
     model = copy_model(tmp_path)
-    config_path = model / "config.json"
-    config_path.chmod(0)
-    try:
-        if os.access(config_path, os.R_OK):
-            return rerun_without_dac_override(request)
-        with pytest.raises(ModelLoadError, match=r"Permission denied.*config\.json") as info:
-            ModelFactory.create_split_models("gpt2", str(model), 1, 3, parts=("trunk",))
-        assert not isinstance(info.value, ConfigMismatch)
-        assert isinstance(info.value.__cause__, PermissionError)
-    finally:
-        config_path.chmod(0o644)
+    if not made_unreadable(request, model / "config.json"):
+        return
+    with pytest.raises(ModelLoadError, match=r"Permission denied.*config\.json") as info:
+        ModelFactory.create_split_models("gpt2", str(model), 1, 3, parts=("trunk",))
+    assert not isinstance(info.value, ConfigMismatch)
+    assert isinstance(info.value.__cause__, PermissionError)
