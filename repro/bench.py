@@ -535,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
     build = str(fp.get("build") or "bundled")
+    cell_figures = cell_key_figures(pyver, build)  # read once: every checkpoint writes it again
 
     def report_of(records: list[dict[str, Any]], suite: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             "cases": records,
             "skipped": skipped,
             "suite": suite,
-            "cell_figures": cell_key_figures(pyver, build),
+            "cell_figures": cell_figures,
         }
         if partial is not None:
             report["partial"] = partial
