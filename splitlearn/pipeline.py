@@ -266,9 +266,7 @@ class Pipeline:
             self._put(q_out, _END, f"{self.stage_name}_out", self.stage_name, "consumer", stop, stages)
             st.progress("done")
         finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            _shutdown_workers(it)
 
     def _consumer(self, q: Any, stop: Any, seen: list[int], outputs: list, stages: dict[str, StageState]) -> None:
         st = stages["consumer"]
@@ -369,9 +367,7 @@ class Pipeline:
         if self.num_workers and self.threads[1].is_alive():
             # the stage thread shuts its DataLoader's workers down as it ends; stuck (inside
             # model_fn, or waiting on a worker) it may never end: do it here, or they run on
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            _shutdown_workers(it)
         if self.num_workers:
             q_in.cancel_join_thread()
             q_in.close()
@@ -413,6 +409,14 @@ def _culprit(stages: dict[str, StageState]) -> StageState:
     while st.state.startswith("put:") and order.index(st.name) + 1 < len(order):
         st = stages[order[order.index(st.name) + 1]]
     return st
+
+
+def _shutdown_workers(it: Any) -> None:
+    """Stop the worker processes of a DataLoader iterator (there are none with num_workers=0);
+    a second call does nothing."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _counts(stages: dict[str, StageState]) -> dict[str, int]:

@@ -40,7 +40,9 @@ Frames (request -> answer)::
 
 from __future__ import annotations
 
+import os
 import secrets
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -183,8 +185,6 @@ def cache_nbytes(cache: Any) -> int | None:
 
 def device_memory_bytes(torch: Any, device: Any) -> int | None:
     """Total memory of ``device``: the GPU's for ``cuda``, else this machine's RAM."""
-    import os
-
     try:
         if device.type == "cuda":
             return int(torch.cuda.get_device_properties(device).total_memory)
@@ -256,8 +256,6 @@ class TrunkWorker(ConnServer):
                 out = trunk(torch.zeros(1, 1, hidden, dtype=p.dtype, device=p.device), use_cache=True)
             n = cache_nbytes(getattr(out, "past_key_values", None))
         except Exception as exc:  # noqa: BLE001 - an import-spec model may take no cache: counted after each step
-            import sys
-
             print(f"[{self.name}] model {name!r}: no KV bytes per token from a one-token forward ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
             return None
         return n or None
