@@ -1,6 +1,8 @@
 """Benchmarks: the load scenarios, serially, with warm-ups and repetitions, in fresh processes.
 
     python -m repro bench [NAME[:VARIANT] ...] [--repeat N] [--warmup N] [--json F] [--markdown F]
+    python -m repro bench --render F [--markdown F]
+    python -m repro bench --combine F1 F2 ... --json F [--markdown F]
 
 Without names it runs every variant of kind ``load`` in the catalogue. Each run is one fresh
 interpreter started by the harness (:func:`repro.harness.runner.run_variant`), one at a time.
@@ -290,7 +292,7 @@ def summarise_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rec["all_ok"] = all(r["ok"] for r in rec["runs"])
         rec["figures"] = summarise(rec["runs"], rec["scenario"], rec["kind"])
         rec["run_seconds"] = {
-            "median": statistics.median([r["seconds"] for r in rec["runs"]]) if rec["runs"] else None,
+            "median": round(statistics.median([r["seconds"] for r in rec["runs"]]), 3) if rec["runs"] else None,
         }
     return records
 
@@ -312,6 +314,10 @@ def missed_targets(report: dict[str, Any]) -> list[str]:
 
 
 # -- rendering -----------------------------------------------------------------------------------------
+def _count(n: Any, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     m, fp = report["machine"], report["fingerprint"]
     out = ["# Benchmarks", ""]
@@ -322,11 +328,29 @@ def render_markdown(report: dict[str, Any]) -> str:
             "(warm-ups included); a figure below stands on the repetitions it got."
         )
         out.append("")
-    out.append(
-        f"Measured {report['date']} with `{report['command']}`: {report['repeat']} repetitions after "
-        f"{report['warmup']} warm-up per variant, round-robin, one fresh interpreter per run, one run at a time (the harness's serial lock). "
-        "Figures are medians with min–max over the repetitions; ratios were measured side by side inside each run."
-    )
+    sources = report.get("sources")
+    if sources:
+        out.append(
+            f"Combined from {len(sources)} benchmark runs on one machine and build (`python -m repro bench --combine`); "
+            "each ran its variants round-robin, one fresh interpreter per run, one run at a time (the harness's serial lock). "
+            "Figures are medians with min–max over all their repetitions; ratios were measured side by side inside each run."
+        )
+        out.append("")
+        for src in sources:
+            cut = f", interrupted after {src['partial'].get('runs_done')} of {src['partial'].get('runs_total')} runs" if src.get("partial") else ""
+            out.append(
+                f"- {src['date']}: `{src['command']}` ({_count(src['repeat'], 'repetition')} after {_count(src['warmup'], 'warm-up')} per variant{cut}; `{src['path']}`)"
+            )
+        out.append(
+            "- Runs per variant: "
+            + "; ".join(f"`{rec['scenario']}:{rec['variant']}` {len(rec['runs'])} measured, {len(rec.get('warmups') or [])} warm-up" for rec in report["cases"])
+        )
+    else:
+        out.append(
+            f"Measured {report['date']} with `{report['command']}`: {_count(report['repeat'], 'repetition')} after "
+            f"{_count(report['warmup'], 'warm-up')} per variant, round-robin, one fresh interpreter per run, one run at a time (the harness's serial lock). "
+            "Figures are medians with min–max over the repetitions; ratios were measured side by side inside each run."
+        )
     out.append("")
     out.append(
         f"- Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs, {m.get('memory_gib', '?')} GiB, {m.get('platform')}"
@@ -470,6 +494,81 @@ def rerender(path: Path, markdown: str | None) -> int:
     return 0
 
 
+# the build and machine a combined report must share (fingerprint keys; machine keys)
+_SAME_BUILD = ("python", "implementation", "torch", "transformers", "numpy", "build", "cuda", "cuda_devices", "openmp_runtimes", "torch_num_threads")
+_SAME_MACHINE = ("cpus", "cpu_model", "memory_gib", "platform")
+
+
+def combine(paths: list[Path]) -> dict[str, Any]:
+    """One report from several bench JSONs of the same build on the same machine.
+
+    For a benchmark cut short (its ``.partial`` file) and the run that measured the rest: the
+    runs and warm-ups of each variant are put together in the order the reports were written
+    (their dates), and the
+    figures are summarised again over all of them. The sources (date, command, repetitions,
+    whether interrupted) are kept in ``sources``. Reports of another build or machine (see
+    ``_SAME_BUILD``, ``_SAME_MACHINE``) are a ValueError naming the first difference.
+    """
+    if len(paths) < 2:
+        raise ValueError("--combine needs two or more bench JSONs")
+    loaded = sorted(((read_bench(p), p) for p in paths), key=lambda rp: str(rp[0].get("date")))  # in the order they ran
+    reports, paths = [rp[0] for rp in loaded], [rp[1] for rp in loaded]
+    first = reports[0]
+    for path, rep in zip(paths[1:], reports[1:], strict=True):
+        for section, keys in (("fingerprint", _SAME_BUILD), ("machine", _SAME_MACHINE)):
+            a, b = first.get(section) or {}, rep.get(section) or {}
+            for k in keys:
+                if a.get(k) != b.get(k):
+                    raise ValueError(
+                        f"{path}: another {'build' if section == 'fingerprint' else 'machine'} than {paths[0]} "
+                        f"({section} {k}: {b.get(k)!r} against {a.get(k)!r})"
+                    )
+    cases: dict[tuple[str, str], dict[str, Any]] = {}
+    for rep in reports:
+        for rec in rep["cases"]:
+            key = (rec["scenario"], rec["variant"])
+            into = cases.setdefault(
+                key, {"scenario": rec["scenario"], "variant": rec["variant"], "kind": rec.get("kind"), "runs": [], "warmups": []}
+            )
+            into["runs"].extend(rec["runs"])
+            into["warmups"].extend(rec.get("warmups") or [])
+    records = summarise_records(list(cases.values()))
+    ran = set(cases)
+    skipped: dict[tuple[str, str], dict[str, Any]] = {}
+    for rep in reports:
+        for item in rep.get("skipped") or []:
+            if (item["scenario"], item["variant"]) not in ran:
+                skipped.setdefault((item["scenario"], item["variant"]), item)
+    last = reports[-1]
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": max(str(rep.get("date")) for rep in reports),
+        "command": "python -m repro bench --combine " + " ".join(str(p) for p in paths),
+        "sources": [
+            {
+                "path": str(p),
+                "date": rep.get("date"),
+                "command": rep.get("command"),
+                "repeat": rep.get("repeat"),
+                "warmup": rep.get("warmup"),
+                "partial": rep.get("partial"),
+            }
+            for p, rep in zip(paths, reports, strict=True)
+        ],
+        "repeat": None,
+        "warmup": None,
+        "wall_seconds": round(sum(float(rep.get("wall_seconds") or 0) for rep in reports), 1),
+        "machine": {**(last.get("machine") or {}), "loadavg_1m_before": (first.get("machine") or {}).get("loadavg_1m_before")},
+        "fingerprint": first.get("fingerprint") or {},
+        "cases": records,
+        "skipped": list(skipped.values()),
+        "suite": next((rep["suite"] for rep in reports if rep.get("suite")), None),
+        "cell_figures": last.get("cell_figures"),
+    }
+    report["missed"] = missed_targets(report)
+    return report
+
+
 def _output(text: str) -> str:
     """A file to write, checked before any run (:func:`repro.cli.output_file`); '' writes none."""
     return output_file(text) if text else text
@@ -493,7 +592,31 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BENCH_JSON",
         help="re-read the runs of an earlier bench JSON and rewrite its tables (no runs)",
     )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="BENCH_JSON",
+        help="put the runs of several bench JSONs of one build and machine together (a benchmark cut short "
+        "and the run that measured the rest) and write them as one report to --json (no runs)",
+    )
     args = ap.parse_args(argv)
+    if args.combine:
+        if args.render or args.names:
+            ap.error("--combine takes bench JSONs only: no NAME and no --render")
+        if len(args.combine) < 2:
+            ap.error("--combine needs two or more bench JSONs")
+        if args.json_out is None:
+            ap.error("--combine needs --json: where to write the combined report")
+        try:
+            report = combine([Path(p) for p in args.combine])
+        except (OSError, ValueError) as exc:
+            ap.error(f"--combine: {exc}")
+        text = render_markdown(report)
+        write_atomic(args.json_out, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+        if args.markdown:
+            write_atomic(args.markdown, text)
+        print(text)
+        return 0
     if args.render:
         if not Path(args.render).is_file():
             ap.error(f"--render: not a file: {args.render}")

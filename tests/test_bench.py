@@ -400,3 +400,69 @@ def test_a_figures_unit_is_what_its_name_says(name, unit):
     from repro.figures import unit_from_name
 
     assert unit_from_name(name) == unit
+
+
+def _bench_file(path, ratios, *, warmups=(), partial=None, fingerprint=None, date="2026-01-01T00:00:00+00:00"):
+    runs = [{"outcome": "PASS", "ok": True, "seconds": 1.0, "metrics": {"overhead_ratio": v, "targets": {"overhead_ratio": "<=1.05"}}} for v in ratios]
+    warm = [{"outcome": "PASS", "ok": True, "seconds": 1.0, "metrics": {"overhead_ratio": v}} for v in warmups]
+    case = {"scenario": "srv", "variant": "one", "kind": "load", "runs": runs, "warmups": warm}
+    rep = _report(bench.summarise_records([case]))
+    rep["date"] = date
+    if fingerprint:
+        rep["fingerprint"] = {**rep["fingerprint"], **fingerprint}
+    if partial:
+        rep["partial"] = partial
+    path.write_text(json.dumps(rep))
+    return path
+
+
+def test_combine_puts_a_cut_short_benchmark_and_its_rest_together(tmp_path, capsys):
+    """A benchmark stopped at its limit (the .partial file, 2 runs) and a second one that measured
+    the third: one report whose figures are the median over all three runs, warm-ups kept apart,
+    each source named with its command and how far it got."""
+    a = _bench_file(tmp_path / "a.json.partial", [1.2, 1.0], warmups=[5.0], partial={"runs_done": 3, "runs_total": 4})
+    b = _bench_file(tmp_path / "b.json", [1.1], date="2026-01-02T00:00:00+00:00")
+    out, md = tmp_path / "c.json", tmp_path / "c.md"
+    assert bench.main(["--combine", str(a), str(b), "--json", str(out), "--markdown", str(md)]) == 0
+    rep = json.loads(out.read_text())
+    (case,) = rep["cases"]
+    assert [r["metrics"]["overhead_ratio"] for r in case["runs"]] == [1.2, 1.0, 1.1]
+    assert len(case["warmups"]) == 1
+    (fig,) = [f for f in case["figures"] if f["name"] == "overhead_ratio"]
+    assert (fig["median"], fig["min"], fig["max"], fig["n"]) == (1.1, 1.0, 1.2, 3)
+    assert rep["date"] == "2026-01-02T00:00:00+00:00" and "partial" not in rep
+    assert [s["path"] for s in rep["sources"]] == [str(a), str(b)]
+    text = md.read_text()
+    assert "Combined from 2 benchmark runs" in text
+    assert "interrupted after 3 of 4 runs" in text
+    assert "`srv:one` 3 measured, 1 warm-up" in text
+    assert "| `srv:one` | overhead_ratio | 1.1x | 1x – 1.2x | <=1.05 | **MISSED** |" in text
+    # what it wrote renders again the same way
+    assert bench.main(["--render", str(out)]) == 0 and "Combined from 2 benchmark runs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--combine", "A"], "needs two or more"),
+        (["--combine", "A", "B"], "needs --json"),
+        (["--combine", "A", "OTHER", "--json", "OUT"], "another build than"),
+        (["--combine", "A", "B", "--render", "A", "--json", "OUT"], "no NAME and no --render"),
+        (["--combine", "A", "MISSING", "--json", "OUT"], "MISSING"),
+    ],
+)
+def test_combine_refuses_what_it_cannot_put_together(args, says, tmp_path, capsys):
+    files = {
+        "A": _bench_file(tmp_path / "a.json", [1.0]),
+        "B": _bench_file(tmp_path / "b.json", [1.1]),
+        "OTHER": _bench_file(tmp_path / "o.json", [1.1], fingerprint={"torch": "2.11.0"}),
+        "MISSING": tmp_path / "missing.json",
+        "OUT": tmp_path / "out.json",
+    }
+    argv = [str(files[a]) if a in files else a for a in args]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert says.replace("MISSING", str(files["MISSING"])) in err, err
+    assert not files["OUT"].exists()

@@ -14,8 +14,8 @@
 # Steps: env (fingerprint), cuda (the serving_cuda scenario through the CLI, and every
 # item marked cuda through pytest: serving_cuda and serving_batching:demo_cuda), fork (the fork-hazard scenarios' hazard and fix variants on this build;
 # FORK_SCENARIOS names others),
-# bench (the serving and IPC load scenarios, 3 repetitions after a warm-up; BENCH_SCENARIOS
-# names others). serving_batching's demo_cuda variant is the server overhead in the seed's
+# bench (the serving and IPC load scenarios, BENCH_REPEAT repetitions, default 3, after
+# BENCH_WARMUP warm-up runs, default 1; BENCH_SCENARIOS names others). serving_batching's demo_cuda variant is the server overhead in the seed's
 # own setting, the model on the GPU.
 set -u -o pipefail
 OUT=${OUT:-results/gpu}
@@ -52,7 +52,7 @@ for s in $STEPS; do
     bench)
         step "bench: ${BENCH_SCENARIOS:=serving_batching ipc_transports}"
         # shellcheck disable=SC2086  # a list of scenario names
-        timeout "${BENCH_LIMIT:-300}" "$PY" -m repro bench $BENCH_SCENARIOS --repeat 3 --warmup 1 \
+        timeout "${BENCH_LIMIT:-300}" "$PY" -m repro bench $BENCH_SCENARIOS --repeat "${BENCH_REPEAT:-3}" --warmup "${BENCH_WARMUP:-1}" \
             --json "$OUT/bench.json" --markdown "$OUT/bench.md" || rc=1
         ;;
     *) echo "unknown step $s" >&2; rc=2 ;;
