@@ -49,7 +49,24 @@ class ModelLoadError(SplitLearnError, RuntimeError):
     :mod:`splitlearn.model_loader`, where it was first defined."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure rather than anything wrong with what was loaded:
+    ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA and other devices), or the plain
+    ``RuntimeError`` that torch's CPU allocator raises when ``malloc`` fails ("DefaultCPUAllocator:
+    can't allocate memory: you tried to allocate N bytes", torch 2.13; "not enough memory" in
+    older releases). The last is told by its message, torch giving it no class of its own."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(c.__name__ == "OutOfMemoryError" and c.__module__.split(".")[0] == "torch" for c in type(exc).__mro__):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in text and (
+        "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
 __all__ = [
+    "is_out_of_memory",
     "SplitLearnError",
     "InvalidSplitPoints",
     "UnknownModelType",

@@ -44,6 +44,7 @@ from splitlearn.errors import (
     InvalidSplitPoints,
     ModelLoadError,
     SplitLearnError,
+    is_out_of_memory,
 )
 from splitlearn.models.registry import PARTS, ModelRegistry
 
@@ -267,7 +268,6 @@ def _own_storage(built: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     try:
@@ -284,9 +284,9 @@ def _load_full_model(model_dir: Any, config: Any, dtype: Any = None) -> Any:
         # a file that cannot be opened or read (permissions, descriptors, I/O): nothing is known
         # to be wrong with the weights themselves, so not CorruptWeights
         raise ModelLoadError(f"transformers could not read {model_dir}: {type(exc).__name__}: {exc}") from exc
-    except (MemoryError, torch.OutOfMemoryError) as exc:  # allocation: not the weights' fault either
-        raise ModelLoadError(f"out of memory loading {model_dir}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
+        if is_out_of_memory(exc):  # allocation, the CPU allocator's RuntimeError too: not the weights' fault either
+            raise ModelLoadError(f"out of memory loading {model_dir}: {type(exc).__name__}: {exc}") from exc
         raise CorruptWeights(f"transformers could not load {model_dir}: {type(exc).__name__}: {exc}") from exc
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head.")]
     mismatched = list(info.get("mismatched_keys", ()))

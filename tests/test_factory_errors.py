@@ -195,8 +195,9 @@ def test_model_type_mismatch():
         (PermissionError(13, "Permission denied"), "ModelLoadError"),
         (OSError(24, "Too many open files"), "ModelLoadError"),
         (ValueError("header too large"), "CorruptWeights"),
+        (RuntimeError("Error(s) in loading state_dict: size mismatch for wte.weight"), "CorruptWeights"),
     ],
-    ids=["EACCES", "EMFILE", "format"],
+    ids=["EACCES", "EMFILE", "format", "runtime-not-allocation"],
 )
 def test_traditional_path_tells_unreadable_files_from_corrupt_ones(monkeypatch, raised, expected):
     """The traditional path hands the directory to transformers: a file it cannot open or read
@@ -219,17 +220,30 @@ def test_traditional_path_tells_unreadable_files_from_corrupt_ones(monkeypatch, 
     assert info.value.__cause__ is raised
 
 
-@pytest.mark.parametrize("kind", ["MemoryError", "torch.OutOfMemoryError"])
+# what torch 2.13's CPU allocator raised here when malloc failed (a 40 GB torch.empty under
+# `ulimit -v 4000000`): a plain RuntimeError; older releases said "not enough memory"
+CPU_OOM = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize("kind", ["MemoryError", "torch.OutOfMemoryError", "cpu-allocator", "cpu-allocator-old"])
 def test_traditional_path_out_of_memory_is_a_load_error_not_corrupt_weights(monkeypatch, kind):
     """Running out of memory while transformers loads the full model says nothing about the
-    weights: ModelLoadError with the cause chained, as the incremental path reports it."""
+    weights: ModelLoadError with the cause chained, as the incremental path reports it. On the
+    CPU torch raises a plain RuntimeError for it, told by its allocator's message."""
     import torch
     import transformers
 
     from splitlearn.errors import ModelLoadError
 
-    error_class = MemoryError if kind == "MemoryError" else torch.OutOfMemoryError
-    raised = error_class("cannot allocate 1099511627776 bytes")
+    raised = {
+        "MemoryError": lambda: MemoryError("cannot allocate 1099511627776 bytes"),
+        "torch.OutOfMemoryError": lambda: torch.OutOfMemoryError("cannot allocate 1099511627776 bytes"),
+        "cpu-allocator": lambda: RuntimeError(CPU_OOM),
+        "cpu-allocator-old": lambda: RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 bytes."),
+    }[kind]()
 
     def refuse(*_a, **_k):
         raise raised
