@@ -161,9 +161,12 @@ def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
         data = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
-    args = data.get("pytest", {}).get("args") or []
-    if any(a in ("-k", "-m") or a.startswith(("-k", "-m")) for a in args) or stopped_early(data.get("pytest") or {}):
-        return None  # a partial or interrupted run says nothing about the full suite
+    run = data.get("pytest") or {}
+    args = run.get("args") or []
+    # a partial or interrupted run says nothing about the full suite: the plugin records what
+    # narrowed the selection ("narrowed"); a cell written before it did is judged by -k / -m
+    if run.get("narrowed") or any(a in ("-k", "-m") or a.startswith(("-k", "-m")) for a in args) or stopped_early(run):
+        return None
     return {
         "wall_seconds": data.get("wall_seconds"),
         "command": " ".join(["python -m pytest", *args]),

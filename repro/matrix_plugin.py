@@ -105,6 +105,27 @@ def _machine() -> dict[str, Any]:
         return {"error": repr(exc)}
 
 
+def narrowed(config: pytest.Config) -> list[str]:
+    """What made this run select fewer tests than the whole suite: paths or node ids given,
+    ``-k``, ``-m``, ``--deselect``, ``--ignore``, ``--lf``/``--sw``. Empty for a full run."""
+    opt = config.option
+    why = []
+    paths = list(getattr(opt, "file_or_dir", None) or [])
+    if paths:
+        why.append("paths: " + " ".join(paths))
+    for name, flag in (("keyword", "-k"), ("markexpr", "-m")):
+        value = getattr(opt, name, "")
+        if value:
+            why.append(f"{flag} {value}")
+    for name, flag in (("deselect", "--deselect"), ("ignore", "--ignore"), ("ignore_glob", "--ignore-glob")):
+        if getattr(opt, name, None):
+            why.append(f"{flag} {' '.join(getattr(opt, name))}")
+    for name, flag in (("lf", "--lf"), ("stepwise", "--sw")):
+        if getattr(opt, name, False):
+            why.append(flag)
+    return why
+
+
 def _stopped_early_file(path: Path) -> str:
     """Why the cell file at ``path`` is from a run that stopped early, or '' (finished, or not
     readable as a cell file: kept, as a finished one is)."""
@@ -351,6 +372,7 @@ class CellRecorder:
                 "exitstatus": exitstatus,
                 "tests": counts,
                 "args": list(self.config.invocation_params.args),
+                "narrowed": narrowed(self.config),
                 "collected": collected,
                 "unrecorded": unrecorded,
             },

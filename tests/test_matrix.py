@@ -719,3 +719,34 @@ def test_a_hazard_that_broke_is_not_counted_as_reproduced():
     v, shown = hazards_doc.verdict([row], "c")
     assert "hazard reproduces" not in v and "1 hazard variant(s) broke (ERROR" in v, v
     assert "`fork:fork` ERROR" in shown
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        ([], []),
+        (["test_ok.py"], ["paths: test_ok.py"]),
+        (["-k", "a"], ["-k a"]),
+        (["-m", "not slow", "--deselect", "test_ok.py::test_b"], ["-m not slow", "--deselect test_ok.py::test_b"]),
+    ],
+)
+def test_the_cell_says_what_narrowed_its_run(tmp_path, monkeypatch, args, says):
+    """A cell run on some paths or with -k, -m, --deselect records it ('narrowed'), so that what it
+    timed is not taken for the whole suite (repro.bench.suite_from_cell); a full run records none."""
+    from repro import bench
+
+    (tmp_path / "test_ok.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{ROOT}")
+    monkeypatch.setenv("SPLITREPRO_CELL_FINGERPRINT", "0")
+    out = tmp_path / "results" / "cells"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "repro.matrix_plugin", f"--repro-results={out}/", "--repro-cell=py3.99-demo",
+         "-p", "no:cacheprovider", "-q", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "py3.99-demo.json").read_text())
+    assert data["pytest"]["narrowed"] == says
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    suite = bench.suite_from_cell("3.99", "demo")
+    assert (suite is None) == bool(says), suite
