@@ -516,6 +516,12 @@ def combine(paths: list[Path]) -> dict[str, Any]:
         raise ValueError("--combine needs two or more bench JSONs")
     loaded = sorted(((read_bench(p), p) for p in paths), key=lambda rp: str(rp[0].get("date")))  # in the order they ran
     reports, paths = [rp[0] for rp in loaded], [rp[1] for rp in loaded]
+    seen: dict[str, Path] = {}
+    for path, rep in zip(paths, reports, strict=True):  # the same runs twice would count twice
+        stamp = json.dumps([rep.get("date"), rep.get("command"), [c["runs"] for c in rep["cases"]]], sort_keys=True, default=str)
+        if stamp in seen:
+            raise ValueError(f"{path}: the same benchmark as {seen[stamp]} (written {rep.get('date')} by `{rep.get('command')}`)")
+        seen[stamp] = path
     first = reports[0]
     for path, rep in zip(paths[1:], reports[1:], strict=True):
         for section, keys in (("fingerprint", _SAME_BUILD), ("machine", _SAME_MACHINE)):

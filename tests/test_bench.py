@@ -449,6 +449,7 @@ def test_combine_puts_a_cut_short_benchmark_and_its_rest_together(tmp_path, caps
         (["--combine", "A", "OTHER", "--json", "OUT"], "another build than"),
         (["--combine", "A", "B", "--render", "A", "--json", "OUT"], "no NAME and no --render"),
         (["--combine", "A", "MISSING", "--json", "OUT"], "MISSING"),
+        (["--combine", "A", "A", "--json", "OUT"], "the same benchmark as"),
     ],
 )
 def test_combine_refuses_what_it_cannot_put_together(args, says, tmp_path, capsys):
