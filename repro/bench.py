@@ -13,8 +13,9 @@ side by side, and the table gives their median with min and max over the repetit
 Figures are read from each run's metrics (see :mod:`repro.figures` for the shapes understood);
 a target is judged on the median. ``--suite`` also times the whole test suite once, as CI runs it
 (``python -m pytest -n 2``); otherwise the suite's wall time is taken from a matrix cell file
-(``results/cells/py<X.Y>-<build>.json``, one pytest process, no xdist) when one is there, with
-its date. The report names the command either way.
+(``results/cells/py<X.Y>-<build>.json``) when one is there, ran the whole suite to its end and
+ran on this kind of machine, with its date and the command it ran. The report names the command
+either way.
 
 Nothing here imports torch.
 """
@@ -39,7 +40,7 @@ from typing import Any
 from repro import figures as _figures
 from repro.cli import output_file, positive_float, usage_error
 from repro.harness.report import read_json, write_atomic
-from repro.matrix import stopped_early
+from repro.matrix import source_stamp, stopped_early
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "splitrepro.bench/1"
@@ -155,12 +156,23 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
+def same_machine(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two ``machine_info()`` records describe the same kind of machine (CPU count and
+    model; a record that lacks one says nothing against it)."""
+    a, b = a or {}, b or {}
+    return all(a.get(k) is None or b.get(k) is None or a.get(k) == b.get(k) for k in ("cpus", "cpu_model"))
+
+
+def suite_from_cell(python: str, build: str, machine: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The test suite's wall time from this build's matrix cell, where the cell ran the whole
+    suite to its end (on ``machine``'s kind of machine, when given), else None."""
     path = ROOT / "results" / "cells" / f"py{python}-{build}.json"
     try:
         data = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
+    if machine is not None and not same_machine(data.get("machine"), machine):
+        return None  # another machine's time, not this report's
     run = data.get("pytest") or {}
     args = run.get("args") or []
     # a partial or interrupted run says nothing about the full suite: the plugin records what
@@ -177,15 +189,18 @@ def suite_from_cell(python: str, build: str) -> dict[str, Any] | None:
     }
 
 
-def cell_key_figures(python: str, build: str) -> dict[str, Any] | None:
+def cell_key_figures(python: str, build: str, machine: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Key figures of the hazard/fix variants in this build's matrix cell (one run each), e.g. the
-    manager's heartbeat gap with the lock held against the placeholder fix."""
+    manager's heartbeat gap with the lock held against the placeholder fix; None without such a
+    cell, or where it ran on another kind of machine than ``machine``."""
     path = ROOT / "results" / "cells" / f"py{python}-{build}.json"
     try:
         from repro import matrix
 
         cell = matrix.read_cell(path)
     except (OSError, ValueError):
+        return None
+    if machine is not None and not same_machine(cell.meta.get("machine"), machine):
         return None
     rows = []
     for (scenario, variant), entry in sorted(cell.entries.items()):
@@ -341,6 +356,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("")
         for src in sources:
             cut = f", interrupted after {src['partial'].get('runs_done')} of {src['partial'].get('runs_total')} runs" if src.get("partial") else ""
+            code = src.get("source") or {}
+            cut += (
+                f", code {code['commit'][:10]}{' with uncommitted changes' if code.get('dirty') else ''}"
+                if code.get("commit")
+                else ", code not recorded"
+            )
             out.append(
                 f"- {src['date']}: `{src['command']}` ({_count(src['repeat'], 'repetition')} after {_count(src['warmup'], 'warm-up')} per variant{cut}; `{src['path']}`)"
             )
@@ -484,11 +505,14 @@ def rerender(path: Path, markdown: str | None) -> int:
     report["missed"] = missed_targets(report)
     fp = report.get("fingerprint") or {}
     pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
-    report["cell_figures"] = cell_key_figures(pyver, str(fp.get("build") or "bundled"))
+    build = str(fp.get("build") or "bundled")
+    machine = report.get("machine") or {}
+    # the matrix cell's figures and suite time are read again, from a cell of this build on this
+    # report's kind of machine only (a report from a GPU host re-rendered here keeps its own)
+    report["cell_figures"] = cell_key_figures(pyver, build, machine) or report.get("cell_figures")
     suite = report.get("suite")
     if suite is None or str(suite.get("source", "")).startswith("results/cells/"):
-        # the suite's time was read from the matrix cell, as the cell's figures are: read both again
-        report["suite"] = suite_from_cell(pyver, str(fp.get("build") or "bundled")) or suite
+        report["suite"] = suite_from_cell(pyver, build, machine) or suite
     write_atomic(path, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     text = render_markdown(report)
     if markdown:
@@ -517,11 +541,23 @@ def combine(paths: list[Path]) -> dict[str, Any]:
     loaded = sorted(((read_bench(p), p) for p in paths), key=lambda rp: str(rp[0].get("date")))  # in the order they ran
     reports, paths = [rp[0] for rp in loaded], [rp[1] for rp in loaded]
     seen: dict[str, Path] = {}
-    for path, rep in zip(paths, reports, strict=True):  # the same runs twice would count twice
-        stamp = json.dumps([rep.get("date"), rep.get("command"), [c["runs"] for c in rep["cases"]]], sort_keys=True, default=str)
-        if stamp in seen:
-            raise ValueError(f"{path}: the same benchmark as {seen[stamp]} (written {rep.get('date')} by `{rep.get('command')}`)")
-        seen[stamp] = path
+    for path, rep in zip(paths, reports, strict=True):
+        if rep.get("sources"):
+            raise ValueError(f"{path}: already a combined report: combine its sources instead ({', '.join(s['path'] for s in rep['sources'])})")
+        # a run given twice (the same file, or an earlier checkpoint of the same benchmark) would count twice
+        for rec in rep["cases"]:
+            for run in [*rec["runs"], *(rec.get("warmups") or [])]:
+                key = json.dumps([rec["scenario"], rec["variant"], run], sort_keys=True, default=str)
+                if key in seen:
+                    raise ValueError(
+                        f"{path}: a run of {rec['scenario']}:{rec['variant']} that {seen[key]} holds too "
+                        "(the same benchmark twice, or two checkpoints of one)"
+                    )
+                seen[key] = path
+    commits = {str(rep.get("source", {}).get("commit")): p for p, rep in zip(paths, reports, strict=True) if (rep.get("source") or {}).get("commit")}
+    if len(commits) > 1:
+        (c1, p1), (c2, p2) = list(commits.items())[:2]
+        raise ValueError(f"{p2}: ran other code than {p1} (commit {c2[:10]} against {c1[:10]})")
     first = reports[0]
     for path, rep in zip(paths[1:], reports[1:], strict=True):
         for section, keys in (("fingerprint", _SAME_BUILD), ("machine", _SAME_MACHINE)):
@@ -561,6 +597,7 @@ def combine(paths: list[Path]) -> dict[str, Any]:
                 "repeat": rep.get("repeat"),
                 "warmup": rep.get("warmup"),
                 "partial": rep.get("partial"),
+                "source": rep.get("source"),
             }
             for p, rep in zip(paths, reports, strict=True)
         ],
@@ -569,6 +606,7 @@ def combine(paths: list[Path]) -> dict[str, Any]:
         "wall_seconds": round(sum(float(rep.get("wall_seconds") or 0) for rep in reports), 1),
         "machine": {**(last.get("machine") or {}), "loadavg_1m_before": (first.get("machine") or {}).get("loadavg_1m_before")},
         "fingerprint": first.get("fingerprint") or {},
+        "source": next((rep["source"] for rep in reports if rep.get("source")), None),
         "cases": records,
         "skipped": list(skipped.values()),
         "suite": next((rep["suite"] for rep in reports if rep.get("suite")), None),
@@ -614,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--combine takes bench JSONs only: no NAME and no --render")
         if len(args.combine) < 2:
             ap.error("--combine needs two or more bench JSONs")
+        given = [flag for flag, on in (("--suite", args.suite), ("--list", args.list), ("--timeout", args.timeout is not None)) if on]
+        given += [f"--{n}" for n, default in (("repeat", 3), ("warmup", 1)) if getattr(args, n) != default]
+        if given:
+            ap.error(f"--combine runs nothing: {', '.join(given)} would do nothing")
         if args.json_out is None:
             ap.error("--combine needs --json: where to write the combined report")
         try:
@@ -625,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             write_atomic(args.markdown, text)
         print(text)
-        return 0
+        return 1 if any(not rec["all_ok"] for rec in report["cases"]) else 0  # as a run's exit status
     if args.render:
         if not Path(args.render).is_file():
             ap.error(f"--render: not a file: {args.render}")
@@ -667,7 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     pyver = ".".join(str(fp.get("python", "")).split(".")[:2])
     build = str(fp.get("build") or "bundled")
-    cell_figures = cell_key_figures(pyver, build)  # read once: every checkpoint writes it again
+    here = machine_info()
+    cell_figures = cell_key_figures(pyver, build, here)  # read once: every checkpoint writes it again
+    stamp = source_stamp()  # the code this benchmark ran
 
     def report_of(records: list[dict[str, Any]], suite: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -679,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": round(time.monotonic() - t0, 1),
             "machine": {**machine_info(), "loadavg_1m_before": load_before},
             "fingerprint": {k: v for k, v in fp.items() if k not in ("parallel_info", "threadpools", "executable")},
+            "source": stamp,
             "cases": records,
             "skipped": skipped,
             "suite": suite,
@@ -705,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         records = run(cases, repeat=args.repeat, warmup=args.warmup, timeout=args.timeout, checkpoint=checkpoint)
-        suite = time_suite(args.suite_timeout) if args.suite else suite_from_cell(pyver, build)
+        suite = time_suite(args.suite_timeout) if args.suite else suite_from_cell(pyver, build, here)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP through the CLI (repro.cli.Stopped)
         signum = getattr(exc, "signum", signal.SIGINT)
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"

@@ -290,6 +290,24 @@ def copy_cells(src: str | Path, dst: str | Path) -> list[Path]:
 _STOPPED = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
 
 
+def source_stamp(root: Path | None = None) -> dict[str, Any]:
+    """The code a cell ran: git commit and whether the tree had uncommitted changes to tracked
+    files (empty when git or the repository is not there)."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return {}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def stopped_early(run: Mapping[str, Any]) -> str:
     """Why a cell's pytest run (its file's ``pytest``) did not run every test it collected, or ''."""
     status, collected, tests = run.get("exitstatus"), run.get("collected"), run.get("tests")

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from repro.harness.report import write_atomic
-from repro.matrix import RUNNING_SUFFIX, stopped_early
+from repro.matrix import RUNNING_SUFFIX, source_stamp, stopped_early
 
 SCHEMA = "splitrepro.cell/1"
 RESULT_KEY = "splitrepro_result"
@@ -73,24 +73,6 @@ def slim_result(data: dict[str, Any]) -> dict[str, Any]:
     return _trim(out)
 
 
-def source_stamp(root: Path | None = None) -> dict[str, Any]:
-    """The code a cell ran: git commit and whether the tree had uncommitted changes to tracked
-    files (empty when git or the repository is not there)."""
-    import subprocess
-
-    root = root or Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return {}
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
 def _item_scenario(nodeid: str) -> str:
     """The scenario a ``...::<scenario>[<kind>-<variant>]`` item (tests/test_scenarios.py) runs."""
     return nodeid.rpartition("::")[2].partition("[")[0]
@@ -112,7 +94,12 @@ def narrowed(config: pytest.Config) -> list[str]:
     why = []
     paths = list(getattr(opt, "file_or_dir", None) or [])
     if paths:
-        why.append("paths: " + " ".join(paths))
+        # naming what a bare `pytest` runs anyway (`pytest tests`, `pytest .`) narrows nothing
+        root = Path(config.rootpath).resolve()
+        whole = {(root / t).resolve() for t in config.getini("testpaths") or []}
+        given = {(Path(config.invocation_params.dir) / p).resolve() for p in paths if "::" not in p}
+        if len(given) < len(paths) or given not in (whole, {root}):
+            why.append("paths: " + " ".join(paths))
     for name, flag in (("keyword", "-k"), ("markexpr", "-m")):
         value = getattr(opt, name, "")
         if value:

@@ -449,7 +449,11 @@ def test_combine_puts_a_cut_short_benchmark_and_its_rest_together(tmp_path, caps
         (["--combine", "A", "OTHER", "--json", "OUT"], "another build than"),
         (["--combine", "A", "B", "--render", "A", "--json", "OUT"], "no NAME and no --render"),
         (["--combine", "A", "MISSING", "--json", "OUT"], "MISSING"),
-        (["--combine", "A", "A", "--json", "OUT"], "the same benchmark as"),
+        (["--combine", "A", "A", "--json", "OUT"], "the same benchmark twice"),
+        (["--combine", "A", "EARLIER", "--json", "OUT"], "the same benchmark twice, or two checkpoints of one"),
+        (["--combine", "A", "COMBINED", "B", "--json", "OUT"], "already a combined report"),
+        (["--combine", "A", "OTHERCODE", "--json", "OUT"], "ran other code than"),
+        (["--combine", "A", "B", "--json", "OUT", "--repeat", "5"], "--combine runs nothing: --repeat"),
     ],
 )
 def test_combine_refuses_what_it_cannot_put_together(args, says, tmp_path, capsys):
@@ -460,6 +464,20 @@ def test_combine_refuses_what_it_cannot_put_together(args, says, tmp_path, capsy
         "MISSING": tmp_path / "missing.json",
         "OUT": tmp_path / "out.json",
     }
+    # an earlier checkpoint of A's benchmark: its first run, written before A
+    earlier = json.loads(files["A"].read_text())
+    earlier["date"] = "2025-12-31T00:00:00+00:00"
+    files["EARLIER"] = tmp_path / "earlier.json"
+    files["EARLIER"].write_text(json.dumps(earlier))
+    combined = json.loads(files["B"].read_text())
+    combined["sources"] = [{"path": "x.json"}, {"path": "y.json"}]
+    files["COMBINED"] = tmp_path / "combined.json"
+    files["COMBINED"].write_text(json.dumps(combined))
+    for name, commit in (("A", "a" * 40), ("OTHERCODE", "b" * 40)):
+        rep = json.loads((files["A"] if name == "A" else files["B"]).read_text())
+        rep["source"] = {"commit": commit, "dirty": False}
+        files[name] = tmp_path / f"{name.lower()}-code.json"
+        files[name].write_text(json.dumps(rep))
     argv = [str(files[a]) if a in files else a for a in args]
     with pytest.raises(SystemExit) as exc:
         bench.main(argv)
@@ -467,3 +485,35 @@ def test_combine_refuses_what_it_cannot_put_together(args, says, tmp_path, capsy
     assert exc.value.code == 2 and "Traceback" not in err, err
     assert says.replace("MISSING", str(files["MISSING"])) in err, err
     assert not files["OUT"].exists()
+
+
+def test_combine_exits_1_when_a_run_did_not_pass(tmp_path, capsys):
+    a = _bench_file(tmp_path / "a.json", [1.0])
+    b = tmp_path / "b.json"
+    rep = json.loads(_bench_file(b, [1.1], date="2026-01-02T00:00:00+00:00").read_text())
+    rep["cases"][0]["runs"][0].update(outcome="TIMEOUT", ok=False)
+    b.write_text(json.dumps(rep))
+    assert bench.main(["--combine", str(a), str(b), "--json", str(tmp_path / "c.json")]) == 1
+    assert "did not pass every repetition" in capsys.readouterr().out
+
+
+def test_rerender_keeps_the_suite_and_cell_figures_of_another_machine(tmp_path, monkeypatch):
+    """A report from another machine (the GPU host's, 16 CPUs) rendered again here keeps what it
+    had: this machine's matrix cell (2 CPUs) says nothing about it."""
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    cells = tmp_path / "results" / "cells"
+    cells.mkdir(parents=True)
+    cell = {"wall_seconds": 560.0, "started": "s", "machine": {"cpus": 2, "cpu_model": "CPU"},
+            "pytest": {"args": [], "exitstatus": 0, "tests": {"passed": 9}}, "results": []}  # fmt: skip
+    (cells / "py3.11-bundled.json").write_text(json.dumps(cell))
+    path = _bench_file(tmp_path / "gpu.json", [1.0])
+    rep = json.loads(path.read_text())
+    rep.update(suite=None, cell_figures=None, machine={**rep["machine"], "cpus": 16, "cpu_model": "Xeon"})
+    path.write_text(json.dumps(rep))
+    assert bench.rerender(path, None) == 0
+    again = json.loads(path.read_text())
+    assert again["suite"] is None and again["cell_figures"] is None
+    rep["machine"] = {**rep["machine"], "cpus": 2, "cpu_model": "CPU"}  # the same kind of machine: read from the cell
+    path.write_text(json.dumps(rep))
+    assert bench.rerender(path, None) == 0
+    assert json.loads(path.read_text())["suite"]["wall_seconds"] == 560.0

@@ -62,3 +62,23 @@ def test_a_case_without_a_good_run_is_an_error(tmp_path):
     report = json.loads(_bench(tmp_path / "b.json", [1.0], oks=[False]).read_text())
     with pytest.raises(ValueError, match="no run ended as predicted"):
         gpu_cell.median_run(report["cases"][0])
+
+
+def test_a_skipped_result_keeps_the_cells_and_repeats_are_refused(tmp_path, capsys):
+    cell = tmp_path / "cell.json"
+    cell.write_text(json.dumps({"cell": "c", "results": [_entry("serving_cuda", "spawn", "PASS")]}))
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"results": [_entry("serving_cuda", "spawn", "SKIP")]}))  # run where CUDA was not seen
+    assert gpu_cell.main(["--cell", str(cell), "--run", str(run), "--note", "n"]) == 0
+    assert json.loads(cell.read_text())["results"][0]["outcome"] == "PASS"
+    run.write_text(json.dumps({"results": [_entry("serving_cuda", "spawn", "FAIL"), _entry("serving_cuda", "spawn", "PASS")]}))
+    before = cell.read_text()
+    assert gpu_cell.main(["--cell", str(cell), "--run", str(run), "--note", "n"]) == 2
+    assert "several results for serving_cuda:spawn" in capsys.readouterr().err
+    assert cell.read_text() == before
+
+
+def test_runs_that_did_not_end_as_predicted_are_named_in_the_source(tmp_path):
+    report = json.loads(_bench(tmp_path / "b.json", [1.0, 9.0], oks=[True, False]).read_text())
+    _, how = gpu_cell.median_run(report["cases"][0])
+    assert "1 of its 2 runs did not end as predicted and are not counted" in how

@@ -725,7 +725,9 @@ def test_a_hazard_that_broke_is_not_counted_as_reproduced():
     "args, says",
     [
         ([], []),
+        (["."], []),  # what a bare pytest runs, named
         (["test_ok.py"], ["paths: test_ok.py"]),
+        (["test_ok.py::test_a"], ["paths: test_ok.py::test_a"]),
         (["-k", "a"], ["-k a"]),
         (["-m", "not slow", "--deselect", "test_ok.py::test_b"], ["-m not slow", "--deselect test_ok.py::test_b"]),
     ],

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repro import figures  # noqa: E402
 from repro.bench import read_bench  # noqa: E402
 from repro.harness.report import read_json, write_atomic  # noqa: E402
+from repro.matrix_plugin import slim_result  # noqa: E402
 
 # the figure whose median run stands for a load variant in the cell
 BY = {"serving_batching": "server_over_direct", "ipc_transports": "manager_over_socket_10_to_50x"}
@@ -49,6 +50,7 @@ def median_run(case: dict[str, Any]) -> tuple[dict[str, Any], str]:
     runs = [r for r in case["runs"] if r.get("ok")]
     if not runs:
         raise ValueError(f"{case['scenario']}:{case['variant']}: no run ended as predicted")
+    dropped = len(case["runs"]) - len(runs)
     scored = [(v, i, r) for i, r in enumerate(runs) if (v := _value(r, case["scenario"])) is not None]
     if not scored:
         raise ValueError(f"{case['scenario']}:{case['variant']}: no run has the figure {BY.get(case['scenario'], 'key')!r}")
@@ -58,6 +60,7 @@ def median_run(case: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return run, (
         f"the median of its {len(scored)} measured runs by {BY.get(case['scenario'], 'its key figure')} "
         f"({value:g}; median of all {med:g})"
+        + (f"; {dropped} of its {len(case['runs'])} runs did not end as predicted and are not counted" if dropped else "")
     )
 
 
@@ -68,12 +71,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench", action="append", default=[], type=Path, help="a bench JSON")
     ap.add_argument("--note", required=True, help="the cell's new 'source': what ran where and when")
     args = ap.parse_args(argv)
+    try:
+        return update(args)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"gpu_cell: {exc}", file=sys.stderr)
+        return 2
+
+
+def update(args: argparse.Namespace) -> int:
     cell = read_json(args.cell)
     by_key = {(r["scenario"], r["variant"]): r for r in cell["results"]}
     replaced = []
     for path in args.run:
-        for r in read_json(path)["results"]:
-            by_key[(r["scenario"], r["variant"])] = r
+        results = read_json(path)["results"]
+        keys = [(r["scenario"], r["variant"]) for r in results]
+        twice = sorted({f"{s}:{v}" for s, v in keys if keys.count((s, v)) > 1})
+        if twice:  # which of them stands for the variant is the matrix's rule, not this tool's
+            raise ValueError(f"{path}: several results for {', '.join(twice)} (repro run --repeat): give one run each")
+        for r in results:
+            key = (r["scenario"], r["variant"])
+            if r.get("outcome") == "SKIP" and key in by_key:
+                replaced.append(f"{r['scenario']}:{r['variant']} kept: skipped in {path}")
+                continue  # a machine that could not run it says nothing against the result there
+            by_key[key] = slim_result(r)
             replaced.append(f"{r['scenario']}:{r['variant']} {r['outcome']} ({path})")
     for path in args.bench:
         report = read_bench(path)
