@@ -188,7 +188,10 @@ def _line(r, i: int | None = None, n: int | None = None) -> str:
 def _write_results(path: str, results, fp) -> None:
     from repro.harness.report import write_atomic
 
-    data = {"fingerprint": fp, "results": [r.to_dict() for r in results]}
+    from repro.matrix import source_stamp
+
+    # the code that ran (git commit, uncommitted changes), beside the build it ran on
+    data = {"fingerprint": fp, "source": source_stamp(), "results": [r.to_dict() for r in results]}
     write_atomic(path, json.dumps(data, indent=1, default=str))
 
 

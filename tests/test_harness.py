@@ -766,3 +766,19 @@ def test_cli_python_given_as_a_relative_path(tmp_path, monkeypatch, capsys):
     rc = cli.main(["script", str(PROGRAMS / "ok.py"), "--no-fingerprint", "--python", rel, "--", "a", "b"])
     out, err = capsys.readouterr()
     assert rc == 0 and "PASS" in out, out + err
+
+
+def test_run_json_records_the_code_it_ran(tmp_path):
+    """`repro run --json` says which commit ran (and whether the tree had changes) beside the
+    build's fingerprint: results carried home from another machine keep their provenance."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "repro", "run", "serving_cuda:spawn", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if head:
+        assert data["source"]["commit"] == head and isinstance(data["source"]["dirty"], bool)
+    assert [r["variant"] for r in data["results"]] == ["spawn"]
