@@ -187,7 +187,6 @@ def _line(r, i: int | None = None, n: int | None = None) -> str:
 
 def _write_results(path: str, results, fp) -> None:
     from repro.harness.report import write_atomic
-
     from repro.matrix import source_stamp
 
     # the code that ran (git commit, uncommitted changes), beside the build it ran on
